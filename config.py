@@ -1,0 +1,150 @@
+"""One plain config object: defaults, presets and command-line overrides.
+
+Precedence: dataclass defaults < preset < flags given on the command line.
+Every field is a flag (`--batch-size` for `batch_size`) and its help text lives next to it.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+
+MODES = ("train", "eval", "info", "teacher", "bench")
+TASKS = ("sequence-classification", "token-classification")
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+
+
+def _help(text, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class Config:
+    mode: str = _help("what to do: train (distil the student), eval (score a saved student), info (describe data "
+                      "and models), teacher (fine-tune/train the teacher), bench (speed and size of both)",
+                      default="train")
+    preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd"]) +
+                        "; flags given explicitly still win", default="rvlcdip")
+    task: str = _help("sequence-classification (one label per page) or token-classification (one per word)",
+                      default="sequence-classification")
+    teacher: str = _help("teacher: hub id or local directory of a Hugging Face model (a directory with only "
+                         "config.json gives random weights); 'demo-dit' builds the small demo DiT",
+                         default="microsoft/dit-large-finetuned-rvlcdip")
+    student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
+                                "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
+                                "and builtin:distilbert-base-uncased need no network",
+                                default="microsoft/layoutlmv3-base")
+    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024) or full (config as is)",
+                              default="tiny")
+    student_image_size: int = _help("image side the student's visual patch embedding sees (224 in LayoutLMv3; "
+                                    "the demo uses 112 to fit 2 CPU cores)", default=224)
+    tokenizer: str = _help("student tokenizer: hub id or local directory ('demo' = the one built from the demo "
+                           "corpus)", default="microsoft/layoutlmv3-base")
+    dataset: str = _help("hub id, save_to_disk directory, parquet/JSON file(s), folder of images with one "
+                         "sub-folder per class, or 'demo' (the built-in generated corpus)",
+                         default="dvgodoy/rvl_cdip_mini")
+    train_split: str = _help("split to train on", default="train")
+    eval_split: str = _help("split used for validation each epoch and by --mode eval", default="validation")
+    max_samples: int = _help("use at most this many documents per split (0 = all); for quick trials", default=0)
+    output_dir: str = _help("where checkpoints, metrics, plots and the resolved config go",
+                            default="runs/rvlcdip")
+    cache_dir: str = _help("where preprocessed data, OCR results and generated demo data are cached "
+                           "(default: OUTPUT_DIR/../cache)", default="")
+    epochs: int = _help("training epochs", default=6)
+    batch_size: int = _help("documents per optimizer step per process, before accumulation", default=16)
+    grad_accum: int = _help("gradient accumulation steps (effective batch = batch size x this x processes)",
+                            default=1)
+    lr: float = _help("peak learning rate of AdamW", default=3e-4)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly before "
+                                "linear decay to 0", default=0.1)
+    alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
+                         "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
+                         default=0.7)
+    temperature: float = _help("softmax temperature T applied to both teacher and student logits in the KL term",
+                               default=4.0)
+    max_length: int = _help("token limit of the student; longer documents are truncated and the share is "
+                            "reported", default=512)
+    seed: int = _help("seed for data order, initialisation and dropout", default=42)
+    amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
+                     default="no")
+    checkpoint: str = _help("resume training from this latest_checkpoint.pth", default="")
+    model: str = _help("student to evaluate (a student_model.pth or save_pretrained directory; default: the "
+                       "best one in OUTPUT_DIR)", default="")
+    num_workers: int = _help("DataLoader worker processes", default=0)
+    log_every: int = _help("update the progress bar's loss every N steps", default=10)
+    debug: bool = _help("show full tracebacks instead of one-line errors", default=False)
+
+    def validate(self):
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.task not in TASKS:
+            problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be > 0, got {self.temperature}")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.amp not in ("no", "bf16", "fp16"):
+            problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
+        if self.student_size not in ("tiny", "full"):
+            problems.append(f"--student-size must be tiny or full, got {self.student_size!r}")
+        if problems:
+            raise UserError("; ".join(problems))
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, keys):
+        """Short hash of the settings that must not change across a resume."""
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PRESETS = {
+    # The original design: DiT-large teacher, LayoutLMv3-Tiny student, OCR-enriched RVL-CDIP subset.
+    "rvlcdip": {},
+    # Offline demo: everything generated or built locally, sized for 2 CPU cores.
+    "demo": dict(teacher="demo-dit", tokenizer="demo", dataset="demo", student_image_size=112,
+                 student_config="builtin:layoutlmv3-base",
+                 output_dir="runs/demo", batch_size=16, epochs=6, lr=3e-4),
+    # Token classification on FUNSD (word-level BIO tags).
+    "funsd": dict(task="token-classification", teacher="microsoft/layoutlmv3-base",
+                  student_config="distilbert-base-uncased", tokenizer="distilbert-base-uncased",
+                  dataset="nielsr/funsd-layoutlmv3", eval_split="test", output_dir="runs/funsd"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="docdistill: distil a large document model (teacher) into a small one (student).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS)}.get(f.name)
+            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {f.default!r})")
+    return parser
+
+
+def parse_config(argv=None):
+    """Defaults, then the preset, then whatever was given on the command line."""
+    given = vars(build_parser().parse_args(argv))
+    preset = given.get("preset", Config.preset)
+    values = {**PRESETS[preset], **given}
+    return Config(**values).validate()

@@ -1,0 +1,258 @@
+"""Data: loading from any source, OCR when missing, preprocessing cached once, batching with lean padding.
+
+A raw document has: image, width, height, ocr_words, word_boxes (pixels) and a label.
+A preprocessed document has: input_ids, bbox (0-1000), the page resized once for the student and once for
+the teacher (uint8, normalised per batch), the label, and bookkeeping (index, n_words, truncated).
+"""
+import glob
+import hashlib
+import json
+import logging
+import os
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from config import UserError
+
+log = logging.getLogger("docdistill")
+PREP_VERSION = "1"  # bump when the preprocessing output changes, so old caches are not reused
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_source(name, cache_dir):
+    """DatasetDict from a hub id, save_to_disk directory, parquet/JSON file(s), image folder, or 'demo'."""
+    if name == "demo":
+        import demo
+        return demo.generate_demo_dataset(os.path.join(cache_dir, "demo"))
+    try:
+        if os.path.isdir(name):
+            if os.path.exists(os.path.join(name, "dataset_dict.json")) or \
+                    os.path.exists(os.path.join(name, "dataset_info.json")):
+                loaded = datasets.load_from_disk(name)
+                return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+            files = {ext: sorted(glob.glob(os.path.join(name, f"*.{ext}"))) for ext in ("parquet", "json", "jsonl")}
+            for ext, paths in files.items():
+                if paths:
+                    return _load_files(paths, "json" if ext == "jsonl" else ext)
+            return datasets.load_dataset("imagefolder", data_dir=name)
+        if os.path.isfile(name) or glob.glob(name):
+            paths = sorted(glob.glob(name))
+            ext = os.path.splitext(paths[0])[1].lstrip(".")
+            if ext not in ("parquet", "json", "jsonl"):
+                raise UserError(f"--dataset {name}: files must be .parquet, .json or .jsonl, got .{ext}")
+            return _load_files(paths, "json" if ext == "jsonl" else ext)
+        if name.startswith((".", "/")) or os.sep in name and not _looks_like_hub_id(name):
+            raise UserError(f"--dataset {name}: no such file or directory")
+        return datasets.load_dataset(name)
+    except UserError:
+        raise
+    except Exception as e:  # hub errors come in many classes; the first line says what happened
+        raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        f" (offline? give a local directory or files instead of a hub id)") from e
+
+
+def _looks_like_hub_id(name):
+    return name.count("/") == 1 and not os.path.exists(name.split("/")[0])
+
+
+def _load_files(paths, builder):
+    """One file per split when names say so (train.parquet, test-00000.parquet, ...), else one train split."""
+    by_split = {}
+    for path in paths:
+        stem = os.path.basename(path).split(".")[0].split("-")[0]
+        split = {"val": "validation", "valid": "validation", "dev": "validation"}.get(stem, stem)
+        by_split.setdefault(split if split in ("train", "validation", "test") else "train", []).append(path)
+    return datasets.load_dataset(builder, data_files=by_split)
+
+
+def label_names_of(split):
+    """Class names of a split's label column, from its ClassLabel or its 'category' column."""
+    if "label" not in split.column_names:
+        raise UserError(f"dataset has no 'label' column (columns: {', '.join(split.column_names)}): "
+                        f"add one with the class of each document")
+    feature = split.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if "category" in split.column_names:
+        pairs = dict(zip(split["label"], split["category"]))
+        return [pairs[i] for i in range(len(pairs))]
+    raise UserError("the 'label' column has no class names: make it a ClassLabel or add a 'category' column")
+
+
+def ensure_splits(data, train_split, eval_split, seed):
+    """Split a validation set off the training data when the source has none (10%, seeded)."""
+    if train_split not in data:
+        raise UserError(f"dataset has no split {train_split!r} (splits: {', '.join(data)}): use --train-split")
+    if eval_split not in data:
+        parts = data[train_split].train_test_split(test_size=0.1, seed=seed,
+                                                   stratify_by_column="label" if _is_classlabel(data[train_split]) else None)
+        log.info("no %r split: using 10%% of %r for it (%d documents)", eval_split, train_split, len(parts["test"]))
+        data = datasets.DatasetDict({**data, train_split: parts["train"], eval_split: parts["test"]})
+    return data
+
+
+def _is_classlabel(split):
+    return isinstance(split.features.get("label"), datasets.ClassLabel)
+
+
+def load_documents(cfg):
+    """The raw documents (DatasetDict) with OCR columns, label names, and at most cfg.max_samples per split."""
+    data = load_source(cfg.dataset, cfg.cache_dir)
+    data = ensure_splits(data, cfg.train_split, cfg.eval_split, cfg.seed)
+    labels = label_names_of(data[cfg.train_split])
+    out = {}
+    for name, split in data.items():
+        if cfg.max_samples and len(split) > cfg.max_samples:
+            split = split.shuffle(seed=cfg.seed).select(range(cfg.max_samples))
+        if "ocr_words" not in split.column_names:
+            import ocr
+            split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}")
+        out[name] = split
+    return datasets.DatasetDict(out), labels
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def normalize_boxes(boxes, width, height):
+    """Pixel boxes -> LayoutLMv3's 0-1000 grid, corners ordered and clamped into the page."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, x1 = np.minimum(b[:, 0], b[:, 2]), np.maximum(b[:, 0], b[:, 2])
+    y0, y1 = np.minimum(b[:, 1], b[:, 3]), np.maximum(b[:, 1], b[:, 3])
+    scaled = np.stack([x0 / width, y0 / height, x1 / width, y1 / height], axis=1) * 1000
+    return np.clip(np.round(scaled), 0, 1000).astype(np.int64).tolist()
+
+
+def image_spec(processor):
+    """What an image processor does to a page, as plain numbers: resize once, normalise per batch."""
+    size = processor.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    return {"size": [int(height), int(width)], "resample": int(processor.resample),
+            "scale": float(processor.rescale_factor) if processor.do_rescale else 1.0,
+            "mean": [float(m) for m in processor.image_mean] if processor.do_normalize else [0.0] * 3,
+            "std": [float(s) for s in processor.image_std] if processor.do_normalize else [1.0] * 3}
+
+
+def resize_page(image, spec):
+    """Page -> uint8 [3, H, W], resized the way the model's processor resizes."""
+    height, width = spec["size"]
+    page = image.convert("RGB").resize((width, height), resample=Image.Resampling(spec["resample"]))
+    return np.asarray(page, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def normalize_pixels(pixels, spec):
+    """uint8 [B, 3, H, W] -> float [B, 3, H, W] exactly as the processor would have produced them."""
+    mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, 3, 1, 1)
+    return (pixels.float() * spec["scale"] - mean) / std
+
+
+def tokenizer_fingerprint(tokenizer):
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def preprocess_key(split, **settings):
+    blob = json.dumps({"data": split._fingerprint, "version": PREP_VERSION, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_map(split, fn, features, cache_dir, key, desc):
+    """split.map(fn) computed once: the result lives in cache_dir/key.arrow and is reused by later runs."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{key}.arrow")
+    if os.path.exists(path):
+        return datasets.Dataset.from_file(path)
+    tmp = path + f".tmp{os.getpid()}"
+    try:
+        split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names, features=features,
+                  with_indices=True, cache_file_name=tmp, load_from_cache_file=False, desc=desc)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache behind
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return datasets.Dataset.from_file(path)
+
+
+def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc):
+    """Tokenise words with boxes, resize pages for student and teacher; cached on disk by content key."""
+    st_h, st_w = student_spec["size"]
+    te_h, te_w = teacher_spec["size"]
+    features = datasets.Features({
+        "index": datasets.Value("int64"), "label": datasets.Value("int64"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=4)),
+        "n_words": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+        "student_pixels": datasets.Array3D((3, st_h, st_w), "uint8"),
+        "teacher_pixels": datasets.Array3D((3, te_h, te_w), "uint8"),
+    })
+
+    def encode(batch, indices):
+        boxes = [normalize_boxes(b, w, h) if len(b) else [] for b, w, h in
+                 zip(batch["word_boxes"], batch["width"], batch["height"])]
+        enc = tokenizer(batch["ocr_words"], boxes=boxes, truncation=True, max_length=max_length,
+                        return_overflowing_tokens=True)
+        first = {}  # keep the first window of every document; later windows mean it was truncated
+        for row, doc in enumerate(enc["overflow_to_sample_mapping"]):
+            first.setdefault(doc, row)
+        mapping = enc["overflow_to_sample_mapping"]
+        return {
+            "index": indices, "label": batch["label"],
+            "input_ids": [enc["input_ids"][first[d]] for d in range(len(indices))],
+            "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
+            "n_words": [len(w) for w in batch["ocr_words"]],
+            "truncated": [mapping.count(d) > 1 for d in range(len(indices))],
+            "student_pixels": [resize_page(im, student_spec) for im in batch["image"]],
+            "teacher_pixels": [resize_page(im, teacher_spec) for im in batch["image"]],
+        }
+
+    key = preprocess_key(split, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
+                         student=student_spec, teacher=teacher_spec)
+    return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+
+
+# ----------------------------------------------------------------------------- batching
+
+class ClassificationCollator:
+    """Pads each batch to its own longest sequence (not to 512) and normalises the pages."""
+
+    def __init__(self, pad_token_id, student_spec, teacher_spec):
+        self.pad_token_id = pad_token_id
+        self.student_spec = student_spec
+        self.teacher_spec = teacher_spec
+
+    def __call__(self, docs):
+        longest = max(len(d["input_ids"]) for d in docs)
+        input_ids = torch.full((len(docs), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
+        bbox = torch.zeros((len(docs), longest, 4), dtype=torch.long)
+        for i, d in enumerate(docs):
+            n = len(d["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(d["input_ids"])
+            attention_mask[i, :n] = 1
+            bbox[i, :n] = torch.as_tensor(d["bbox"])
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "bbox": bbox,
+            "pixel_values": normalize_pixels(torch.stack([torch.as_tensor(d["student_pixels"]) for d in docs]),
+                                             self.student_spec),
+            "teacher_pixel_values": normalize_pixels(
+                torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec),
+            "labels": torch.tensor([d["label"] for d in docs]),
+            "index": torch.tensor([d["index"] for d in docs]),
+        }
+
+
+def describe(split, prepared, labels):
+    """Statistics `info` prints and training logs: sizes, class balance, words, truncation."""
+    counts = np.bincount(np.asarray(split["label"]), minlength=len(labels))
+    words = np.asarray(prepared["n_words"])
+    return {
+        "documents": len(split),
+        "class_counts": {name: int(c) for name, c in zip(labels, counts)},
+        "words_per_document": {"mean": float(words.mean()), "median": float(np.median(words)),
+                               "max": int(words.max()), "zero": int((words == 0).sum())},
+        "truncated_share": float(np.mean(prepared["truncated"])),
+    }
+

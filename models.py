@@ -1,0 +1,160 @@
+"""Teacher and student models: loading by hub id or local directory, the tiny student, label matching."""
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, BeitConfig
+from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
+
+from config import UserError
+
+log = logging.getLogger("docdistill")
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+# LayoutLMv3-Tiny; 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
+TINY_LAYOUTLMV3 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                       coordinate_size=48, shape_size=32)
+TINY_DISTILBERT = dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
+
+
+def demo_teacher_config(labels, image_size=224):
+    """A small DiT (BEiT architecture, as in microsoft/dit-*) that trains on 2 CPU cores in minutes."""
+    return BeitConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                      image_size=image_size, patch_size=16, use_mean_pooling=True,
+                      use_absolute_position_embeddings=True, use_relative_position_bias=False,
+                      layer_scale_init_value=0.1, drop_path_rate=0.1,
+                      id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+
+
+def has_weights(source):
+    return not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in WEIGHT_FILES)
+
+
+def builtin_configs():
+    """Configs that need no hub and no files: the library defaults equal these published models' configs."""
+    from transformers import DistilBertConfig, LayoutLMv3Config
+    return {"builtin:layoutlmv3-base": lambda: LayoutLMv3Config(max_position_embeddings=514, type_vocab_size=1),
+            "builtin:distilbert-base-uncased": DistilBertConfig}
+
+
+def load_pretrained_config(source, **overrides):
+    """AutoConfig from a hub id, a directory or a builtin: name, with one-line errors instead of tracebacks."""
+    if source.startswith("builtin:"):
+        if source not in builtin_configs():
+            raise UserError(f"unknown {source!r}: choose one of {', '.join(builtin_configs())}")
+        config = builtin_configs()[source]()
+        config.update(overrides)
+        return config
+    try:
+        return AutoConfig.from_pretrained(source, **overrides)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model config from {source!r}: give a local directory with config.json "
+                        f"or a hub id reachable from this machine ({str(e).splitlines()[0]})") from e
+
+
+def normalize_label(name):
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def match_labels(model_labels, dataset_labels, who="teacher"):
+    """Index map from dataset label order to model label order, matched by name, never by position."""
+    model_norm = [normalize_label(n) for n in model_labels]
+    data_norm = [normalize_label(n) for n in dataset_labels]
+    only_model = sorted(set(model_norm) - set(data_norm))
+    only_data = sorted(set(data_norm) - set(model_norm))
+    if only_model or only_data or len(set(model_norm)) != len(model_norm):
+        raise UserError(f"{who} labels do not match the dataset labels: only in {who}: {only_model or '-'}; "
+                        f"only in dataset: {only_data or '-'}. Fine-tune the {who} on this dataset "
+                        f"(--mode teacher) or use a dataset with the same classes")
+    return [model_norm.index(n) for n in data_norm]
+
+
+def freeze(model):
+    """The teacher never trains in distillation: eval mode (no dropout) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_image_classifier(source, labels, trainable=False):
+    """Teacher image classifier + its image processor.
+
+    source: hub id, directory with weights, directory with only config.json (random weights), or 'demo-dit'.
+    With trainable=True (teacher mode) a head whose labels differ from the dataset's is re-initialised.
+    """
+    if source == "demo-dit":
+        config = demo_teacher_config(labels)
+        processor = BeitImageProcessorPil(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                                       image_std=[0.5] * 3, do_center_crop=False)
+        return AutoModelForImageClassification.from_config(config), processor
+    config = load_pretrained_config(source)
+    arch = (config.architectures or [""])[0]
+    if not arch.endswith("ForImageClassification"):
+        raise UserError(f"teacher {source!r} is a {arch or config.model_type} model, not an image classifier: "
+                        f"give an *ForImageClassification checkpoint such as microsoft/dit-base-finetuned-rvlcdip")
+    processor = AutoImageProcessor.from_pretrained(source, backend="pil")  # we only read its settings
+    model_labels = [config.id2label[i] for i in range(len(config.id2label))]
+    try:
+        match_labels(model_labels, labels)
+        relabel = {}
+    except UserError:
+        if not trainable:
+            raise
+        log.info("teacher head re-initialised for the dataset's %d labels", len(labels))
+        relabel = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+                       ignore_mismatched_sizes=True)
+    if has_weights(source):
+        model = AutoModelForImageClassification.from_pretrained(source, **relabel)
+    else:
+        log.warning("%s has no weights: the teacher starts from random weights", source)
+        config.update({k: v for k, v in relabel.items() if k != "ignore_mismatched_sizes"})
+        model = AutoModelForImageClassification.from_config(config)
+    return model, processor
+
+
+def build_student(model_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
+    """A fresh student from a (hub or local) config, shrunk to the tiny shape unless size == 'full'.
+
+    Embedding tables (positions, 2-D positions, token types) keep the base config's sizes so inputs that
+    are valid for the base model stay valid for the student.
+    """
+    config = load_pretrained_config(config_source)
+    if size == "tiny":
+        tiny = TINY_DISTILBERT if config.model_type == "distilbert" else TINY_LAYOUTLMV3
+        config.update(tiny)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    config.update(config_overrides)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {n: i for i, n in enumerate(labels)}
+    return model_class(config)
+
+
+def label_names(model):
+    return [model.config.id2label[i] for i in range(len(model.config.id2label))]
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model):
+    """Size of the float weights on disk, in MB (parameters and buffers)."""
+    tensors = list(model.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def load_student_weights(model, state_dict, source):
+    """Load a student state dict, refusing one that belongs to another architecture."""
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f"{source} does not fit this student ({str(e).splitlines()[1].strip()}): check "
+                        f"--student-config/--student-size/--task match the run that saved it") from e
+    if missing or unexpected:
+        raise UserError(f"{source} does not hold weights for this student ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]}): check "
+                        f"--student-config/--student-size/--task match the run that saved it")
+    return model
+

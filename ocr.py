@@ -1,0 +1,113 @@
+"""
+Tesseract OCR for document-image datasets that ship without OCR columns.
+Each page is OCR'd once; results are cached on disk keyed by a hash of the image content.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import datasets
+import pytesseract
+from PIL import Image
+from tqdm import tqdm
+
+
+class OCRUnavailable(RuntimeError):
+    pass
+
+
+INSTALL_HINT = (
+    "Tesseract binary not found: install it with `apt-get install tesseract-ocr` (Debian/Ubuntu) "
+    "or `brew install tesseract` (macOS), or set pytesseract.pytesseract.tesseract_cmd."
+)
+
+OCR_FEATURES = {
+    "ocr_words": datasets.Sequence(datasets.Value("string")),
+    "word_boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+    "ocr_paragraphs": datasets.Sequence(datasets.Value("string")),
+    "paragraph_boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+    "width": datasets.Value("int32"),
+    "height": datasets.Value("int32"),
+}
+
+CACHE_VERSION = b"ocr-v1"  # bump when the cached format or OCR settings change, so old entries are not reused
+
+
+def ocr_page(image: Image.Image) -> dict:
+    """OCR one page: words and paragraphs with [x0, y0, x1, y1] pixel boxes, in Tesseract's reading order."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    try:
+        data = pytesseract.image_to_data(image, output_type=pytesseract.Output.DICT)
+    except pytesseract.TesseractNotFoundError as e:
+        raise OCRUnavailable(INSTALL_HINT) from e
+
+    words, boxes, paragraphs = [], [], {}
+    for i, text in enumerate(data["text"]):
+        text = text.strip()
+        if not text or float(data["conf"][i]) < 0:  # conf -1 marks page/block/line rows, not words
+            continue
+        x0, y0 = int(data["left"][i]), int(data["top"][i])
+        words.append(text)
+        boxes.append([x0, y0, x0 + int(data["width"][i]), y0 + int(data["height"][i])])
+        key = (data["page_num"][i], data["block_num"][i], data["par_num"][i])
+        paragraphs.setdefault(key, []).append(len(words) - 1)
+
+    par_texts, par_boxes = [], []
+    for idx in paragraphs.values():
+        par_texts.append(" ".join(words[j] for j in idx))
+        par_boxes.append([
+            min(boxes[j][0] for j in idx), min(boxes[j][1] for j in idx),
+            max(boxes[j][2] for j in idx), max(boxes[j][3] for j in idx),
+        ])
+    return {"ocr_words": words, "word_boxes": boxes, "ocr_paragraphs": par_texts, "paragraph_boxes": par_boxes}
+
+
+def _image_column(dataset: datasets.Dataset) -> str:
+    image_cols = [name for name, f in dataset.features.items() if isinstance(f, datasets.Image)]
+    if not image_cols:
+        raise ValueError(f"no Image column to OCR in dataset with columns {dataset.column_names}")
+    return "image" if "image" in image_cols else image_cols[0]
+
+
+def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
+    h = hashlib.sha256(CACHE_VERSION)
+    image = None
+    if cell["bytes"] is not None:
+        h.update(cell["bytes"])
+    else:
+        # path-only images (local or remote): hash the decoded pixels rather than fetch bytes ourselves
+        image = decoder.decode_example(cell)
+        h.update(f"{image.mode}:{image.size}".encode())
+        h.update(image.tobytes())
+    path = os.path.join(cache_dir, h.hexdigest() + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+
+    image = image or decoder.decode_example(cell)
+    result = {**ocr_page(image), "width": image.width, "height": image.height}
+    # write to a temp file and rename so a crash or a concurrent run never leaves a half-written entry
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+    return result
+
+
+def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR") -> datasets.Dataset:
+    """Add ocr_words, word_boxes, ocr_paragraphs, paragraph_boxes (and width/height if missing)."""
+    if "ocr_words" in dataset.column_names:
+        return dataset
+    os.makedirs(cache_dir, exist_ok=True)
+    col = _image_column(dataset)
+    decoder = datasets.Image(mode=dataset.features[col].mode)
+    # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
+    raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
+    results = [_cached_ocr(ex[col], decoder, cache_dir) for ex in tqdm(raw, desc=desc)]
+    for name, feature in OCR_FEATURES.items():
+        if name not in dataset.column_names:  # keep the dataset's own width/height if it has them
+            dataset = dataset.add_column(name, [r[name] for r in results], feature=feature)
+    return dataset

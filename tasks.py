@@ -1,0 +1,114 @@
+"""Tasks: what differs between distillation problems, kept out of the training loop.
+
+A task builds the teacher and the student, prepares the splits and the collator, runs each model on a batch
+to logits in the dataset's label order, and scores predictions. train.py only sees this interface:
+
+    task.labels, task.splits[name], task.collator
+    task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
+    task.student, task.student_logits(student, batch)
+    task.metrics(preds, labels)  ->  dict with task.metric_name in it
+"""
+import logging
+import os
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from transformers import AutoTokenizer, LayoutLMv3ForSequenceClassification
+from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
+
+import dataset
+import models
+from config import UserError
+
+log = logging.getLogger("docdistill")
+
+
+def load_tokenizer(source, cache_dir, train_split=None):
+    if source == "demo":
+        import demo
+        source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer"))
+    try:
+        return AutoTokenizer.from_pretrained(source) if not _is_layoutlmv3_files(source) else \
+            _layoutlmv3_tokenizer(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {source!r}: give a local directory with the tokenizer files "
+                        f"or a reachable hub id ({str(e).splitlines()[0]})") from e
+
+
+def _is_layoutlmv3_files(source):
+    """A bare vocab.json + merges.txt directory: AutoTokenizer can't tell it is LayoutLMv3's."""
+    return os.path.isdir(source) and os.path.exists(os.path.join(source, "merges.txt")) and \
+        not os.path.exists(os.path.join(source, "tokenizer_config.json"))
+
+
+def _layoutlmv3_tokenizer(source):
+    from transformers import LayoutLMv3TokenizerFast
+    return LayoutLMv3TokenizerFast.from_pretrained(source)
+
+
+class DocumentClassification:
+    """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3)."""
+    metric_name = "accuracy"
+
+    def __init__(self, cfg, train_teacher=False):
+        self.cfg = cfg
+        documents, self.labels = dataset.load_documents(cfg)
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
+        self.teacher, teacher_processor = models.load_image_classifier(cfg.teacher, self.labels,
+                                                                       trainable=train_teacher)
+        # Teacher logits come in the teacher's label order; reorder them to the dataset's, by name.
+        self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
+        self.student_processor = LayoutLMv3ImageProcessorPil(
+            apply_ocr=False, size={"height": cfg.student_image_size, "width": cfg.student_image_size})
+        self.student = models.build_student(
+            LayoutLMv3ForSequenceClassification, cfg.student_config, self.labels, size=cfg.student_size,
+            vocab_size=len(self.tokenizer), input_size=cfg.student_image_size,
+            pad_token_id=self.tokenizer.pad_token_id)
+        student_spec = dataset.image_spec(self.student_processor)
+        teacher_spec = dataset.image_spec(teacher_processor)
+        self.splits = {
+            name: dataset.preprocess_classification(split, self.tokenizer, student_spec, teacher_spec,
+                                                    cfg.max_length, cfg.cache_dir, desc=f"preprocess {name}")
+            for name, split in documents.items()}
+        self.documents = documents
+        self.collator = dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec, teacher_spec)
+        self.teacher_processor = teacher_processor
+
+    def teacher_logits(self, teacher, batch):
+        return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
+
+    def student_logits(self, student, batch):
+        return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
+                       pixel_values=batch["pixel_values"]).logits
+
+    def describe(self, name):
+        return dataset.describe(self.documents[name], self.splits[name], self.labels)
+
+    def metrics(self, preds, labels):
+        preds, labels = np.asarray(preds), np.asarray(labels)
+        ids = list(range(len(self.labels)))
+        report = classification_report(labels, preds, labels=ids, target_names=self.labels, output_dict=True,
+                                       zero_division=0)
+        return {
+            "accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+            "per_class": {name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score",
+                                                                      "support")} for name in self.labels},
+            "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+        }
+
+    def save_pretrained(self, model, directory, role):
+        """A directory plain transformers can load: the model with its tokenizer and/or image processor."""
+        model.save_pretrained(directory)
+        if role == "teacher":
+            self.teacher_processor.save_pretrained(directory)
+        else:
+            self.tokenizer.save_pretrained(directory)
+            self.student_processor.save_pretrained(directory)
+
+
+TASKS = {"sequence-classification": DocumentClassification}
+
+
+def build_task(cfg, **kw):
+    return TASKS[cfg.task](cfg, **kw)

@@ -1,0 +1,203 @@
+"""The training loop, evaluation and checkpoints: one loop for every task, read top to bottom.
+
+fit() trains `model` to match labels and, when a teacher is given, the teacher's softened outputs:
+    for each batch:  teacher logits (frozen, no grad)  ->  student logits  ->  DistillationLoss  ->  step
+The same loop trains the teacher itself in --mode teacher (no teacher, alpha 0).
+"""
+import logging
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import models
+import utils
+from config import UserError
+from losses import DistillationLoss
+
+log = logging.getLogger("docdistill")
+# Settings that must match between a checkpoint and the run resuming from it.
+RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
+               "train_split", "max_samples", "max_length", "batch_size", "grad_accum", "lr", "weight_decay",
+               "warmup_ratio", "alpha", "temperature", "seed", "epochs")
+
+
+class EpochShuffle(Sampler):
+    """A fresh permutation each epoch, a pure function of (seed, epoch): resumable and the same everywhere."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def make_accelerator(cfg):
+    if cfg.amp == "fp16" and not torch.cuda.is_available():
+        raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU or --amp no")
+    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum)
+
+
+def make_loader(task, split, cfg, shuffle):
+    sampler = EpochShuffle(len(task.splits[split]), cfg.seed) if shuffle else None
+    return DataLoader(task.splits[split], batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def predict(accelerator, loader, forward, model, desc="eval"):
+    """Logits for a whole split, gathered across processes (duplicates from uneven sharding dropped)."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
+        with accelerator.autocast():
+            logits = forward(model, batch).float()
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg):
+    """Everything needed to continue exactly where we are; tensors and plain values only (weights_only)."""
+    checkpoint = {
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "rng": utils.rng_state(),
+        "fingerprint": cfg.fingerprint(RESUME_KEYS),
+        "settings": {k: getattr(cfg, k) for k in RESUME_KEYS},
+        **state,
+    }
+    utils.atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path, cfg):
+    checkpoint = utils.safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or "fingerprint" not in checkpoint:
+        raise UserError(f"{path} is not a docdistill training checkpoint (latest_checkpoint.pth)")
+    if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
+        differing = [f"{k}: {v!r} in checkpoint, {getattr(cfg, k)!r} now"
+                     for k, v in checkpoint["settings"].items() if getattr(cfg, k) != v]
+        raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
+                        f"use the same flags as the run that wrote it")
+    return checkpoint
+
+
+def save_best(task, model, out_dir, name):
+    """The best model so far: a safe .pth (weights + config) and a save_pretrained directory."""
+    utils.atomic_torch_save({"state_dict": model.state_dict(), "config": model.config.to_json_string()},
+                            os.path.join(out_dir, f"{name}_model.pth"))
+    task.save_pretrained(model, os.path.join(out_dir, name), role=name)
+
+
+def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
+    """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name."""
+    accelerator = make_accelerator(cfg)
+    out_dir = cfg.output_dir
+    criterion = DistillationLoss(cfg.temperature, cfg.alpha if teacher is not None else 0.0)
+    train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
+    eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes))
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
+        teacher = models.freeze(teacher).to(accelerator.device)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0}
+    ckpt_path = os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
+    metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
+    if cfg.checkpoint:
+        checkpoint = load_checkpoint(cfg.checkpoint, cfg)
+        models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        utils.set_rng_state(checkpoint["rng"])
+        state = {k: checkpoint[k] for k in state}
+        log.info("resumed from %s at epoch %d, step %d", cfg.checkpoint, state["epoch"] + 1,
+                 state["step_in_epoch"])
+    if accelerator.is_main_process:  # history after the resume point is about to be redone
+        utils.write_jsonl([row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]],
+                          metrics_path)
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
+            loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
+        sums = {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0}
+        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
+                   total=len(train_loader), disable=not accelerator.is_main_process)
+        for step, batch in enumerate(bar, start=state["step_in_epoch"]):
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_logits = teacher_forward(teacher, batch)
+            with accelerator.accumulate(model):
+                logits = forward(model, batch)
+                losses = criterion(logits, teacher_logits, batch["labels"])
+                if not torch.isfinite(losses["total"]):
+                    raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step {step}: "
+                                    f"lower --lr or use --amp no; the last good checkpoint is {ckpt_path}")
+                accelerator.backward(losses["total"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            keep = batch["labels"] != -100
+            sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
+            sums["seen"] += int(keep.sum())
+            sums["batches"] += 1
+            for k in ("total", "kd", "ce"):
+                sums[k] += losses[k].item()
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}", kd=f"{sums['kd'] / sums['batches']:.3f}",
+                                ce=f"{sums['ce'] / sums['batches']:.3f}", acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
+        bar.close()
+        state["step_in_epoch"] = 0
+
+        logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
+        scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in ("total", "kd", "ce", "batches", "correct",
+                                                                    "seen")], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum").tolist()
+        row = {"epoch": epoch + 1, "train_loss": totals[0] / totals[3], "train_kd": totals[1] / totals[3],
+               "train_ce": totals[2] / totals[3], "train_accuracy": totals[4] / max(totals[5], 1),
+               "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
+               **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
+        improved = row[f"val_{task.metric_name}"] > state["best"]
+        state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
+        state["epoch"] = epoch + 1
+        if accelerator.is_main_process:
+            log.info("epoch %d: loss %.4f (kd %.4f, ce %.4f), train acc %.4f, val %s %.4f%s", epoch + 1,
+                     row["train_loss"], row["train_kd"], row["train_ce"], row["train_accuracy"],
+                     task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
+            utils.append_jsonl(row, metrics_path)
+            if improved:
+                save_best(task, accelerator.unwrap_model(model), out_dir, name)
+            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg)
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        utils.plot_curves(utils.read_jsonl(metrics_path), os.path.join(out_dir, f"{name}_curves.png"))
+    return state["best"]
