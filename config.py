@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 
-MODES = ("train", "eval", "info", "teacher", "bench")
+MODES = ("train", "eval", "info", "teacher", "bench", "demo")
 TASKS = ("sequence-classification", "token-classification")
 
 
@@ -24,7 +24,8 @@ def _help(text, **kw):
 @dataclass
 class Config:
     mode: str = _help("what to do: train (distil the student), eval (score a saved student), info (describe data "
-                      "and models), teacher (fine-tune/train the teacher), bench (speed and size of both)",
+                      "and models), teacher (fine-tune/train the teacher), bench (speed and size of both), demo (teacher, "
+                      "baseline, distilled student and the comparison table, with --preset demo)",
                       default="train")
     preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd"]) +
                         "; flags given explicitly still win", default="rvlcdip")
@@ -74,6 +75,10 @@ class Config:
     checkpoint: str = _help("resume training from this latest_checkpoint.pth", default="")
     model: str = _help("student to evaluate (a student_model.pth or save_pretrained directory; default: the "
                        "best one in OUTPUT_DIR)", default="")
+    group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
+                                  default=True)
+    save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
+                            default=0)
     num_workers: int = _help("DataLoader worker processes", default=0)
     log_every: int = _help("update the progress bar's loss every N steps", default=10)
     debug: bool = _help("show full tracebacks instead of one-line errors", default=False)
@@ -88,6 +93,8 @@ class Config:
             problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.save_every < 0:
+            problems.append(f"--save-every must be >= 0, got {self.save_every}")
         for name in ("batch_size", "grad_accum", "epochs", "max_length"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -133,7 +140,8 @@ def build_parser():
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS)}.get(f.name)

@@ -184,7 +184,7 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
         "index": datasets.Value("int64"), "label": datasets.Value("int64"),
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=4)),
-        "n_words": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+        "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"), "truncated": datasets.Value("bool"),
         "student_pixels": datasets.Array3D((3, st_h, st_w), "uint8"),
         "teacher_pixels": datasets.Array3D((3, te_h, te_w), "uint8"),
     })
@@ -198,9 +198,10 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
         for row, doc in enumerate(enc["overflow_to_sample_mapping"]):
             first.setdefault(doc, row)
         mapping = enc["overflow_to_sample_mapping"]
+        input_ids = [enc["input_ids"][first[d]] for d in range(len(indices))]
         return {
-            "index": indices, "label": batch["label"],
-            "input_ids": [enc["input_ids"][first[d]] for d in range(len(indices))],
+            "index": indices, "label": batch["label"], "input_ids": input_ids,
+            "n_tokens": [len(ids) for ids in input_ids],
             "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
             "n_words": [len(w) for w in batch["ocr_words"]],
             "truncated": [mapping.count(d) > 1 for d in range(len(indices))],

@@ -23,7 +23,7 @@ W, H = 320, 416  # letter aspect, small enough for fast CPU training
 SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1  # bump whenever generation changes, so corpora already on disk get rebuilt
 AMBIGUOUS = 0.2  # share of pages that borrow the layout and/or the vocabulary of their sibling class
-BOX = datasets.List(datasets.List(datasets.Value("int32"), length=4))
+BOX = datasets.List(datasets.List(datasets.Value("int32")))  # [x0, y0, x1, y1] in pixels, as in ocr.py
 FEATURES = datasets.Features({
     "image": datasets.Image(), "width": datasets.Value("int32"), "height": datasets.Value("int32"),
     "category": datasets.Value("string"), "ocr_words": datasets.List(datasets.Value("string")), "word_boxes": BOX,
@@ -36,12 +36,9 @@ VOCAB = {k: v.split() for k, v in {
     "email": "sent cc bcc subject re fw original message email mailto com attachment thanks inbox server online",
     "handwritten": "call tomorrow bob jim note ok see me pls thx asap monday friday ask cig mtg todo nite ph fyi",
     "advertisement": "taste free offer save flavor smooth rich enjoy now lights menthol pack buy fresh mild coupon",
-    "scientific report": "laboratory test samples procedure experiment measured observed conditions findings "
-        "technical tested determined protocol",
-    "scientific publication": "abstract journal et al fig references cited hypothesis significant vitro vivo "
-        "correlation statistical cells",
-    "specification": "specification tolerance minimum maximum material dimension mm weight grade tipping porosity "
-        "requirement denier",
+    "scientific report": "laboratory test samples procedure experiment measured observed findings technical",
+    "scientific publication": "abstract journal et al fig references cited hypothesis significant vitro vivo",
+    "specification": "specification tolerance minimum maximum material dimension mm weight grade porosity",
     "file folder": "file folder confidential records correspondence archive box drawer index vol misc contents",
     "news article": "said yesterday reported according officials spokesman times news told interview court press",
     "budget": "budget fiscal actual projected variance expenses allocation quarter forecast salaries overhead funds",
@@ -88,7 +85,8 @@ class Page:
         cls, out, start = cls or self.cls, [], True
         for _ in range(n):
             u = self.r.random()
-            word = self.r.choice(VOCAB[cls] if u < 0.2 * (1 - self.mix) else VOCAB[SIBLING[cls]] if u < 0.2 else FILLER)
+            pool = VOCAB[cls] if u < 0.2 * (1 - self.mix) else VOCAB[SIBLING[cls]] if u < 0.2 else FILLER
+            word = self.r.choice(pool)
             word = word.upper() if upper else word.capitalize() if start else word
             start = self.r.random() < 0.1
             out.append(word + "." if start else word + "," if self.r.random() < 0.04 else word)
@@ -96,17 +94,19 @@ class Page:
 
     def num(self):
         r = self.r
-        return [r.choice([f"{r.randint(10, 99999):,}", f"{r.uniform(0, 999):.2f}", f"${r.randint(1, 9999):,}.00", str(r.randint(1, 50))])]
+        return [r.choice([f"{r.randint(10, 99999):,}", f"{r.uniform(0, 999):.2f}", f"${r.randint(1, 9999)},000"])]
 
     def date(self):
-        return [self.r.choice(["January", "March", "May", "July", "October"]), f"{self.r.randint(1, 28)},", str(self.r.randint(1975, 1999))]
+        r = self.r
+        return [r.choice(["January", "March", "July", "October"]), f"{r.randint(1, 28)},", str(r.randint(1975, 1999))]
 
     def name(self):
         return [self.r.choice(["Mr.", "Dr.", "Ms."]), self.r.choice("ABCDEFGHJKLMRST") + ".", self.r.choice(NAMES)]
 
     def text(self, x, y, words, size=7, width=None, gap=2, fill=None, bold=False, wobble=0):
         """Draw words wrapped into a block (one OCR paragraph); returns the y below it."""
-        f, fill, stroke = font(size), self.ink if fill is None else fill, int(bold and size >= 10)  # stroked small text is unreadable
+        stroke = int(bold and size >= 10)  # stroked small text is unreadable
+        f, fill = font(size), self.ink if fill is None else fill
         width, space, lh, pid = width or W - self.m - x, f.getlength(" "), size + gap, self.n_paras
         cx, cy, self.n_paras = x, y, self.n_paras + 1
         for word in words:
@@ -129,6 +129,13 @@ class Page:
             y = self.text(x or self.m, y + 4, self.w(self.r.randint(lo, hi)), size=size, width=width)
         return y
 
+    def fields(self, y, pairs, size, dx):
+        """Header rows of key: value (memo, email, specification), keys at pairs[0::2], values at pairs[1::2]."""
+        for key, val in zip(pairs[::2], pairs[1::2]):
+            self.text(self.m, y + 4, key, size=size)
+            y = self.text(self.m + dx, y + 4, val, size=size)
+        return y
+
     def line(self, x0, y0, x1, y1, w=1, fill=None):
         self.d.line([(x0, y0), (x1, y1)], fill=self.ink if fill is None else fill, width=w)
 
@@ -136,7 +143,8 @@ class Page:
         self.d.rectangle([x0, y0, x1, y1], fill=fill, outline=self.ink, width=w)
 
     def scribble(self, x, y, w, h, width=1):  # signatures, handwriting strokes, plotted curves
-        self.d.line([(x + w * i / 12, y + self.r.uniform(0, h)) for i in range(13)], fill=self.ink, width=width, joint="curve")
+        pts = [(x + w * i / 12, y + self.r.uniform(0, h)) for i in range(13)]
+        self.d.line(pts, fill=self.ink, width=width, joint="curve")
 
     def table(self, x, y, colws, rows, size=7, rh=12, grid=True):
         for row in rows:
@@ -176,25 +184,21 @@ def letter(p):
 
 
 def memo(p):
-    y = p.text(p.m + p.j(6), p.m, p.r.choice([["MEMORANDUM"], ["INTER-OFFICE", "MEMORANDUM"]]), size=14, bold=True)
-    for key, val in (("TO:", p.name()), ("FROM:", p.name()), ("DATE:", p.date()), ("SUBJECT:", p.w(5))):
-        p.text(p.m, y + 4, [key], size=8)
-        y = p.text(p.m + 55, y + 4, val, size=8)
+    head = p.r.choice([["MEMORANDUM"], ["INTER-OFFICE", "MEMORANDUM"]])
+    y = p.text(p.m + p.j(6), p.m, head, size=14, bold=True)
+    y = p.fields(y, [["TO:"], p.name(), ["FROM:"], p.name(), ["DATE:"], p.date(), ["SUBJECT:"], p.w(5)], 8, 55)
     p.line(p.m, y + 4, W - p.m, y + 4, w=2)
-    y = p.paras(y + 6, p.r.randint(1, 4), 20, 50)
-    p.text(p.m, y + 10, ["cc:"] + p.name()[1:])
+    p.text(p.m, p.paras(y + 6, p.r.randint(1, 4), 20, 50) + 10, ["cc:"] + p.name()[1:])
 
 
 def email(p):
-    y, addr = p.m, p.r.choice(NAMES).lower() + "@rjrt.com"
-    for key, val in (("From:", p.name()[1:] + [f"<{addr}>"]), ("Sent:", p.date()), ("To:", p.name()[1:]),
-                     ("Cc:", p.name()[1:]), ("Subject:", p.w(5))):
-        p.text(p.m, y, [key])
-        y = p.text(p.m + 45, y, val, gap=3)
+    sender = [f"<{p.r.choice(NAMES).lower()}@rjrt.com>"]
+    y = p.fields(p.m - 4, [["From:"], p.name()[1:] + sender, ["Sent:"], p.date(), ["To:"], p.name()[1:],
+                           ["Cc:"], p.name()[1:], ["Subject:"], p.w(5)], 7, 45)
     p.line(p.m, y + 2, W - p.m, y + 2)
     y = p.paras(y + 4, p.r.randint(1, 3), 10, 40)
     if p.r.random() < 0.5:  # quoted reply
-        y = p.text(p.m, p.text(p.m, y + 8, ["-----Original", "Message-----"]), ["From:"] + p.name()[1:] + ["Subject:", "RE:"])
+        y = p.text(p.m, y + 8, ["-----Original", "Message-----", "From:"] + p.name()[1:] + ["Subject:", "RE:"])
         p.paras(y, p.r.randint(1, 2), 10, 30)
 
 
@@ -202,22 +206,22 @@ def form(p):
     y, rh = p.text(p.m + p.j(20), p.m, p.w(4, "form", upper=True), size=11, bold=True) + 4, p.r.randint(18, 26)
     cols = [int(c * (W - 2 * p.m)) for c in p.r.choice([[1], [0.5, 0.5], [0.4, 0.3, 0.3]])]
     while y < H - 40 and len(p.words) < p.r.randint(60, 150):
-        x = p.m
-        for cw in cols:  # labelled cells, some filled in, some with a tick box
+        for k, cw in enumerate(cols):  # labelled cells, some filled in, some with a tick box
+            x = p.m + sum(cols[:k])
             p.rect(x, y, x + cw, y + rh)
             p.text(x + 2, y + 1, [s.upper() for s in p.r.sample(VOCAB["form"], 2)], size=6)
             if p.r.random() < 0.2:
                 p.rect(x + 4, y + 10, x + 10, y + 16)
             elif p.r.random() < 0.7:
                 p.text(x + 6, y + 10, p.w(3) if p.r.random() < 0.6 else p.num())
-            x += cw
         y += rh
     p.text(p.m, y + 10, ["Signature", "_____", "Date"])
 
 
 def questionnaire(p):
-    y = p.text(p.m, p.text(p.m, p.m, p.w(3, "questionnaire", upper=True), size=12, bold=True) + 4, p.w(p.r.randint(10, 30)))
-    opts = p.r.choice([["Yes", "No"], ["Agree", "Neutral", "Disagree"], ["1", "2", "3", "4", "5"], ["Often", "Sometimes", "Never"]])
+    y = p.text(p.m, p.m, p.w(3, "questionnaire", upper=True), size=12, bold=True)
+    y = p.text(p.m, y + 4, p.w(p.r.randint(10, 30)))
+    opts = p.r.choice([["Yes", "No"], ["Agree", "Neutral", "Disagree"], ["1", "2", "3", "4", "5"], ["Often", "Never"]])
     for q in range(p.r.randint(5, 14)):
         y, x = p.text(p.m, y + 6, [f"{q + 1}."] + p.w(p.r.randint(5, 14))), p.m + 14
         for o in opts:  # a row of tick boxes
@@ -243,12 +247,14 @@ def handwritten(p):
 def advertisement(p):
     for _ in range(p.r.randint(1, 3)):
         x, y, s = p.r.randint(-40, W - 60), p.r.randint(-40, H - 100), p.r.randint(80, 220)
-        (p.d.ellipse if p.r.random() < 0.5 else p.d.rectangle)([x, y, x + s, y + s * p.r.uniform(0.5, 1.2)], fill=p.r.randint(40, 210))
+        box = [x, y, x + s, y + s * p.r.uniform(0.5, 1.2)]
+        (p.d.ellipse if p.r.random() < 0.5 else p.d.rectangle)(box, fill=p.r.randint(40, 210))
     y, size, dark = p.r.randint(20, 160), p.r.randint(20, 30), p.r.random() < 0.4
     if dark:  # white headline on a black band
         p.rect(0, y - 8, W, y + 2 * size + 16, fill=p.r.randint(0, 60))
     for _ in range(p.r.randint(1, 2)):
-        y = p.text(p.m + p.j(10), y, p.w(p.r.randint(1, 3), "advertisement", upper=True), size=size, fill=255 if dark else None, bold=True)
+        words = p.w(p.r.randint(1, 3), "advertisement", upper=True)
+        y = p.text(p.m + p.j(10), y, words, size=size, fill=255 if dark else None, bold=True)
     p.text(p.m, y + 10, p.w(p.r.randint(3, 8)), size=12)
     p.text(p.m, H - p.r.randint(40, 70), p.w(p.r.randint(8, 20)), size=6)  # small print
 
@@ -265,7 +271,8 @@ def presentation(p):
 
 
 def news_article(p):
-    y = p.text(W // 2 - 80 + p.j(10), p.m, [p.r.choice(["The", "Daily", "Evening"]), p.r.choice(NAMES), "Times"], size=16, bold=True)
+    head = [p.r.choice(["The", "Daily", "Evening"]), p.r.choice(NAMES), "Times"]
+    y = p.text(W // 2 - 80 + p.j(10), p.m, head, size=16, bold=True)
     p.line(p.m, y + 2, W - p.m, y + 2, w=2)
     y = p.text(p.m, y + 4, p.date() + ["Page", str(p.r.randint(1, 40))], size=6)
     y = p.text(p.m, y + 4, p.w(p.r.randint(5, 10), "news article"), size=p.r.randint(11, 14), bold=True)
@@ -279,8 +286,8 @@ def scientific_publication(p):
     y = p.text(p.m + 10, p.m, p.w(p.r.randint(6, 12), "scientific publication"), size=10, bold=True)
     y = p.text(p.m + 10, y + 2, p.name()[1:] + p.name()[1:] + ["University"])
     y = p.text(p.m + 20, y + 4, ["Abstract"] + p.w(p.r.randint(30, 70)), size=6, width=W - 2 * p.m - 40)
-    dense = p.r.random() < 0.3
-    p.columns(y + 4, 2, 7 - dense, 3, 30 * (1 + dense), 70 * (1 + dense), ["Introduction", "Methods", "Results", "Discussion"], 0.15)
+    k = 1 + (p.r.random() < 0.3)  # dense pages in small print
+    p.columns(y + 4, 2, 8 - k, 3, 30 * k, 70 * k, ["Introduction", "Methods", "Results", "Discussion"], 0.15)
 
 
 def scientific_report(p):
@@ -289,50 +296,58 @@ def scientific_report(p):
     p.line(p.m, y + 2, W - p.m, y + 2)
     p.columns(y + 4, 1, 7, 3, 20, 60, ["INTRODUCTION", "PROCEDURE", "RESULTS", "CONCLUSIONS", "SUMMARY"], 0.15)
     if p.r.random() < 0.4:
-        p.table(p.m, H - 90, [80, 60, 60, 60], [p.w(4, "scientific report")] + [[p.w(2), p.num(), p.num(), p.num()] for _ in range(5)])
+        rows = [[p.w(2), p.num(), p.num(), p.num()] for _ in range(5)]
+        p.table(p.m, H - 90, [80, 60, 60, 60], [[w] for w in p.w(4, "scientific report")] + rows)
 
 
 def specification(p):
     y = p.text(p.m, p.m, ["SPECIFICATION", "No.", str(p.r.randint(1000, 99999))], size=12, bold=True)
-    y = p.table(p.m, y + 4, [140, W - 2 * p.m - 140], [[["Product:"], p.w(3, "specification")], [["Date:"], p.date()], [["Revision:"], p.num()]])
-    rows = [[p.w(p.r.randint(1, 3), "specification"), p.num(), ["+/-"] + p.num(), p.w(1, "specification")] for _ in range(p.r.randint(8, 22))]
-    y = p.table(p.m, y + 10, [100, 60, 60, W - 2 * p.m - 220], [[["Parameter"], ["Value"], ["Tolerance"], ["Method"]]] + rows, size=6, rh=p.r.randint(11, 15))
-    p.paras(y, 1, 10, 30)
+    y = p.fields(y + 4, [["Product:"], p.w(3, "specification"), ["Date:"], p.date(), ["Revision:"], p.num()], 7, 60)
+    rows = [[p.w(p.r.randint(1, 3), "specification"), p.num(), ["+/-"] + p.num(), p.w(1, "specification")]
+            for _ in range(p.r.randint(8, 22))]
+    rows = [[["Parameter"], ["Value"], ["Tolerance"], ["Method"]]] + rows
+    p.paras(p.table(p.m, y + 10, [100, 60, 60, W - 2 * p.m - 220], rows, size=6, rh=p.r.randint(11, 15)), 1, 10, 30)
 
 
 def budget(p):
     y = p.text(p.m + p.j(10), p.m, ["BUDGET", str(p.r.randint(1980, 1999))] + p.w(3, "budget"), size=12, bold=True)
     y = p.text(p.m, y, p.w(p.r.randint(5, 20)))
     rows = [[p.w(p.r.randint(1, 3), "budget"), p.num(), p.num(), p.num()] for _ in range(p.r.randint(10, 24))]
-    rows = [[[""], ["Actual"], ["Budget"], ["Variance"]]] + rows + [[["TOTAL"], p.num(), p.num(), p.num()]]
+    rows = [[[], ["Actual"], ["Budget"], ["Variance"]]] + rows + [[["TOTAL"], p.num(), p.num(), p.num()]]
     y = p.table(p.m, y + 8, [110, 60, 60, 60], rows, grid=p.r.random() < 0.3)
     p.line(p.m, y, W - p.m, y)
 
 
 def invoice(p):
     p.text(p.m, p.m, [p.r.choice(NAMES).upper(), "SUPPLY", "CO."], size=10, bold=True)
-    y = p.text(W - p.m - 90, p.text(W - p.m - 90, p.m, ["INVOICE"], size=16, bold=True), ["No.", str(p.r.randint(1000, 99999))] + p.date(), width=90)
+    y = p.text(W - p.m - 90, p.m, ["INVOICE"], size=16, bold=True)
+    y = p.text(W - p.m - 90, y, ["No.", str(p.r.randint(1000, 99999))] + p.date(), width=90)
     y = p.text(p.m, y + 6, ["Bill", "To:"] + p.name() + p.w(5), width=130)
-    rows = [[p.w(p.r.randint(1, 4), "invoice"), [str(p.r.randint(1, 99))], p.num(), p.num()] for _ in range(p.r.randint(3, 12))]
-    y = p.table(p.m, y + 10, [130, 40, 60, 60], [[["Description"], ["Qty"], ["Unit", "Price"], ["Amount"]]] + rows, rh=13, grid=p.r.random() < 0.7)
+    rows = [[p.w(p.r.randint(1, 4), "invoice"), [str(p.r.randint(1, 99))], p.num(), p.num()]
+            for _ in range(p.r.randint(3, 12))]
+    rows = [[["Description"], ["Qty"], ["Unit", "Price"], ["Amount"]]] + rows
+    y = p.table(p.m, y + 10, [130, 40, 60, 60], rows, rh=13, grid=p.r.random() < 0.7)
     y = p.text(W - p.m - 120, y + 6, ["TOTAL", "DUE"] + p.num(), size=9, bold=True)
     p.text(p.m, y + 10, ["Terms:"] + p.w(p.r.randint(5, 15)), size=6)
 
 
 def file_folder(p):
-    tab_x = p.r.choice([p.m, W // 2 - 50, W - p.m - 110])
-    p.d.polygon([(tab_x, 50), (tab_x + 10, 20), (tab_x + 100, 20), (tab_x + 110, 50)], fill=p.r.randint(170, 230), outline=p.ink)
+    x = p.r.choice([p.m, W // 2 - 50, W - p.m - 110])
+    p.d.polygon([(x, 50), (x + 10, 20), (x + 100, 20), (x + 110, 50)], fill=p.r.randint(170, 230), outline=p.ink)
     p.rect(p.m - 6, 50, W - p.m + 6, H - p.m, fill=p.r.randint(170, 235))
-    p.rect(tab_x + 12, 26, tab_x + 98, 46, fill=250)  # the label
-    p.text(tab_x + 14, 30, p.w(p.r.randint(1, 3), "file folder", upper=True), size=9, width=84)
+    p.rect(x + 12, 26, x + 98, 46, fill=250)  # the tab's label
+    label = [p.r.choice(NAMES)] + p.r.sample(VOCAB["file folder"], 2) + [str(p.r.randint(1, 99))]
+    p.text(x + 14, 30, [s.upper() for s in label], size=8, width=84)
     if p.r.random() < 0.6:  # stamps and hand notes on the cover
-        p.text(p.m + p.r.randint(10, 120), p.r.randint(80, 300), p.w(p.r.randint(4, 14)), size=p.r.randint(8, 12), wobble=2, width=160)
+        words = p.w(p.r.randint(4, 14))
+        p.text(p.m + p.r.randint(10, 120), p.r.randint(80, 300), words, size=p.r.randint(8, 12), wobble=2, width=160)
 
 
 def resume(p):
     y = p.text(W // 2 - 60 + p.j(30), p.m, p.name()[1:], size=14, bold=True)
     y = p.text(p.m, y + 2, p.w(4) + ["Tel.", f"{p.r.randint(200, 999)}-{p.r.randint(1000, 9999)}"])
-    for sec in p.r.sample(["EDUCATION", "EXPERIENCE", "EMPLOYMENT", "PUBLICATIONS", "SKILLS", "REFERENCES"], p.r.randint(3, 5)):
+    sections = ["EDUCATION", "EXPERIENCE", "EMPLOYMENT", "PUBLICATIONS", "SKILLS", "REFERENCES"]
+    for sec in p.r.sample(sections, p.r.randint(3, 5)):
         y = p.text(p.m, y + 6, [sec], size=9)
         p.line(p.m, y, W - p.m, y)
         for _ in range(p.r.randint(1, 4)):
@@ -341,6 +356,10 @@ def resume(p):
 
 
 LAYOUTS = {name: globals()[name.replace(" ", "_")] for name in RVLCDIP_LABELS}  # one layout function per class
+
+
+def union(boxes):
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
 
 def ocr_noise(r, words, boxes, pids, rate):
@@ -352,7 +371,7 @@ def ocr_noise(r, words, boxes, pids, rate):
         if r.random() < rate / 2:
             continue
         if i < len(words) and pids[i] == pid and abs(boxes[i][1] - box[1]) < 4 and r.random() < rate / 3:
-            word, box, i = word + words[i], [min(a, b) for a, b in zip(box[:2], boxes[i][:2])] + [max(a, b) for a, b in zip(box[2:], boxes[i][2:])], i + 1
+            word, box, i = word + words[i], union([box, boxes[i]]), i + 1
         if r.random() < rate:
             word = word.replace(*r.choice(OCR_SUBS), 1)
         out.append((word, box, pid))
@@ -393,41 +412,33 @@ def make_page(seed, split, index):
     return {"image": {"bytes": buf.getvalue(), "path": None}, "width": W, "height": H, "category": cls,
         "ocr_words": [w for w, _, _ in words], "word_boxes": [b for _, b, _ in words],
         "ocr_paragraphs": [" ".join(w for w, _ in ws) for ws in paras.values()],
-        "paragraph_boxes": [[f(b[k] for _, b in ws) for k, f in enumerate((min, min, max, max))] for ws in paras.values()],
+        "paragraph_boxes": [union([b for _, b in ws]) for ws in paras.values()],
         "label": label}
 
 
 def generate_demo_dataset(out_dir, train_per_class=40, val_per_class=10, test_per_class=10, seed=0):
     """Generate (or load, if out_dir already holds a complete dataset made with the same arguments) the corpus."""
     sizes = {"train": train_per_class, "validation": val_per_class, "test": test_per_class}
-    meta, meta_path = {"version": FORMAT_VERSION, "seed": seed, "per_class": sizes}, os.path.join(out_dir, "demo_meta.json")
+    meta = {"version": FORMAT_VERSION, "seed": seed, "per_class": sizes}
+    meta_path = os.path.join(out_dir, "demo_meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             if json.load(f) == meta:
                 return datasets.load_from_disk(out_dir)
-    bar, splits = tqdm(total=len(RVLCDIP_LABELS) * sum(sizes.values()), desc="demo pages"), {}
+    splits = {}
     for split, n in sizes.items():
-        rows = []
-        for i in range(n * len(RVLCDIP_LABELS)):
-            rows.append(make_page(seed, split, i))
-            bar.update()
+        rows = [make_page(seed, split, i) for i in tqdm(range(n * len(RVLCDIP_LABELS)), desc=f"demo {split} pages")]
         splits[split] = datasets.Dataset.from_list(rows, features=FEATURES)
-    bar.close()
     # build beside out_dir and swap it in, so an interrupted run never leaves a half-written corpus behind
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-tmp-", dir=parent)
-    try:
-        datasets.DatasetDict(splits).save_to_disk(tmp)
-        with open(os.path.join(tmp, "demo_meta.json"), "w") as f:
+    with tempfile.TemporaryDirectory(prefix=".demo-tmp-", dir=parent) as tmp:
+        datasets.DatasetDict(splits).save_to_disk(os.path.join(tmp, "ds"))
+        with open(os.path.join(tmp, "ds", "demo_meta.json"), "w") as f:
             json.dump(meta, f)  # written last: marks the corpus complete
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(os.path.join(tmp, "ds"), out_dir)
     return datasets.load_from_disk(out_dir)
 
 

@@ -31,7 +31,7 @@ class DistillationLoss(nn.Module):
         keep = labels != IGNORE_INDEX
         student, labels = student[keep], labels[keep]
         ce = F.cross_entropy(student, labels) if len(labels) else student.sum() * 0
-        if teacher_logits is None or self.alpha == 0:
+        if teacher_logits is None:  # no teacher (plain fine-tuning): the KL term is absent
             kd = torch.zeros((), device=student.device)
         else:
             teacher = teacher_logits.float().reshape(-1, num_classes)[keep]

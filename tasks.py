@@ -24,26 +24,18 @@ log = logging.getLogger("docdistill")
 
 
 def load_tokenizer(source, cache_dir, train_split=None):
+    """Hub id or directory; 'demo' trains a byte-level BPE on the demo corpus (LayoutLMv3's tokenizer type)."""
+    from transformers import LayoutLMv3TokenizerFast
+    bare_bpe = source == "demo" or (os.path.isdir(source) and os.path.exists(os.path.join(source, "merges.txt"))
+                                    and not os.path.exists(os.path.join(source, "tokenizer.json")))
     if source == "demo":
         import demo
         source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer"))
-    try:
-        return AutoTokenizer.from_pretrained(source) if not _is_layoutlmv3_files(source) else \
-            _layoutlmv3_tokenizer(source)
+    try:  # a bare vocab.json + merges.txt folder does not say which tokenizer class it is for
+        return LayoutLMv3TokenizerFast.from_pretrained(source) if bare_bpe else AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load tokenizer {source!r}: give a local directory with the tokenizer files "
                         f"or a reachable hub id ({str(e).splitlines()[0]})") from e
-
-
-def _is_layoutlmv3_files(source):
-    """A bare vocab.json + merges.txt directory: AutoTokenizer can't tell it is LayoutLMv3's."""
-    return os.path.isdir(source) and os.path.exists(os.path.join(source, "merges.txt")) and \
-        not os.path.exists(os.path.join(source, "tokenizer_config.json"))
-
-
-def _layoutlmv3_tokenizer(source):
-    from transformers import LayoutLMv3TokenizerFast
-    return LayoutLMv3TokenizerFast.from_pretrained(source)
 
 
 class DocumentClassification:

@@ -27,17 +27,29 @@ RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_ima
 
 
 class EpochShuffle(Sampler):
-    """A fresh permutation each epoch, a pure function of (seed, epoch): resumable and the same everywhere."""
+    """A fresh order each epoch, a pure function of (seed, epoch): resumable and the same on every process.
 
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch = n, seed, 0
+    With lengths given, documents of similar length share a batch (sorted within megabatches of 50 batches,
+    then the batch order is shuffled), so dynamic padding pads little.
+    """
+
+    def __init__(self, n, seed, batch_size, lengths=None):
+        self.n, self.seed, self.batch_size, self.lengths, self.epoch = n, seed, batch_size, lengths, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        mega = self.batch_size * 50
+        batches = []
+        for start in range(0, self.n, mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        return iter([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]])
 
     def __len__(self):
         return self.n
@@ -50,8 +62,10 @@ def make_accelerator(cfg):
 
 
 def make_loader(task, split, cfg, shuffle):
-    sampler = EpochShuffle(len(task.splits[split]), cfg.seed) if shuffle else None
-    return DataLoader(task.splits[split], batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
+    data = task.splits[split]
+    lengths = data["n_tokens"] if cfg.group_by_length and "n_tokens" in data.column_names else None
+    sampler = EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
 
@@ -119,7 +133,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0}
+    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
     ckpt_path = os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
     if cfg.checkpoint:
@@ -143,7 +157,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         loader = train_loader
         if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
-        sums = {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0}
+        sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0}
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                    total=len(train_loader), disable=not accelerator.is_main_process)
         for step, batch in enumerate(bar, start=state["step_in_epoch"]):
@@ -170,11 +184,15 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             sums["batches"] += 1
             for k in ("total", "kd", "ce"):
                 sums[k] += losses[k].item()
+            if cfg.save_every and accelerator.sync_gradients and (step + 1) % cfg.save_every == 0:
+                state.update(step_in_epoch=step + 1, sums=sums)
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}", kd=f"{sums['kd'] / sums['batches']:.3f}",
                                 ce=f"{sums['ce'] / sums['batches']:.3f}", acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
         bar.close()
-        state["step_in_epoch"] = 0
+        state.update(step_in_epoch=0, sums=None)
 
         logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
         scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())

@@ -1,0 +1,102 @@
+import os
+
+import datasets
+import pytest
+
+import demo
+
+SIZES = dict(train_per_class=2, val_per_class=1, test_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("demo") / "corpus")
+    return path, demo.generate_demo_dataset(path, seed=0, **SIZES)
+
+
+def raw(ds):
+    """Rows with the image as its encoded PNG bytes, so pages can be compared byte for byte."""
+    return ds.cast_column("image", datasets.Image(decode=False)).to_list()
+
+
+def test_deterministic(corpus, tmp_path):
+    _, ds = corpus
+    again = demo.generate_demo_dataset(str(tmp_path / "again"), seed=0, **SIZES)
+    for split in demo.SPLITS:
+        assert raw(again[split]) == raw(ds[split])
+    other = demo.generate_demo_dataset(str(tmp_path / "other"), seed=1, **SIZES)
+    a, b = raw(ds["train"]), raw(other["train"])
+    assert [r["ocr_words"] for r in a] != [r["ocr_words"] for r in b]
+    assert [r["image"]["bytes"] for r in a] != [r["image"]["bytes"] for r in b]
+
+
+def test_schema_and_labels(corpus):
+    _, ds = corpus
+    assert set(ds) == {"train", "validation", "test"}
+    assert [len(ds[s]) for s in demo.SPLITS] == [32, 16, 16]
+    features = ds["train"].features
+    assert features["label"].names == demo.RVLCDIP_LABELS
+    assert set(features) == {"image", "width", "height", "category", "ocr_words", "word_boxes", "ocr_paragraphs",
+                             "paragraph_boxes", "label"}
+    assert isinstance(features["image"], datasets.Image)
+    for row in ds["validation"]:
+        assert row["image"].mode == "L" and row["image"].size == (row["width"], row["height"]) == (demo.W, demo.H)
+        assert row["category"] == demo.RVLCDIP_LABELS[row["label"]]
+
+
+def test_every_class_in_every_split(corpus):
+    _, ds = corpus
+    for split in demo.SPLITS:
+        assert set(ds[split]["label"]) == set(range(len(demo.RVLCDIP_LABELS)))
+
+
+def test_words_boxes_paragraphs(corpus):
+    _, ds = corpus
+    for row in ds["train"]:
+        words, boxes = row["ocr_words"], row["word_boxes"]
+        assert len(words) == len(boxes) > 0 and all(words)
+        for x0, y0, x1, y1 in boxes + row["paragraph_boxes"]:
+            assert 0 <= x0 < x1 < row["width"] and 0 <= y0 < y1 < row["height"]
+        # paragraphs are the OCR words of a block, in reading order
+        assert " ".join(row["ocr_paragraphs"]).split() == words
+        assert len(row["ocr_paragraphs"]) == len(row["paragraph_boxes"])
+
+
+def test_tokenizer(corpus, tmp_path):
+    from transformers import LayoutLMv3TokenizerFast
+    _, ds = corpus
+    out = demo.train_demo_tokenizer(ds, str(tmp_path / "tok"), vocab_size=500)
+    assert sorted(os.listdir(out)) == ["merges.txt", "vocab.json"]
+    tok = LayoutLMv3TokenizerFast.from_pretrained(out)
+    assert [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert tok.mask_token_id == len(tok) - 1
+    row = ds["test"][0]
+    boxes = [[min(1000, v) for v in box] for box in row["word_boxes"]]
+    enc = tok(row["ocr_words"], boxes=boxes)
+    ids = enc["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    assert len(enc["bbox"]) == len(ids) and enc["bbox"][1] == boxes[0]
+    assert tok.unk_token_id not in tok(["Invoice", "MEMORANDUM", "tobacco"], boxes=[[1, 2, 3, 4]] * 3)["input_ids"]
+    # same corpus, same tokenizer
+    again = demo.train_demo_tokenizer(ds["train"], str(tmp_path / "tok2"), vocab_size=500)
+    for name in ("vocab.json", "merges.txt"):
+        with open(os.path.join(out, name)) as a, open(os.path.join(again, name)) as b:
+            assert a.read() == b.read()
+
+
+def test_load_if_complete(corpus, monkeypatch):
+    path, ds = corpus
+    meta = os.path.join(path, "demo_meta.json")
+    mtime = os.path.getmtime(meta)
+
+    def fail(*args):
+        raise AssertionError("regenerated a complete corpus")
+
+    with monkeypatch.context() as m:
+        m.setattr(demo, "make_page", fail)
+        again = demo.generate_demo_dataset(path, seed=0, **SIZES)
+        assert raw(again["test"]) == raw(ds["test"])
+        with pytest.raises(AssertionError):  # other arguments: the corpus on disk doesn't fit, so it is rebuilt
+            demo.generate_demo_dataset(path, seed=0, train_per_class=1, val_per_class=1, test_per_class=1)
+    assert os.path.getmtime(meta) == mtime  # a failed rebuild leaves the old corpus in place
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".demo-tmp-")]
