@@ -164,7 +164,7 @@ def cached_map(split, fn, features, cache_dir, key, desc):
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{key}.arrow")
     if os.path.exists(path):
-        return datasets.Dataset.from_file(path)
+        return datasets.Dataset.from_file(path).with_format("torch")
     tmp = path + f".tmp{os.getpid()}"
     try:
         split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names, features=features,
@@ -173,7 +173,7 @@ def cached_map(split, fn, features, cache_dir, key, desc):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return datasets.Dataset.from_file(path)
+    return datasets.Dataset.from_file(path).with_format("torch")  # arrays, not nested Python lists
 
 
 def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc):
@@ -240,8 +240,8 @@ class ClassificationCollator:
                                              self.student_spec),
             "teacher_pixel_values": normalize_pixels(
                 torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec),
-            "labels": torch.tensor([d["label"] for d in docs]),
-            "index": torch.tensor([d["index"] for d in docs]),
+            "labels": torch.tensor([int(d["label"]) for d in docs]),
+            "index": torch.tensor([int(d["index"]) for d in docs]),
         }
 
 

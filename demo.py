@@ -75,6 +75,7 @@ class Page:
         self.im = Image.new("L", (W, H), 255)
         self.d = ImageDraw.Draw(self.im)
         self.ink, self.m = r.randint(0, 70), r.randint(10, 24)  # ink darkness, margin
+        self.jitter = r.choice([0, 0, 1])  # per-word position noise of a poor print or scan
         self.words, self.boxes, self.pids, self.n_paras = [], [], [], 0
 
     def j(self, k):  # position jitter, as on imperfectly aligned pages
@@ -108,7 +109,7 @@ class Page:
         stroke = int(bold and size >= 10)  # stroked small text is unreadable
         f, fill = font(size), self.ink if fill is None else fill
         width, space, lh, pid = width or W - self.m - x, f.getlength(" "), size + gap, self.n_paras
-        cx, cy, self.n_paras = x, y, self.n_paras + 1
+        cx, cy, self.n_paras, wobble = x, y, self.n_paras + 1, wobble or self.jitter
         for word in words:
             wl = f.getlength(word)
             if cx > x and cx + wl > x + width:
@@ -150,12 +151,13 @@ class Page:
         for row in rows:
             if y > H - 20:
                 break
+            cx = x
             for cw, cell in zip(colws, row):
                 if grid:
-                    self.rect(x, y, x + cw, y + rh)
-                self.text(x + 2, y + (rh - size) // 2 - 1, cell, size=size, width=cw - 4)
-                x += cw
-            x, y = x - sum(colws[:len(row)]), y + rh
+                    self.rect(cx, y, cx + cw, y + rh)
+                self.text(cx + 2, y + (rh - size) // 2 - 1, cell, size=size, width=cw - 4)
+                cx += cw
+            y += rh
         return y
 
     def columns(self, y, ncol, size, n, lo, hi, headings=(), figure=0.0):

@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -17,7 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 import models
 import utils
 from config import UserError
-from losses import DistillationLoss
+from losses import IGNORE_INDEX, DistillationLoss
 
 log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
@@ -63,7 +64,7 @@ def make_accelerator(cfg):
 
 def make_loader(task, split, cfg, shuffle):
     data = task.splits[split]
-    lengths = data["n_tokens"] if cfg.group_by_length and "n_tokens" in data.column_names else None
+    lengths = [int(n) for n in data.with_format(None)["n_tokens"]] if cfg.group_by_length and "n_tokens" in data.column_names else None
     sampler = EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
@@ -71,15 +72,27 @@ def make_loader(task, split, cfg, shuffle):
 
 @torch.no_grad()
 def predict(accelerator, loader, forward, model, desc="eval"):
-    """Logits for a whole split, gathered across processes (duplicates from uneven sharding dropped)."""
+    """Logits and labels for a whole split, gathered across processes (duplicates from uneven sharding dropped).
+
+    Per-word tasks have a different number of words per batch: batches are padded to the longest
+    (logits 0, labels IGNORE_INDEX) before they are stacked.
+    """
     model.eval()
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
         with accelerator.autocast():
             logits = forward(model, batch).float()
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        labels = accelerator.pad_across_processes(batch["labels"], dim=1, pad_index=IGNORE_INDEX) \
+            if batch["labels"].dim() > 1 else batch["labels"]
+        if logits.dim() > 2:
+            logits = accelerator.pad_across_processes(logits, dim=1)
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
+    if all_labels[0].dim() > 1:
+        width = max(x.shape[1] for x in all_labels)
+        all_labels = [F.pad(x, (0, width - x.shape[1]), value=IGNORE_INDEX) for x in all_labels]
+        all_logits = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x in all_logits]
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -178,7 +191,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
-            keep = batch["labels"] != -100
+            keep = batch["labels"] != IGNORE_INDEX
             sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
             sums["seen"] += int(keep.sum())
             sums["batches"] += 1

@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine (Python 3.10+):
+#   make demo   set-up, then the whole job on the built-in corpus (teacher, baseline, distilled student, table)
+#   make test   set-up, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY = $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) main.py --preset demo --mode demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs $(VENV)
