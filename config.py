@@ -77,6 +77,9 @@ class Config:
                        "best one in OUTPUT_DIR)", default="")
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
+    teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
+                                "(keyed by teacher weights, data and preprocessing); off = teacher runs every step",
+                                default=True)
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
     num_workers: int = _help("DataLoader worker processes", default=0)

@@ -217,15 +217,15 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
 # ----------------------------------------------------------------------------- batching
 
 class ClassificationCollator:
-    """Pads each batch to its own longest sequence (not to 512) and normalises the pages."""
+    """Pads each batch to its own longest sequence (or to pad_to, the naive way) and normalises the pages."""
 
-    def __init__(self, pad_token_id, student_spec, teacher_spec):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id, student_spec, teacher_spec, pad_to=None):
+        self.pad_token_id, self.pad_to = pad_token_id, pad_to
         self.student_spec = student_spec
         self.teacher_spec = teacher_spec
 
     def __call__(self, docs):
-        longest = max(len(d["input_ids"]) for d in docs)
+        longest = self.pad_to or max(len(d["input_ids"]) for d in docs)
         input_ids = torch.full((len(docs), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
         bbox = torch.zeros((len(docs), longest, 4), dtype=torch.long)

@@ -86,7 +86,7 @@ class Page:
         cls, out, start = cls or self.cls, [], True
         for _ in range(n):
             u = self.r.random()
-            pool = VOCAB[cls] if u < 0.2 * (1 - self.mix) else VOCAB[SIBLING[cls]] if u < 0.2 else FILLER
+            pool = VOCAB[cls] if u < 0.18 * (1 - self.mix) else VOCAB[SIBLING[cls]] if u < 0.18 else FILLER
             word = self.r.choice(pool)
             word = word.upper() if upper else word.capitalize() if start else word
             start = self.r.random() < 0.1

@@ -4,6 +4,7 @@ fit() trains `model` to match labels and, when a teacher is given, the teacher's
     for each batch:  teacher logits (frozen, no grad)  ->  student logits  ->  DistillationLoss  ->  step
 The same loop trains the teacher itself in --mode teacher (no teacher, alpha 0).
 """
+import json
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import models
+import teacher_cache
 import utils
 from config import UserError
 from losses import IGNORE_INDEX, DistillationLoss
@@ -64,10 +66,15 @@ def make_accelerator(cfg):
 
 def make_loader(task, split, cfg, shuffle):
     data = task.splits[split]
-    lengths = [int(n) for n in data.with_format(None)["n_tokens"]] if cfg.group_by_length and "n_tokens" in data.column_names else None
+    lengths = None
+    if cfg.group_by_length and "n_tokens" in data.column_names:
+        lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
     sampler = EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
+    # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
-                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 @torch.no_grad()
@@ -94,6 +101,14 @@ def predict(accelerator, loader, forward, model, desc="eval"):
         all_labels = [F.pad(x, (0, width - x.shape[1]), value=IGNORE_INDEX) for x in all_labels]
         all_logits = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x in all_logits]
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def live_teacher(accelerator, teacher, teacher_forward):
+    """Teacher logits computed on every batch (the naive way; used when the cache is off)."""
+    def logits_of(batch):
+        with torch.no_grad(), accelerator.autocast():
+            return teacher_forward(teacher, batch)
+    return logits_of
 
 
 def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg):
@@ -138,13 +153,19 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / (cfg.grad_accum * accelerator.num_processes))
-    total_steps = steps_per_epoch * cfg.epochs
+    # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
+    total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    teacher_logits_of = None
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
+        teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
+        if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
+            teacher_logits_of = teacher_cache.build(
+                accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
+                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
     ckpt_path = os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
@@ -174,10 +195,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                    total=len(train_loader), disable=not accelerator.is_main_process)
         for step, batch in enumerate(bar, start=state["step_in_epoch"]):
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    teacher_logits = teacher_forward(teacher, batch)
+            teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
                 losses = criterion(logits, teacher_logits, batch["labels"])
