@@ -7,10 +7,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 
 MODES = ("train", "eval", "info", "teacher", "bench", "demo")
 TASKS = ("sequence-classification", "token-classification")
+BAD_SAMPLE = ("fail", "skip")
 
 
 class UserError(Exception):
@@ -32,21 +35,25 @@ class Config:
     task: str = _help("sequence-classification (one label per page) or token-classification (one per word)",
                       default="sequence-classification")
     teacher: str = _help("teacher: hub id or local directory of a Hugging Face model (a directory with only "
-                         "config.json gives random weights); 'demo-dit' builds the small demo DiT",
+                         "config.json gives random weights); 'demo-dit' builds the small demo DiT; for "
+                         "token-classification a LayoutLMv3 model whose directory also holds its tokenizer",
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
                                 "and builtin:distilbert-base-uncased need no network",
                                 default="microsoft/layoutlmv3-base")
-    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024) or full (config as is)",
+    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights) or full "
+                              "(config as is; starts from the pretrained weights when --student-config is a hub id "
+                              "or a directory that has them, e.g. distilbert-base-uncased)",
                               default="tiny")
     student_image_size: int = _help("image side the student's visual patch embedding sees (224 in LayoutLMv3; "
                                     "the demo uses 112 to fit 2 CPU cores)", default=224)
     tokenizer: str = _help("student tokenizer: hub id or local directory ('demo' = the one built from the demo "
                            "corpus)", default="microsoft/layoutlmv3-base")
     dataset: str = _help("hub id, save_to_disk directory, parquet/JSON file(s), folder of images with one "
-                         "sub-folder per class, or 'demo' (the built-in generated corpus)",
-                         default="dvgodoy/rvl_cdip_mini")
+                         "sub-folder per class, or 'demo' (the built-in generated corpus); for token-classification "
+                         "a FUNSD folder (training_data/, testing_data/) or data with tokens, bboxes, ner_tags "
+                         "(BIO) and image columns, as nielsr/funsd-layoutlmv3", default="dvgodoy/rvl_cdip_mini")
     train_split: str = _help("split to train on", default="train")
     eval_split: str = _help("split used for validation each epoch and by --mode eval", default="validation")
     max_samples: int = _help("use at most this many documents per split (0 = all); for quick trials", default=0)
@@ -82,6 +89,9 @@ class Config:
                                 default=True)
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
+    on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, no OCR words, "
+                               "word boxes inverted or over 2 percent of the page outside it): fail (stop and name "
+                               "it) or skip (leave it out, count it and report the count)", default="fail")
     num_workers: int = _help("DataLoader worker processes", default=0)
     log_every: int = _help("update the progress bar's loss every N steps", default=10)
     debug: bool = _help("show full tracebacks instead of one-line errors", default=False)
@@ -92,6 +102,9 @@ class Config:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
@@ -107,6 +120,11 @@ class Config:
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in ("tiny", "full"):
             problems.append(f"--student-size must be tiny or full, got {self.student_size!r}")
+        if self.on_bad_sample not in BAD_SAMPLE:
+            problems.append(f"--on-bad-sample must be skip or fail, got {self.on_bad_sample!r}")
+        for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
+            if getattr(self, name) and not os.path.exists(getattr(self, name)):
+                problems.append(f"--{name} {getattr(self, name)}: no such file or directory")
         if problems:
             raise UserError("; ".join(problems))
         return self
@@ -128,9 +146,12 @@ PRESETS = {
                  student_config="builtin:layoutlmv3-base",
                  output_dir="runs/demo", batch_size=16, epochs=6, lr=3e-4),
     # Token classification on FUNSD (word-level BIO tags).
+    # --dataset also takes the original FUNSD folder (training_data/, testing_data/). The validation split is
+    # 10% of the training forms, so the best epoch is never chosen on the test forms.
     "funsd": dict(task="token-classification", teacher="microsoft/layoutlmv3-base",
                   student_config="distilbert-base-uncased", tokenizer="distilbert-base-uncased",
-                  dataset="nielsr/funsd-layoutlmv3", eval_split="test", output_dir="runs/funsd"),
+                  student_size="full", dataset="nielsr/funsd-layoutlmv3", eval_split="validation",
+                  output_dir="runs/funsd", batch_size=8, epochs=20, lr=5e-5),
 }
 
 
@@ -147,7 +168,7 @@ def build_parser():
                                 help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS)}.get(f.name)
+            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -6,6 +6,7 @@ the teacher (uint8, normalised per batch), the label, and bookkeeping (index, n_
 """
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from PIL import Image
 from config import UserError
 
 log = logging.getLogger("docdistill")
-PREP_VERSION = "1"  # bump when the preprocessing output changes, so old caches are not reused
+PREP_VERSION = "2"  # bump when the preprocessing output changes, so old caches are not reused
 
 
 # ----------------------------------------------------------------------------- loading
@@ -79,8 +80,34 @@ def label_names_of(split):
         return list(feature.names)
     if "category" in split.column_names:
         pairs = dict(zip(split["label"], split["category"]))
+        unnamed = [i for i in range(max(pairs) + 1) if i not in pairs]
+        if unnamed or min(pairs) < 0:
+            raise UserError(f"label ids {unnamed or [min(pairs)]} have no 'category' name in the training split: "
+                            f"number the classes 0..N-1 or make 'label' a ClassLabel with the names")
         return [pairs[i] for i in range(len(pairs))]
     raise UserError("the 'label' column has no class names: make it a ClassLabel or add a 'category' column")
+
+
+def check_labels(split, name, labels):
+    """Every split must use the training split's classes: the same names and ids inside 0..N-1."""
+    if "label" not in split.column_names:
+        raise UserError(f"split {name!r} has no 'label' column: add one with the class of each document")
+    if _is_classlabel(split) and list(split.features["label"].names) != labels:
+        names = split.features["label"].names
+        raise UserError(f"split {name!r} has other class names than the training split (only in {name}: "
+                        f"{sorted(set(names) - set(labels)) or '-'}; only in training: "
+                        f"{sorted(set(labels) - set(names)) or '-'}): give every split the same label names")
+    ids = np.asarray(split["label"])
+    outside = np.flatnonzero((ids < 0) | (ids >= len(labels)))
+    if outside.size:
+        raise UserError(f"split {name!r}: document {outside[0]} has label {ids[outside[0]]}, outside the "
+                        f"{len(labels)} classes 0..{len(labels) - 1} ({outside.size} such documents): relabel "
+                        f"or remove them")
+    if "category" in split.column_names:
+        for i, (label, category) in enumerate(zip(ids, split["category"])):
+            if labels[label] != category:
+                raise UserError(f"split {name!r}: document {i} has label {label} with category {category!r}, but "
+                                f"label {label} is {labels[label]!r} in the training split: use one numbering")
 
 
 def ensure_splits(data, train_split, eval_split, seed):
@@ -99,6 +126,13 @@ def _is_classlabel(split):
     return isinstance(split.features.get("label"), datasets.ClassLabel)
 
 
+def select_samples(split, max_samples, seed):
+    """At most max_samples documents (0 = all), a seeded random subset for quick trials."""
+    if max_samples and len(split) > max_samples:
+        return split.shuffle(seed=seed).select(range(max_samples))
+    return split
+
+
 def load_documents(cfg):
     """The raw documents (DatasetDict) with OCR columns, label names, and at most cfg.max_samples per split."""
     data = load_source(cfg.dataset, cfg.cache_dir)
@@ -106,8 +140,8 @@ def load_documents(cfg):
     labels = label_names_of(data[cfg.train_split])
     out = {}
     for name, split in data.items():
-        if cfg.max_samples and len(split) > cfg.max_samples:
-            split = split.shuffle(seed=cfg.seed).select(range(cfg.max_samples))
+        check_labels(split, name, labels)
+        split = select_samples(split, cfg.max_samples, cfg.seed)
         if "ocr_words" not in split.column_names:
             import ocr
             split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}")
@@ -116,6 +150,56 @@ def load_documents(cfg):
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
+BOX_TOLERANCE = 0.02  # a word box may stick out of the page by 2% of its side (OCR rounding, tight crops)
+
+
+def open_page(cell):
+    """(page, "") from an image cell ({'bytes', 'path'} undecoded, or a PIL image), or (None, what is wrong)."""
+    if isinstance(cell, Image.Image):
+        return cell, ""
+    source = cell.get("path") or "(embedded bytes)"
+    try:
+        data = cell.get("bytes")
+        if data is None:
+            with open(cell["path"], "rb") as f:
+                data = f.read()
+        if not data:
+            return None, f"image {source} is empty (0 bytes)"
+        page = Image.open(io.BytesIO(data))
+        page.load()  # decode it all now: a truncated file fails here, not halfway through training
+        return page, ""
+    except Image.UnidentifiedImageError:
+        return None, f"image {source} is not a readable image (corrupt, or a format PIL does not know)"
+    except Exception as e:  # PIL and the file system raise many kinds of errors for a bad file
+        return None, f"image {source} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def document_problem(words, boxes, width, height):
+    """Why OCR words and pixel boxes [x0, y0, x1, y1] cannot be used, or "" when they can."""
+    if not (width and height and width > 0 and height > 0):
+        return f"page size {width}x{height} is not positive: fix its width and height columns"
+    if not words:
+        return "page has no OCR words (blank page, or OCR found no text)"
+    if len(boxes) != len(words):
+        return f"{len(words)} OCR words but {len(boxes)} word boxes: give one box per word"
+    try:
+        b = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        b = np.zeros(0)
+    if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
+        return "word boxes must be 4 finite numbers each: [x0, y0, x1, y1] in pixels"
+    inverted = np.flatnonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
+    if inverted.size:
+        return (f"word box {inverted[0]} {list(boxes[inverted[0]])} is inverted (x1 < x0 or y1 < y0): boxes must "
+                f"be [x0, y0, x1, y1], not [x, y, width, height]")
+    page = np.array([width, height, width, height], dtype=np.float64)
+    outside = np.flatnonzero(((b < -BOX_TOLERANCE * page) | (b > (1 + BOX_TOLERANCE) * page)).any(axis=1))
+    if outside.size:
+        return (f"word box {outside[0]} {list(boxes[outside[0]])} lies outside the {width}x{height} page: boxes "
+                f"must be in pixels of this page (not 0-1000 or another scan's size)")
+    return ""
+
 
 def normalize_boxes(boxes, width, height):
     """Pixel boxes -> LayoutLMv3's 0-1000 grid, corners ordered and clamped into the page."""
@@ -137,8 +221,10 @@ def image_spec(processor):
 
 
 def resize_page(image, spec):
-    """Page -> uint8 [3, H, W], resized the way the model's processor resizes."""
+    """Page -> uint8 [3, H, W], resized the way the model's processor resizes (None -> a blank placeholder)."""
     height, width = spec["size"]
+    if image is None:
+        return np.zeros((3, height, width), dtype=np.uint8)
     page = image.convert("RGB").resize((width, height), resample=Image.Resampling(spec["resample"]))
     return np.asarray(page, dtype=np.uint8).transpose(2, 0, 1)
 
@@ -187,12 +273,21 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
         "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"), "truncated": datasets.Value("bool"),
         "student_pixels": datasets.Array3D((3, st_h, st_w), "uint8"),
         "teacher_pixels": datasets.Array3D((3, te_h, te_w), "uint8"),
+        "problem": datasets.Value("string"),  # why the document is unusable, "" when it is fine
     })
 
     def encode(batch, indices):
-        boxes = [normalize_boxes(b, w, h) if len(b) else [] for b, w, h in
-                 zip(batch["word_boxes"], batch["width"], batch["height"])]
-        enc = tokenizer(batch["ocr_words"], boxes=boxes, truncation=True, max_length=max_length,
+        pages, problems = [], []
+        for cell, words, boxes, w, h in zip(batch["image"], batch["ocr_words"], batch["word_boxes"], batch["width"],
+                                            batch["height"]):
+            page, problem = open_page(cell)
+            pages.append(page)
+            problems.append(problem or document_problem(words, boxes, w, h))
+        # An unusable document keeps its row (flagged in "problem") with empty placeholders; see drop_bad_documents.
+        words = [[] if p else w for w, p in zip(batch["ocr_words"], problems)]
+        boxes = [[] if p else normalize_boxes(b, w, h) for b, w, h, p in
+                 zip(batch["word_boxes"], batch["width"], batch["height"], problems)]
+        enc = tokenizer(words, boxes=boxes, truncation=True, max_length=max_length,
                         return_overflowing_tokens=True)
         first = {}  # keep the first window of every document; later windows mean it was truncated
         for row, doc in enumerate(enc["overflow_to_sample_mapping"]):
@@ -203,15 +298,37 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
             "index": indices, "label": batch["label"], "input_ids": input_ids,
             "n_tokens": [len(ids) for ids in input_ids],
             "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
-            "n_words": [len(w) for w in batch["ocr_words"]],
+            "n_words": [len(w) for w in words],
             "truncated": [mapping.count(d) > 1 for d in range(len(indices))],
-            "student_pixels": [resize_page(im, student_spec) for im in batch["image"]],
-            "teacher_pixels": [resize_page(im, teacher_spec) for im in batch["image"]],
+            "student_pixels": [resize_page(page, student_spec) for page in pages],
+            "teacher_pixels": [resize_page(page, teacher_spec) for page in pages],
+            "problem": problems,
         }
 
     key = preprocess_key(split, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
                          student=student_spec, teacher=teacher_spec)
+    if isinstance(split.features.get("image"), datasets.Image):  # decoded one by one, so a bad file is caught
+        split = split.cast_column("image", datasets.Image(decode=False))
     return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+
+
+def drop_bad_documents(prepared, name, on_bad_sample):
+    """--on-bad-sample: stop at the first document preprocessing flagged (fail), or leave them all out (skip)."""
+    if "problem" not in prepared.column_names:
+        return prepared
+    plain = prepared.with_format(None)
+    problems = plain["problem"]
+    bad = [i for i, p in enumerate(problems) if p]
+    if not bad:
+        return prepared
+    first = f"document {plain[bad[0]]['index']}: {problems[bad[0]]}"
+    if on_bad_sample == "fail":
+        raise UserError(f"split {name!r}, {first} ({len(bad)} unusable documents in {name}): fix the data, or "
+                        f"pass --on-bad-sample skip to leave such documents out")
+    if len(bad) == len(problems):
+        raise UserError(f"split {name!r}: all {len(bad)} documents are unusable (first, {first})")
+    log.warning("%s: skipping %d unusable documents of %d (first, %s)", name, len(bad), len(problems), first)
+    return prepared.select([i for i, p in enumerate(problems) if not p], keep_in_memory=True)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -246,11 +363,12 @@ class ClassificationCollator:
 
 
 def describe(split, prepared, labels):
-    """Statistics `info` prints and training logs: sizes, class balance, words, truncation."""
-    counts = np.bincount(np.asarray(split["label"]), minlength=len(labels))
+    """Statistics `info` prints and training logs: sizes, class balance, words, truncation (usable documents)."""
+    counts = np.bincount(np.asarray(prepared["label"]), minlength=len(labels))
     words = np.asarray(prepared["n_words"])
     return {
-        "documents": len(split),
+        "documents": len(prepared),
+        "skipped": len(split) - len(prepared),  # unusable, left out by --on-bad-sample skip
         "class_counts": {name: int(c) for name, c in zip(labels, counts)},
         "words_per_document": {"mean": float(words.mean()), "median": float(np.median(words)),
                                "max": int(words.max()), "zero": int((words == 0).sum())},

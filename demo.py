@@ -299,7 +299,7 @@ def scientific_report(p):
     p.columns(y + 4, 1, 7, 3, 20, 60, ["INTRODUCTION", "PROCEDURE", "RESULTS", "CONCLUSIONS", "SUMMARY"], 0.15)
     if p.r.random() < 0.4:
         rows = [[p.w(2), p.num(), p.num(), p.num()] for _ in range(5)]
-        p.table(p.m, H - 90, [80, 60, 60, 60], [[w] for w in p.w(4, "scientific report")] + rows)
+        p.table(p.m, H - 90, [80, 60, 60, 60], [[[w] for w in p.w(4, "scientific report")]] + rows)
 
 
 def specification(p):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -34,23 +35,51 @@ def run_train(cfg, task):
                      teacher_forward=task.teacher_logits, name="student")
     log.info("best validation %s: %.4f; student saved in %s", task.metric_name, best,
              os.path.join(cfg.output_dir, "student"))
+    report_skipped(task)
 
 
 def run_teacher(cfg, task):
     best = train.fit(cfg, task, task.teacher, task.teacher_logits, name="teacher")
     log.info("best validation %s of the teacher: %.4f; saved in %s (use it with --teacher %s)", task.metric_name,
              best, os.path.join(cfg.output_dir, "teacher"), os.path.join(cfg.output_dir, "teacher"))
+    report_skipped(task)
 
 
 def load_saved_student(task, path):
-    """A student from a student_model.pth (weights + config) or a save_pretrained directory."""
+    """A student from a student_model.pth (weights + config) or a save_pretrained directory, checked to fit."""
+    expected = task.student.config.model_type
     if os.path.isdir(path):
-        return type(task.student).from_pretrained(path)
-    saved = utils.safe_torch_load(path)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a directory)")
-    config = type(task.student.config).from_dict(json.loads(saved["config"]))
-    return models.load_student_weights(type(task.student)(config), saved["state_dict"], path)
+        found = models.load_pretrained_config(path).model_type
+    else:
+        saved = utils.safe_torch_load(path)
+        if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
+            raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a student/ "
+                            f"directory written by --mode train)")
+        found = json.loads(saved["config"]).get("model_type")
+    if found != expected:
+        raise UserError(f"{path} holds a {found} model, not a {expected} student: give the student_model.pth or "
+                        f"student/ directory written by --mode train")
+    if os.path.isdir(path):
+        student = type(task.student).from_pretrained(path)
+    else:
+        config = type(task.student.config).from_dict(json.loads(saved["config"]))
+        student = models.load_student_weights(type(task.student)(config), saved["state_dict"], path)
+    names = models.label_names(student)
+    if names != task.labels:
+        differ = (f"only in the student: {sorted(set(names) - set(task.labels)) or '-'}; only in the dataset: "
+                  f"{sorted(set(task.labels) - set(names)) or '-'}" if set(names) != set(task.labels)
+                  else "the same names in another order")
+        raise UserError(f"{path} was trained on {len(names)} classes and the dataset has {len(task.labels)} "
+                        f"({differ}): evaluate it on data with the classes it was trained on")
+    return student
+
+
+def report_skipped(task):
+    """--on-bad-sample skip: how many unusable documents were left out, per split."""
+    skipped = {name: len(task.documents[name]) - len(task.splits[name]) for name in task.splits}
+    if any(skipped.values()):
+        log.warning("left out %d unusable documents (%s); the log above names the first of each split",
+                    sum(skipped.values()), ", ".join(f"{name}: {n}" for name, n in skipped.items() if n))
 
 
 def run_eval(cfg, task):
@@ -59,18 +88,29 @@ def run_eval(cfg, task):
     accelerator = train.make_accelerator(cfg)
     loader = accelerator.prepare(train.make_loader(task, cfg.eval_split, cfg, shuffle=False))
     student = accelerator.prepare(student)
+    start = time.perf_counter()
     logits, labels = train.predict(accelerator, loader, task.student_logits, student, desc="student")
+    seconds = {"student": time.perf_counter() - start}
     preds = logits.argmax(-1)
     result = {"model": path, "split": cfg.eval_split, "documents": len(task.splits[cfg.eval_split]),
               **task.metrics(preds.numpy(), labels.numpy())}
     teacher = models.freeze(task.teacher).to(accelerator.device)
+    start = time.perf_counter()
     teacher_logits, _ = train.predict(accelerator, loader, task.teacher_logits, teacher, desc="teacher")
+    seconds["teacher"] = time.perf_counter() - start
     teacher_preds = teacher_logits.argmax(-1)
     keep = labels != -100
+    # Throughput of a whole evaluation pass (batching included), counted in what the task scores.
+    for role, model in (("student", student), ("teacher", teacher)):
+        result[f"{role}_parameters"] = models.count_parameters(model)
+        result[f"{role}_{task.unit}_per_second"] = int(keep.sum()) / seconds[role]
     result["teacher_agreement"] = float((preds == teacher_preds)[keep].float().mean())
     result["teacher_" + task.metric_name] = task.metrics(teacher_preds.numpy(), labels.numpy())[task.metric_name]
     if accelerator.is_main_process:
         utils.atomic_json(result, os.path.join(cfg.output_dir, "eval.json"))
+        table = utils.per_class_table(result["per_class"])
+        utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "per_class.md"))
+        log.info("student per class on %s:\n%s", cfg.eval_split, table)
         if "confusion_matrix" in result:
             utils.plot_confusion(result["confusion_matrix"], task.labels,
                                  os.path.join(cfg.output_dir, "confusion_matrix.png"),
@@ -78,6 +118,7 @@ def run_eval(cfg, task):
         log.info("%s on %s (%d documents): %s %.4f, teacher %s %.4f, agreement with teacher %.4f", path,
                  cfg.eval_split, result["documents"], task.metric_name, result[task.metric_name],
                  task.metric_name, result["teacher_" + task.metric_name], result["teacher_agreement"])
+    report_skipped(task)
     return result
 
 
@@ -86,9 +127,7 @@ def run_info(cfg, task):
     print(f"columns: {', '.join(task.documents[cfg.train_split].column_names)}")
     for name in task.documents:
         print(f"\n[{name}]\n" + json.dumps(task.describe(name), indent=2))
-    sample = task.documents[cfg.train_split][0]
-    print(f"\nsample 0: label {task.labels[sample['label']]!r}, {len(sample['ocr_words'])} words: "
-          f"{' '.join(sample['ocr_words'][:20])} ...; first boxes {sample['word_boxes'][:2]}")
+    print(f"\nsample 0: {task.show(0)}")
     for role, model in (("teacher", task.teacher), ("student", task.student)):
         print(f"{role}: {type(model).__name__}, {models.count_parameters(model) / 1e6:.2f}M parameters, "
               f"{models.size_mb(model):.1f} MB float32")
@@ -125,8 +164,7 @@ def run_demo(cfg):
             results["teacher_parameters"] = models.count_parameters(task.teacher)
     table = demo_table(results)
     print("\n" + table)
-    with open(os.path.join(root, "demo_results.md"), "w") as f:
-        f.write(table + "\n")
+    utils.atomic_text(table + "\n", os.path.join(root, "demo_results.md"))
     utils.atomic_json(results, os.path.join(root, "demo_results.json"))
 
 
@@ -159,15 +197,17 @@ def main(argv=None):
             import bench
             return bench.run(cfg)
         from tasks import build_task
-        task = build_task(cfg, train_teacher=cfg.mode == "teacher")
-        if cfg.mode in ("train", "teacher"):
-            utils.atomic_json(cfg.to_dict(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
+        # Where the teacher's outputs are not used (info, training with alpha 0), a teacher whose head has other
+        # labels is accepted with a re-initialised head, as when it is about to be trained.
+        teacher_unused = cfg.mode == "info" or (cfg.mode == "train" and cfg.alpha == 0)
+        task = build_task(cfg, train_teacher=cfg.mode == "teacher" or teacher_unused)
         {"train": run_train, "teacher": run_teacher, "eval": run_eval, "info": run_info}[cfg.mode](cfg, task)
         return 0
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: disk full, no permission... (writes are atomic, nothing is torn)
         if cfg is not None and cfg.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        hint = "" if isinstance(e, UserError) else " (--debug shows where)"
+        print(f"error: {e if isinstance(e, UserError) else utils.first_line(e)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept", file=sys.stderr)

@@ -63,7 +63,8 @@ def match_labels(model_labels, dataset_labels, who="teacher"):
     only_model = sorted(set(model_norm) - set(data_norm))
     only_data = sorted(set(data_norm) - set(model_norm))
     if only_model or only_data or len(set(model_norm)) != len(model_norm):
-        raise UserError(f"{who} labels do not match the dataset labels: only in {who}: {only_model or '-'}; "
+        raise UserError(f"{who} labels do not match the dataset labels ({len(model_labels)} classes in the {who}, "
+                        f"{len(dataset_labels)} in the dataset): only in {who}: {only_model or '-'}; "
                         f"only in dataset: {only_data or '-'}. Fine-tune the {who} on this dataset "
                         f"(--mode teacher) or use a dataset with the same classes")
     return [model_norm.index(n) for n in data_norm]
@@ -94,6 +95,14 @@ def load_image_classifier(source, labels, trainable=False):
         raise UserError(f"teacher {source!r} is a {arch or config.model_type} model, not an image classifier: "
                         f"give an *ForImageClassification checkpoint such as microsoft/dit-base-finetuned-rvlcdip")
     processor = AutoImageProcessor.from_pretrained(source, backend="pil")  # we only read its settings
+    return load_teacher(AutoModelForImageClassification, source, config, labels, trainable), processor
+
+
+def load_teacher(auto_class, source, config, labels, trainable=False):
+    """A teacher with a head for `labels`: weights from the source, or random ones from a config-only directory.
+
+    With trainable=True (teacher mode) a head whose labels differ from the dataset's is re-initialised.
+    """
     model_labels = [config.id2label[i] for i in range(len(config.id2label))]
     try:
         match_labels(model_labels, labels)
@@ -105,30 +114,41 @@ def load_image_classifier(source, labels, trainable=False):
         relabel = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
                        ignore_mismatched_sizes=True)
     if has_weights(source):
-        model = AutoModelForImageClassification.from_pretrained(source, **relabel)
-    else:
-        log.warning("%s has no weights: the teacher starts from random weights", source)
-        config.update({k: v for k, v in relabel.items() if k != "ignore_mismatched_sizes"})
-        model = AutoModelForImageClassification.from_config(config)
-    return model, processor
+        return auto_class.from_pretrained(source, **relabel)
+    log.warning("%s has no weights: the teacher starts from random weights", source)
+    config.update({k: v for k, v in relabel.items() if k != "ignore_mismatched_sizes"})
+    return auto_class.from_config(config)
 
 
-def build_student(model_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
-    """A fresh student from a (hub or local) config, shrunk to the tiny shape unless size == 'full'.
+def build_student(auto_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
+    """The student, built from a (hub or local) config by an Auto* class, shrunk to the tiny shape unless 'full'.
 
+    size 'full' with a source that has weights (a hub id, or a directory holding them) starts from those
+    pretrained weights, with a fresh head; anything else starts from random weights.
     Embedding tables (positions, 2-D positions, token types) keep the base config's sizes so inputs that
     are valid for the base model stay valid for the student.
     """
     config = load_pretrained_config(config_source)
+    pretrained = size == "full" and not config_source.startswith("builtin:") and has_weights(config_source)
     if size == "tiny":
         tiny = TINY_DISTILBERT if config.model_type == "distilbert" else TINY_LAYOUTLMV3
         config.update(tiny)
-    if vocab_size is not None:
+    if vocab_size is not None and not pretrained:
         config.vocab_size = vocab_size
     config.update(config_overrides)
     config.id2label = dict(enumerate(labels))
     config.label2id = {n: i for i, n in enumerate(labels)}
-    return model_class(config)
+    if not pretrained:
+        return auto_class.from_config(config)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but the pretrained student {config_source!r} only "
+                        f"{config.vocab_size}: use the tokenizer it was trained with (--tokenizer)")
+    log.info("student starts from the pretrained weights in %s", config_source)
+    try:
+        return auto_class.from_pretrained(config_source, config=config)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the pretrained student {config_source!r} ({str(e).splitlines()[0]}): "
+                        f"use --student-size tiny for a random student") from e
 
 
 def label_names(model):

@@ -79,7 +79,7 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
         h.update(cell["bytes"])
     else:
         # path-only images (local or remote): hash the decoded pixels rather than fetch bytes ourselves
-        image = decoder.decode_example(cell)
+        image = _decode(decoder, cell)
         h.update(f"{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
     path = os.path.join(cache_dir, h.hexdigest() + ".json")
@@ -87,7 +87,7 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
         with open(path) as f:
             return json.load(f)
 
-    image = image or decoder.decode_example(cell)
+    image = image or _decode(decoder, cell)
     result = {**ocr_page(image), "width": image.width, "height": image.height}
     # write to a temp file and rename so a crash or a concurrent run never leaves a half-written entry
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
@@ -95,6 +95,28 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
         json.dump(result, f)
     os.replace(tmp, path)
     return result
+
+
+class BadImage(Exception):
+    pass
+
+
+def _decode(decoder: datasets.Image, cell: dict) -> Image.Image:
+    try:
+        image = decoder.decode_example(cell)
+        image.load()  # all of it now: a truncated file fails here
+        return image
+    except Exception as e:  # PIL raises many kinds of errors for a corrupt or empty file
+        raise BadImage(str(e)) from e
+
+
+def _ocr_or_blank(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
+    """A page that cannot be decoded gets no words (not cached); preprocessing reports it (--on-bad-sample)."""
+    try:
+        return _cached_ocr(cell, decoder, cache_dir)
+    except BadImage:
+        return {"ocr_words": [], "word_boxes": [], "ocr_paragraphs": [], "paragraph_boxes": [], "width": 0,
+                "height": 0}
 
 
 def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR") -> datasets.Dataset:
@@ -106,7 +128,7 @@ def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR"
     decoder = datasets.Image(mode=dataset.features[col].mode)
     # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
     raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
-    results = [_cached_ocr(ex[col], decoder, cache_dir) for ex in tqdm(raw, desc=desc)]
+    results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in tqdm(raw, desc=desc)]
     for name, feature in OCR_FEATURES.items():
         if name not in dataset.column_names:  # keep the dataset's own width/height if it has them
             dataset = dataset.add_column(name, [r[name] for r in results], feature=feature)

@@ -7,17 +7,19 @@ to logits in the dataset's label order, and scores predictions. train.py only se
     task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
+    task.describe(name), task.show(index), task.unit   # statistics, one sample, what is counted (documents/words)
 """
 import logging
 import os
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-from transformers import AutoTokenizer, LayoutLMv3ForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 import dataset
 import models
+import wordtags
 from config import UserError
 
 log = logging.getLogger("docdistill")
@@ -41,6 +43,7 @@ def load_tokenizer(source, cache_dir, train_split=None):
 class DocumentClassification:
     """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3)."""
     metric_name = "accuracy"
+    unit = "documents"
 
     def __init__(self, cfg, train_teacher=False):
         self.cfg = cfg
@@ -53,14 +56,15 @@ class DocumentClassification:
         self.student_processor = LayoutLMv3ImageProcessorPil(
             apply_ocr=False, size={"height": cfg.student_image_size, "width": cfg.student_image_size})
         self.student = models.build_student(
-            LayoutLMv3ForSequenceClassification, cfg.student_config, self.labels, size=cfg.student_size,
+            AutoModelForSequenceClassification, cfg.student_config, self.labels, size=cfg.student_size,
             vocab_size=len(self.tokenizer), input_size=cfg.student_image_size,
             pad_token_id=self.tokenizer.pad_token_id)
         student_spec = dataset.image_spec(self.student_processor)
         teacher_spec = dataset.image_spec(teacher_processor)
         self.splits = {
-            name: dataset.preprocess_classification(split, self.tokenizer, student_spec, teacher_spec,
-                                                    cfg.max_length, cfg.cache_dir, desc=f"preprocess {name}")
+            name: dataset.drop_bad_documents(
+                dataset.preprocess_classification(split, self.tokenizer, student_spec, teacher_spec, cfg.max_length,
+                                                  cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in documents.items()}
         self.documents = documents
         self.collator = dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec, teacher_spec)
@@ -75,6 +79,11 @@ class DocumentClassification:
 
     def describe(self, name):
         return dataset.describe(self.documents[name], self.splits[name], self.labels)
+
+    def show(self, index):
+        sample = self.documents[self.cfg.train_split][index]
+        return (f"label {self.labels[sample['label']]!r}, {len(sample['ocr_words'])} words: "
+                f"{' '.join(sample['ocr_words'][:20])} ...; first boxes {sample['word_boxes'][:2]}")
 
     def metrics(self, preds, labels):
         preds, labels = np.asarray(preds), np.asarray(labels)
@@ -99,7 +108,70 @@ class DocumentClassification:
             self.student_processor.save_pretrained(directory)
 
 
-TASKS = {"sequence-classification": DocumentClassification}
+class TokenClassification:
+    """One BIO tag per word: words + boxes + image teacher (LayoutLMv3) -> text-only student (DistilBERT).
+
+    The teacher's tokenizer is the one saved with it (--teacher). The two tokenizers split words differently,
+    so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags].
+    """
+    metric_name = "f1"
+    unit = "words"
+
+    def __init__(self, cfg, train_teacher=False):
+        self.cfg = cfg
+        self.documents, self.labels = wordtags.load_word_documents(cfg)
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
+        self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
+        config = models.load_pretrained_config(cfg.teacher)
+        if config.model_type != "layoutlmv3":
+            raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
+                            f"page), got a {config.model_type} model from {cfg.teacher!r}")
+        self.teacher = models.load_teacher(AutoModelForTokenClassification, cfg.teacher, config, self.labels,
+                                           trainable=train_teacher)
+        self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
+        self.teacher_processor = LayoutLMv3ImageProcessorPil(
+            apply_ocr=False, size={"height": config.input_size, "width": config.input_size})
+        self.student = models.build_student(
+            AutoModelForTokenClassification, cfg.student_config, self.labels, size=cfg.student_size,
+            vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
+        spec = dataset.image_spec(self.teacher_processor)
+        self.splits = {
+            name: wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
+                                            cfg.cache_dir, desc=f"preprocess {name}")
+            for name, split in self.documents.items()}
+        self.collator = wordtags.WordCollator(self.tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id, spec)
+
+    def teacher_logits(self, teacher, batch):
+        logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                         bbox=batch["bbox"], pixel_values=batch["pixel_values"]).logits
+        return wordtags.at_words(logits[..., self.teacher_order], batch["teacher_word_pos"])
+
+    def student_logits(self, student, batch):
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return wordtags.at_words(logits, batch["word_pos"])
+
+    def describe(self, name):
+        return wordtags.describe(self.documents[name], self.splits[name], self.labels)
+
+    def show(self, index):
+        sample = self.documents[self.cfg.train_split][index]
+        tagged = [f"{w}/{self.labels[t]}" for w, t in zip(sample["words"], sample["ner_tags"])]
+        return f"form {sample['id']!r}, {len(tagged)} words: {' '.join(tagged[:15])} ...; first boxes {sample['boxes'][:2]}"
+
+    def metrics(self, preds, labels):
+        return wordtags.tag_metrics(preds, labels, self.labels)
+
+    def save_pretrained(self, model, directory, role):
+        """A directory plain transformers can load: the model with its tokenizer (and the teacher's page size)."""
+        model.save_pretrained(directory)
+        if role == "teacher":
+            self.teacher_tokenizer.save_pretrained(directory)
+            self.teacher_processor.save_pretrained(directory)
+        else:
+            self.tokenizer.save_pretrained(directory)
+
+
+TASKS = {"sequence-classification": DocumentClassification, "token-classification": TokenClassification}
 
 
 def build_task(cfg, **kw):

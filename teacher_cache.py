@@ -52,7 +52,9 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
     """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them."""
     path = os.path.join(cache_dir, "teacher", cache_key(teacher, split, extra) + ".safetensors")
     if accelerator.is_main_process and not os.path.exists(path):
-        loader = DataLoader(split, batch_size=batch_size, collate_fn=collator)
+        # Own generator: building the cache must not advance the global RNG, or a run that builds it and one
+        # that reuses it would draw different dropout masks from the same seed.
+        loader = DataLoader(split, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
         rows = {}
         for batch in tqdm(loader, desc="teacher logits (once)"):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "train_split", "max_samples", "max_length", "batch_size", "grad_accum", "lr", "weight_decay",
-               "warmup_ratio", "alpha", "temperature", "seed", "epochs")
+               "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length")
 
 
 class EpochShuffle(Sampler):
@@ -111,9 +112,10 @@ def live_teacher(accelerator, teacher, teacher_forward):
     return logits_of
 
 
-def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg):
+def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name):
     """Everything needed to continue exactly where we are; tensors and plain values only (weights_only)."""
     checkpoint = {
+        "name": name,
         "model": accelerator.unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -126,13 +128,18 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg):
     utils.atomic_torch_save(checkpoint, path)
 
 
-def load_checkpoint(path, cfg):
+def load_checkpoint(path, cfg, name):
     checkpoint = utils.safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "fingerprint" not in checkpoint:
-        raise UserError(f"{path} is not a docdistill training checkpoint (latest_checkpoint.pth)")
+        raise UserError(f"{path} is not a docdistill training checkpoint (latest_checkpoint.pth or "
+                        f"teacher_checkpoint.pth)")
+    if checkpoint.get("name", name) != name:
+        raise UserError(f"{path} is a checkpoint of {checkpoint['name']} training, not of the {name}: resume "
+                        f"with --mode {'train' if checkpoint['name'] == 'student' else 'teacher'}")
     if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
-        differing = [f"{k}: {v!r} in checkpoint, {getattr(cfg, k)!r} now"
-                     for k, v in checkpoint["settings"].items() if getattr(cfg, k) != v]
+        saved = checkpoint["settings"]
+        differing = [f"{k}: {saved.get(k, 'not recorded')!r} in checkpoint, {getattr(cfg, k)!r} now"
+                     for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
                         f"use the same flags as the run that wrote it")
     return checkpoint
@@ -142,7 +149,7 @@ def save_best(task, model, out_dir, name):
     """The best model so far: a safe .pth (weights + config) and a save_pretrained directory."""
     utils.atomic_torch_save({"state_dict": model.state_dict(), "config": model.config.to_json_string()},
                             os.path.join(out_dir, f"{name}_model.pth"))
-    task.save_pretrained(model, os.path.join(out_dir, name), role=name)
+    utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))
 
 
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
@@ -158,6 +165,10 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
+    checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
+    if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config in place
+        utils.atomic_json(cfg.to_dict(), os.path.join(out_dir, f"{cfg.mode}_config.json"))
+    clock = time.perf_counter()  # training time of the first epoch includes building the teacher cache
     teacher_logits_of = None
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
@@ -170,8 +181,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
     ckpt_path = os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
-    if cfg.checkpoint:
-        checkpoint = load_checkpoint(cfg.checkpoint, cfg)
+    if checkpoint is not None:
         models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -191,7 +201,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         loader = train_loader
         if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
             loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
-        sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0}
+        sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0,
+                                 "docs": 0}
         bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                    total=len(train_loader), disable=not accelerator.is_main_process)
         for step, batch in enumerate(bar, start=state["step_in_epoch"]):
@@ -199,9 +210,10 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
                 losses = criterion(logits, teacher_logits, batch["labels"])
-                if not torch.isfinite(losses["total"]):
-                    raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step {step}: "
-                                    f"lower --lr or use --amp no; the last good checkpoint is {ckpt_path}")
+                if not torch.isfinite(losses["total"]):  # stop before the step: nothing bad reaches a checkpoint
+                    kept = f"{ckpt_path} (kept as it was)" if os.path.exists(ckpt_path) else "not written yet"
+                    raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step {step + 1}: "
+                                    f"lower --lr, or use --amp no; the last good checkpoint is {kept}")
                 accelerator.backward(losses["total"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -213,26 +225,30 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
             sums["seen"] += int(keep.sum())
             sums["batches"] += 1
+            sums["docs"] += len(batch["labels"])
             for k in ("total", "kd", "ce"):
                 sums[k] += losses[k].item()
-            if cfg.save_every and accelerator.sync_gradients and (step + 1) % cfg.save_every == 0:
+            # Only right after an optimizer step: no half-accumulated gradients need saving.
+            if cfg.save_every and accelerator.sync_gradients and (step + 1) // cfg.grad_accum % cfg.save_every == 0:
                 state.update(step_in_epoch=step + 1, sums=sums)
                 if accelerator.is_main_process:
-                    save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg)
+                    save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}", kd=f"{sums['kd'] / sums['batches']:.3f}",
                                 ce=f"{sums['ce'] / sums['batches']:.3f}", acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
         bar.close()
         state.update(step_in_epoch=0, sums=None)
+        train_seconds = time.perf_counter() - clock
 
         logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
         scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())
         totals = accelerator.reduce(torch.tensor([sums[k] for k in ("total", "kd", "ce", "batches", "correct",
-                                                                    "seen")], dtype=torch.float64,
+                                                                    "seen", "docs")], dtype=torch.float64,
                                                  device=accelerator.device), reduction="sum").tolist()
         row = {"epoch": epoch + 1, "train_loss": totals[0] / totals[3], "train_kd": totals[1] / totals[3],
                "train_ce": totals[2] / totals[3], "train_accuracy": totals[4] / max(totals[5], 1),
                "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
+               "train_seconds": train_seconds, "train_docs_per_s": totals[6] / train_seconds,
                **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
         improved = row[f"val_{task.metric_name}"] > state["best"]
         state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
@@ -244,8 +260,9 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             utils.append_jsonl(row, metrics_path)
             if improved:
                 save_best(task, accelerator.unwrap_model(model), out_dir, name)
-            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg)
+            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
         accelerator.wait_for_everyone()
+        clock = time.perf_counter()
 
     if accelerator.is_main_process:
         utils.plot_curves(utils.read_jsonl(metrics_path), os.path.join(out_dir, f"{name}_curves.png"))

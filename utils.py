@@ -1,10 +1,13 @@
 """Small shared helpers: seeds and RNG state, atomic and safe files, device and memory info, plots, logging."""
+import glob
 import json
 import logging
 import os
 import pickle
 import platform
 import random
+import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -62,16 +65,36 @@ def _atomic_write(path, write):
     """Write through a temp file in the same directory, fsync, rename: readers see old or new, never half."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    prefix = os.path.basename(path) + "."
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
+        os.remove(stale)  # left by a writer that was killed mid-save
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
+        _fsync_dir(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory):
+    """Make a rename durable: the directory entry itself is flushed to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path):
@@ -82,19 +105,59 @@ def atomic_json(obj, path):
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def atomic_text(text, path):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_dir(path, write):
+    """write(directory) into a fresh temp directory, then swap it in for `path`.
+
+    Two renames, so a kill between them leaves the previous version as PATH.old-PID next to it, never a
+    half-written PATH.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    old = f"{path}.old-{os.getpid()}"
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+    finally:
+        for leftover in (tmp, old):
+            if os.path.exists(leftover):
+                shutil.rmtree(leftover)
+
+
 def safe_torch_load(path):
     """torch.load that never unpickles arbitrary objects (a checkpoint can't run code on this machine)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes): it was cut off while being written or copied; use another copy")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} needs unsafe unpickling (it holds Python objects, not just tensors) and was "
-                        f"refused: load only checkpoints written by docdistill, or re-save the weights "
-                        f"as a plain state dict") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}): it may be truncated "
-                        f"or from another program") from e
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else "it holds Python objects, not just tensors"
+        raise UserError(f"{path} was refused: loading it needs unsafe unpickling ({what}), which can run code. "
+                        f"Load only checkpoints written by docdistill, or re-save the weights as a plain state "
+                        f"dict or safetensors") from e
+    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)}): it may be "
+                        f"truncated or from another program") from e
+
+
+def first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def write_jsonl(rows, path):
@@ -102,8 +165,8 @@ def write_jsonl(rows, path):
 
 
 def append_jsonl(obj, path):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    """Rewrites the (small) file atomically: a kill mid-write never leaves a torn last line."""
+    write_jsonl(read_jsonl(path) + [obj], path)
 
 
 def read_jsonl(path):
@@ -148,7 +211,7 @@ def plot_curves(history, path):
     ax_acc.set(xlabel="epoch", ylabel="score", title="Quality", ylim=(0, 1))
     ax_acc.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -168,5 +231,13 @@ def plot_confusion(matrix, labels, path, title):
                         color="white" if matrix[i][j] > max(map(max, matrix)) / 2 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def per_class_table(per_class):
+    """Markdown table of per-class precision, recall, F1 and support."""
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1-score']:.3f} | {int(m['support'])} |"
+              for name, m in per_class.items()]
+    return "\n".join(lines)

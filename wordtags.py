@@ -1,0 +1,254 @@
+"""Word tagging data: forms -> one BIO tag per word, and every word's first sub-token in two tokenisations.
+
+A raw form has: id, image, words, boxes (0-1000, one per word) and ner_tags (ids into the tag names).
+A preprocessed form has the student's token ids (text only), the teacher's token ids, boxes and page, and for
+every word the position of its first sub-token in each sequence (-1 where that model has no token for it:
+beyond its token limit, or a word its tokenizer reduces to nothing). Both models are read at these
+positions, so a RoBERTa-BPE teacher and a WordPiece student meet word by word.
+"""
+import glob
+import json
+import os
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset
+from config import UserError
+from losses import IGNORE_INDEX
+
+# FUNSD's entity types as BIO tags, in the order of the hub's nielsr/funsd-layoutlmv3.
+FUNSD_TAGS = ["O", "B-HEADER", "I-HEADER", "B-QUESTION", "I-QUESTION", "B-ANSWER", "I-ANSWER"]
+FUNSD_SPLITS = {"training_data": "train", "testing_data": "test"}
+
+
+def features(tags):
+    return datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(),
+        "words": datasets.Sequence(datasets.Value("string")),
+        "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int64"), length=4)),
+        "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tags)),
+    })
+
+
+# ----------------------------------------------------------------------------- loading
+
+def bio_tags(entities):
+    """FUNSD entities (form[]) -> words, pixel boxes, BIO tags: B- on an entity's first word, I- on the rest,
+    O for 'other'. Words with empty text are dropped (as in the hub's version of FUNSD)."""
+    words, boxes, tags = [], [], []
+    for entity in entities:
+        kind = entity["label"].upper()
+        if kind != "OTHER" and f"B-{kind}" not in FUNSD_TAGS:
+            raise UserError(f"unknown FUNSD entity label {entity['label']!r} (expected question, answer, header "
+                            f"or other)")
+        kept = [w for w in entity["words"] if w["text"].strip()]
+        for k, word in enumerate(kept):
+            words.append(word["text"])
+            boxes.append(word["box"])
+            tags.append("O" if kind == "OTHER" else f"{'I' if k else 'B'}-{kind}")
+    return words, boxes, tags
+
+
+def funsd_root(path):
+    """The folder holding training_data/ and/or testing_data/ (the path itself or its dataset/), else None."""
+    for root in (path, os.path.join(path, "dataset")):
+        if any(os.path.isdir(os.path.join(root, folder, "annotations")) for folder in FUNSD_SPLITS):
+            return root
+    return None
+
+
+def load_funsd_folder(root):
+    """The original FUNSD layout: {training_data,testing_data}/{images/ID.png, annotations/ID.json}."""
+    splits = {}
+    for folder, split in FUNSD_SPLITS.items():
+        rows = {"id": [], "image": [], "words": [], "boxes": [], "ner_tags": []}
+        for path in sorted(glob.glob(os.path.join(root, folder, "annotations", "*.json"))):
+            form_id = os.path.splitext(os.path.basename(path))[0]
+            image_path = os.path.join(root, folder, "images", form_id + ".png")
+            if not os.path.exists(image_path):
+                raise UserError(f"{path} has no page image {image_path}")
+            with open(path) as f:
+                words, boxes, tags = bio_tags(json.load(f)["form"])
+            with Image.open(image_path) as image:
+                width, height = image.size
+            with open(image_path, "rb") as f:  # the bytes, so the data's fingerprint covers the pages too
+                rows["image"].append({"bytes": f.read(), "path": None})
+            rows["id"].append(form_id)
+            rows["words"].append(words)
+            rows["boxes"].append(dataset.normalize_boxes(boxes, width, height) if boxes else [])
+            rows["ner_tags"].append([FUNSD_TAGS.index(t) for t in tags])
+        if rows["id"]:
+            splits[split] = datasets.Dataset.from_dict(rows, features=features(FUNSD_TAGS))
+    return datasets.DatasetDict(splits)
+
+
+def from_hub_layout(data):
+    """The hub's token-classification layout (nielsr/funsd-layoutlmv3: tokens, bboxes 0-1000, ner_tags, image)."""
+    first = next(iter(data.values()))
+    missing = {"tokens", "bboxes", "ner_tags", "image"} - set(first.column_names)
+    if missing:
+        raise UserError(f"token-classification data needs the columns tokens, bboxes, ner_tags and image "
+                        f"(missing {', '.join(sorted(missing))}), or the original FUNSD folder layout")
+    tags = list(first.features["ner_tags"].feature.names)
+    bad = [t for t in tags if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
+    if bad:
+        raise UserError(f"ner_tags must be BIO tags (O, B-X, I-X); got {bad}")
+    out = {}
+    for name, split in data.items():
+        if "id" not in split.column_names:
+            split = split.add_column("id", [str(i) for i in range(len(split))])
+        split = split.rename_columns({"tokens": "words", "bboxes": "boxes"})
+        out[name] = split.select_columns(list(features(tags))).cast(features(tags))
+    return datasets.DatasetDict(out), tags
+
+
+def load_word_documents(cfg):
+    """Raw forms (DatasetDict) and the tag names, with a validation split and at most cfg.max_samples each."""
+    root = funsd_root(cfg.dataset) if os.path.isdir(cfg.dataset) else None
+    if root:
+        data, tags = load_funsd_folder(root), FUNSD_TAGS
+    else:
+        data, tags = from_hub_layout(dataset.load_source(cfg.dataset, cfg.cache_dir))
+    data = dataset.ensure_splits(data, cfg.train_split, cfg.eval_split, cfg.seed)
+    return datasets.DatasetDict({name: dataset.select_samples(split, cfg.max_samples, cfg.seed)
+                                 for name, split in data.items()}), tags
+
+
+# ----------------------------------------------------------------------------- alignment and preprocessing
+
+def first_subtokens(word_ids, n_words):
+    """Position of each word's first sub-token, from a tokenizer's word_ids(); -1 for words with no token."""
+    positions = [-1] * n_words
+    for i, word in enumerate(word_ids):
+        if word is not None and positions[word] < 0:
+            positions[word] = i
+    return positions
+
+
+def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_length, cache_dir, desc):
+    """Tokenise every form for the student (words) and the teacher (words, boxes, page); cached on disk."""
+    height, width = teacher_spec["size"]
+    features = datasets.Features({
+        "index": datasets.Value("int64"), "ner_tags": datasets.Sequence(datasets.Value("int16")),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "word_pos": datasets.Sequence(datasets.Value("int32")),
+        "teacher_input_ids": datasets.Sequence(datasets.Value("int32")),
+        "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=4)),
+        "teacher_word_pos": datasets.Sequence(datasets.Value("int32")),
+        "teacher_pixels": datasets.Array3D((3, height, width), "uint8"),
+        "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"),
+        "dropped_words": datasets.Value("int32"),
+    })
+
+    def encode(batch, indices):
+        words = batch["words"]
+        student = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        teacher = teacher_tokenizer(words, boxes=batch["boxes"], truncation=True, max_length=max_length)
+        pos = [first_subtokens(student.word_ids(i), len(w)) for i, w in enumerate(words)]
+        teacher_pos = [first_subtokens(teacher.word_ids(i), len(w)) for i, w in enumerate(words)]
+        return {
+            "index": indices, "ner_tags": batch["ner_tags"], "input_ids": student["input_ids"], "word_pos": pos,
+            "teacher_input_ids": teacher["input_ids"], "bbox": teacher["bbox"], "teacher_word_pos": teacher_pos,
+            "teacher_pixels": [dataset.resize_page(im, teacher_spec) for im in batch["image"]],
+            "n_words": [len(w) for w in words],
+            "n_tokens": [max(len(a), len(b)) for a, b in zip(student["input_ids"], teacher["input_ids"])],
+            "dropped_words": [sum(min(a, b) < 0 for a, b in zip(p, q)) for p, q in zip(pos, teacher_pos)],
+        }
+
+    key = dataset.preprocess_key(split, task="words", tokenizer=dataset.tokenizer_fingerprint(tokenizer),
+                                 teacher_tokenizer=dataset.tokenizer_fingerprint(teacher_tokenizer),
+                                 max_length=max_length, teacher=teacher_spec)
+    return dataset.cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+
+
+# ----------------------------------------------------------------------------- batching and reading out
+
+def pad_ids(sequences, pad_id):
+    """Token id lists -> ids [B, L] padded to the longest, and the attention mask."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.as_tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+class WordCollator:
+    """Pads both token sequences and the word axis to the batch's longest.
+
+    labels [B, W] are IGNORE_INDEX at padding words and at words either model has no token for, so those
+    words are in neither the loss nor the metrics.
+    """
+
+    def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec):
+        self.pad_token_id, self.teacher_pad_token_id, self.teacher_spec = pad_token_id, teacher_pad_token_id, teacher_spec
+
+    def __call__(self, docs):
+        input_ids, attention_mask = pad_ids([d["input_ids"] for d in docs], self.pad_token_id)
+        teacher_ids, teacher_mask = pad_ids([d["teacher_input_ids"] for d in docs], self.teacher_pad_token_id)
+        bbox = torch.zeros((*teacher_ids.shape, 4), dtype=torch.long)
+        n_words = max(len(d["ner_tags"]) for d in docs)
+        labels = torch.full((len(docs), n_words), IGNORE_INDEX, dtype=torch.long)
+        word_pos = torch.zeros((len(docs), n_words), dtype=torch.long)
+        teacher_word_pos = torch.zeros((len(docs), n_words), dtype=torch.long)
+        for i, d in enumerate(docs):
+            bbox[i, :len(d["bbox"])] = torch.as_tensor(d["bbox"])
+            pos, teacher_pos = torch.as_tensor(d["word_pos"]).long(), torch.as_tensor(d["teacher_word_pos"]).long()
+            n = len(pos)
+            labels[i, :n] = torch.where((pos >= 0) & (teacher_pos >= 0), torch.as_tensor(d["ner_tags"]).long(),
+                                        IGNORE_INDEX)
+            word_pos[i, :n] = pos.clamp(min=0)  # dropped words read position 0; their label masks them
+            teacher_word_pos[i, :n] = teacher_pos.clamp(min=0)
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "word_pos": word_pos,
+            "teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask, "bbox": bbox,
+            "teacher_word_pos": teacher_word_pos,
+            "pixel_values": dataset.normalize_pixels(torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]),
+                                                     self.teacher_spec),
+            "labels": labels, "index": torch.tensor([int(d["index"]) for d in docs]),
+        }
+
+
+def at_words(token_logits, word_pos):
+    """Token logits [B, L, C] -> word logits [B, W, C], read at each word's first sub-token."""
+    return token_logits.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, token_logits.shape[-1]))
+
+
+def tag_metrics(preds, labels, tags):
+    """seqeval in strict IOB2 mode over the real words (label != IGNORE_INDEX), plus word accuracy."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    keep = labels != IGNORE_INDEX
+    truth = [[tags[t] for t in row[k]] for row, k in zip(labels, keep)]
+    guess = [[tags[t] for t in row[k]] for row, k in zip(preds, keep)]
+    report = classification_report(truth, guess, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    empty = {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0}
+    overall = report.get("micro avg", empty)
+    entities = sorted({t[2:] for t in tags if t != "O"})
+    return {
+        "f1": float(overall["f1-score"]), "precision": float(overall["precision"]),
+        "recall": float(overall["recall"]), "macro_f1": float(report.get("macro avg", empty)["f1-score"]),
+        "accuracy": float((preds == labels)[keep].mean()) if keep.any() else 0.0, "words": int(keep.sum()),
+        "per_class": {e: {k: float(report.get(e, empty)[k]) for k in empty} for e in entities},
+    }
+
+
+def describe(split, prepared, tags):
+    """Statistics `info` prints and training logs: forms, tags, words, and the words no model can score."""
+    counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in split["ner_tags"]]),
+                         minlength=len(tags))
+    words = np.asarray(prepared.with_format(None)["n_words"])
+    dropped = np.asarray(prepared.with_format(None)["dropped_words"])
+    return {
+        "documents": len(split),
+        "tag_counts": {name: int(c) for name, c in zip(tags, counts)},
+        "words_per_document": {"mean": float(words.mean()), "median": float(np.median(words)),
+                               "max": int(words.max()), "zero": int((words == 0).sum())},
+        "truncated_share": float((dropped > 0).mean()),
+        "truncated_word_share": float(dropped.sum() / max(words.sum(), 1)),
+    }
