@@ -125,6 +125,9 @@ class Config:
         for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
             if getattr(self, name) and not os.path.exists(getattr(self, name)):
                 problems.append(f"--{name} {getattr(self, name)}: no such file or directory")
+        for name in ("output_dir", "cache_dir"):
+            if os.path.isfile(getattr(self, name)):
+                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)} is a file, not a directory")
         if problems:
             raise UserError("; ".join(problems))
         return self

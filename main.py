@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from accelerate import PartialState
 
 import models
 import train
@@ -186,7 +187,8 @@ def main(argv=None):
     cfg = None
     try:
         cfg = parse_config(argv)
-        utils.setup_logging()
+        process = PartialState()  # one per process under `accelerate launch`, a single one otherwise
+        utils.setup_logging(process.is_main_process)
         if not cfg.cache_dir:
             cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "cache")
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -200,11 +202,12 @@ def main(argv=None):
         # Where the teacher's outputs are not used (info, training with alpha 0), a teacher whose head has other
         # labels is accepted with a re-initialised head, as when it is about to be trained.
         teacher_unused = cfg.mode == "info" or (cfg.mode == "train" and cfg.alpha == 0)
-        task = build_task(cfg, train_teacher=cfg.mode == "teacher" or teacher_unused)
+        with process.main_process_first():  # the main process fills the caches; the others then read them
+            task = build_task(cfg, train_teacher=cfg.mode == "teacher" or teacher_unused)
         {"train": run_train, "teacher": run_teacher, "eval": run_eval, "info": run_info}[cfg.mode](cfg, task)
         return 0
     except (UserError, OSError) as e:  # OSError: disk full, no permission... (writes are atomic, nothing is torn)
-        if cfg is not None and cfg.debug:
+        if cfg.debug if cfg is not None else "--debug" in (sys.argv[1:] if argv is None else argv):  # bad flags
             raise
         hint = "" if isinstance(e, UserError) else " (--debug shows where)"
         print(f"error: {e if isinstance(e, UserError) else utils.first_line(e)}{hint}", file=sys.stderr)

@@ -45,6 +45,9 @@ def load_pretrained_config(source, **overrides):
         config = builtin_configs()[source]()
         config.update(overrides)
         return config
+    if source.startswith(("/", ".", "~")) and not os.path.isdir(source):  # a path, never a hub id
+        raise UserError(f"{source}: no such directory (a teacher or student config is a directory with "
+                        f"config.json, or a hub id)")
     try:
         return AutoConfig.from_pretrained(source, **overrides)
     except (OSError, ValueError) as e:
