@@ -166,8 +166,7 @@ def run(cfg):
               "onnxruntime": "not measured (not installed)"}
     utils.atomic_json(result, os.path.join(cfg.output_dir, "bench.json"))
     table = bench_table(result, task.metric_name)
-    with open(os.path.join(cfg.output_dir, "bench.md"), "w") as f:
-        f.write(table + "\n")
+    utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "bench.md"))
     print(table)
     return 0
 

@@ -117,13 +117,16 @@ def atomic_dir(path, write):
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".*.tmp") + glob.glob(glob.escape(path) + ".old-*"):
+        shutil.rmtree(stale)  # left by a writer that was killed mid-save
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
     old = f"{path}.old-{os.getpid()}"
     try:
         write(tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~_umask())
         if os.path.exists(path):
             os.replace(path, old)
