@@ -131,7 +131,7 @@ def accuracy(forward, model, split, collator, device, task):
 def run(cfg):
     from main import load_saved_student
     from tasks import build_task
-    task = build_task(cfg)
+    task = build_task(cfg, train_teacher=True)  # timing needs shape: a head for other labels is re-initialised
     path = cfg.model or os.path.join(cfg.output_dir, "student_model.pth")
     trained = os.path.exists(path)
     student = load_saved_student(task, path) if trained else task.student

@@ -147,7 +147,7 @@ PRESETS = {
     # Offline demo: everything generated or built locally, sized for 2 CPU cores.
     "demo": dict(teacher="demo-dit", tokenizer="demo", dataset="demo", student_image_size=112,
                  student_config="builtin:layoutlmv3-base",
-                 output_dir="runs/demo", batch_size=16, epochs=6, lr=3e-4),
+                 output_dir="runs/demo", batch_size=8, epochs=6, lr=3e-4),
     # Token classification on FUNSD (word-level BIO tags).
     # --dataset also takes the original FUNSD folder (training_data/, testing_data/). The validation split is
     # 10% of the training forms, so the best epoch is never chosen on the test forms.

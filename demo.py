@@ -452,10 +452,13 @@ def train_demo_tokenizer(dataset, out_dir, vocab_size=3000):
     tok.train_from_iterator((" ".join(ws) for ws in ds["ocr_words"]), vocab_size=vocab_size - 1, min_frequency=2,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
     os.makedirs(out_dir, exist_ok=True)
-    tok.save_model(out_dir)
-    with open(os.path.join(out_dir, "vocab.json")) as f:
-        vocab = json.load(f)
-    vocab["<mask>"] = len(vocab)  # RoBERTa keeps <mask> as the last id
-    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f, ensure_ascii=False)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # files appear whole: other runs may be reading them
+        tok.save_model(tmp)
+        with open(os.path.join(tmp, "vocab.json")) as f:
+            vocab = json.load(f)
+        vocab["<mask>"] = len(vocab)  # RoBERTa keeps <mask> as the last id
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        for name in ("merges.txt", "vocab.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     return out_dir

@@ -17,10 +17,13 @@ TINY_LAYOUTLMV3 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads
 TINY_DISTILBERT = dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
 
 
-def demo_teacher_config(labels, image_size=224):
+DEMO_TEACHER_SHAPE = dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6,
+                          num_attention_heads=3, intermediate_size=768)
+
+
+def demo_teacher_config(labels):
     """A small DiT (BEiT architecture, as in microsoft/dit-*) that trains on 2 CPU cores in minutes."""
-    return BeitConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
-                      image_size=image_size, patch_size=16, use_mean_pooling=True,
+    return BeitConfig(**DEMO_TEACHER_SHAPE, use_mean_pooling=True,
                       use_absolute_position_embeddings=True, use_relative_position_bias=False,
                       layer_scale_init_value=0.1, drop_path_rate=0.1,
                       id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
@@ -89,7 +92,8 @@ def load_image_classifier(source, labels, trainable=False):
     """
     if source == "demo-dit":
         config = demo_teacher_config(labels)
-        processor = BeitImageProcessorPil(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+        side = DEMO_TEACHER_SHAPE["image_size"]
+        processor = BeitImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3,
                                        image_std=[0.5] * 3, do_center_crop=False)
         return AutoModelForImageClassification.from_config(config), processor
     config = load_pretrained_config(source)

@@ -121,11 +121,11 @@ class TokenClassification:
         self.cfg = cfg
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
         config = models.load_pretrained_config(cfg.teacher)
         if config.model_type != "layoutlmv3":
             raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
                             f"page), got a {config.model_type} model from {cfg.teacher!r}")
+        self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
         self.teacher = models.load_teacher(AutoModelForTokenClassification, cfg.teacher, config, self.labels,
                                            trainable=train_teacher)
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)

