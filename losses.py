@@ -4,7 +4,8 @@ total = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha)
 
 Works for one label per document (logits [B, C], labels [B]) and one label per word (logits [B, W, C],
 labels [B, W]); positions whose label is IGNORE_INDEX (padding, special tokens) are left out of both terms,
-and the KL is averaged over the positions that remain ("batchmean" over documents or words).
+and the KL is averaged over the positions that remain ("batchmean" over documents or words). With no
+position left, both terms are 0.
 """
 import torch
 import torch.nn as nn
@@ -30,7 +31,10 @@ class DistillationLoss(nn.Module):
         labels = labels.reshape(-1)
         keep = labels != IGNORE_INDEX
         student, labels = student[keep], labels[keep]
-        ce = F.cross_entropy(student, labels) if len(labels) else student.sum() * 0
+        if not len(labels):  # nothing to score (e.g. a batch of forms without words): both terms are 0, not 0/0
+            zero = student.sum() * 0  # keeps the graph, so backward() works as for any other batch
+            return {"total": zero, "kd": zero.detach(), "ce": zero.detach()}
+        ce = F.cross_entropy(student, labels)
         if teacher_logits is None:  # no teacher (plain fine-tuning): the KL term is absent
             kd = torch.zeros((), device=student.device)
         else:

@@ -103,3 +103,14 @@ def test_token_level_masks_ignored_positions():
 def test_invalid_hyper_parameters_rejected(kw):
     with pytest.raises(ValueError):
         DistillationLoss(**{"temperature": 4.0, "alpha": 0.5, **kw})
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_batch_without_scored_positions_gives_zero_not_nan(teacher):
+    # e.g. a batch of forms without words: every label is IGNORE_INDEX
+    s = torch.randn(2, 3, 7, requires_grad=True)
+    y = torch.full((2, 3), IGNORE_INDEX)
+    out = DistillationLoss(2.0, 0.5)(s, torch.randn(2, 3, 7) if teacher else None, y)
+    assert [out[k].item() for k in ("total", "kd", "ce")] == [0.0, 0.0, 0.0]
+    out["total"].backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
