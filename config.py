@@ -80,6 +80,9 @@ class Config:
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
     checkpoint: str = _help("resume training from this latest_checkpoint.pth", default="")
+    overwrite: bool = _help("train (or --mode teacher) into an --output-dir that already holds a run, replacing it; "
+                            "its files are replaced only as the new run saves its own. Without it such a directory "
+                            "is refused unless --checkpoint resumes its run", default=False)
     model: str = _help("student to evaluate (a student_model.pth or save_pretrained directory; default: the "
                        "best one in OUTPUT_DIR)", default="")
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",

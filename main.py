@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -56,12 +57,13 @@ def load_saved_student(task, path):
         if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
             raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a student/ "
                             f"directory written by --mode train)")
+        utils.verify_checksum(saved, path)
         found = json.loads(saved["config"]).get("model_type")
     if found != expected:
         raise UserError(f"{path} holds a {found} model, not a {expected} student: give the student_model.pth or "
                         f"student/ directory written by --mode train")
     if os.path.isdir(path):
-        student = type(task.student).from_pretrained(path)
+        student = models.from_pretrained(type(task.student), path)
     else:
         config = type(task.student.config).from_dict(json.loads(saved["config"]))
         student = models.load_student_weights(type(task.student)(config), saved["state_dict"], path)
@@ -198,6 +200,8 @@ def main(argv=None):
         if cfg.mode == "bench":
             import bench
             return bench.run(cfg)
+        if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident
+            train.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
         from tasks import build_task
         # Where the teacher's outputs are not used (info, training with alpha 0), a teacher whose head has other
         # labels is accepted with a re-initialised head, as when it is about to be trained.
@@ -212,6 +216,9 @@ def main(argv=None):
         hint = "" if isinstance(e, UserError) else " (--debug shows where)"
         print(f"error: {e if isinstance(e, UserError) else utils.first_line(e)}{hint}", file=sys.stderr)
         return 2
+    except train.Stopped as e:  # SIGTERM: a resumable checkpoint was saved
+        print(e, file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept", file=sys.stderr)
         return 130

@@ -1,11 +1,13 @@
 """Teacher and student models: loading by hub id or local directory, the tiny student, label matching."""
 import logging
 import os
+import pickle
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, BeitConfig
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
+import utils
 from config import UserError
 
 log = logging.getLogger("docdistill")
@@ -31,6 +33,18 @@ def demo_teacher_config(labels):
 
 def has_weights(source):
     return not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in WEIGHT_FILES)
+
+
+def from_pretrained(auto_class, source, **kwargs):
+    """auto_class.from_pretrained(source), refusing weights that need unsafe unpickling in one line."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin holding more than tensors; nothing in it ran
+        where = f"the pytorch_model.bin in {source}" if os.path.isdir(source) else f"the weights of {source!r}"
+        raise UserError(f"{where} was refused, nothing in it ran: it holds pickled Python objects, which can "
+                        f"run code when loaded ({utils.unsafe_pickle_reason(e)}): use a model.safetensors copy of "
+                        f"these weights (from their publisher, or converted where you trust their source) "
+                        f"instead") from e
 
 
 def builtin_configs():
@@ -121,7 +135,7 @@ def load_teacher(auto_class, source, config, labels, trainable=False):
         relabel = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
                        ignore_mismatched_sizes=True)
     if has_weights(source):
-        return auto_class.from_pretrained(source, **relabel)
+        return from_pretrained(auto_class, source, **relabel)
     log.warning("%s has no weights: the teacher starts from random weights", source)
     config.update({k: v for k, v in relabel.items() if k != "ignore_mismatched_sizes"})
     return auto_class.from_config(config)
@@ -152,7 +166,7 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
                         f"{config.vocab_size}: use the tokenizer it was trained with (--tokenizer)")
     log.info("student starts from the pretrained weights in %s", config_source)
     try:
-        return auto_class.from_pretrained(config_source, config=config)
+        return from_pretrained(auto_class, config_source, config=config)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the pretrained student {config_source!r} ({str(e).splitlines()[0]}): "
                         f"use --student-size tiny for a random student") from e

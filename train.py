@@ -112,8 +112,57 @@ def live_teacher(accelerator, teacher, teacher_forward):
     return logits_of
 
 
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM) and saved a resumable checkpoint first; main() exits with 143."""
+
+
+def checkpoint_path(out_dir, name):
+    return os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
+
+
+def run_files(out_dir, name):
+    """What a run of `name` (student or teacher) writes in out_dir: checkpoint, metrics, best model."""
+    return [checkpoint_path(out_dir, name), os.path.join(out_dir, f"{name}_metrics.jsonl"),
+            os.path.join(out_dir, f"{name}_model.pth"), os.path.join(out_dir, name)]
+
+
+def refuse_to_overwrite(cfg, name):
+    """Stop when --output-dir holds a run of `name` that this one would replace, before any slow work or write.
+
+    Going on is fine in an empty directory, when resuming from a checkpoint kept in it, or with --overwrite.
+    """
+    existing = [os.path.basename(p) for p in run_files(cfg.output_dir, name) if os.path.exists(p)]
+    resuming_it = bool(cfg.checkpoint) and os.path.samefile(os.path.dirname(os.path.abspath(cfg.checkpoint)),
+                                                            cfg.output_dir)
+    if existing and not resuming_it and not cfg.overwrite:
+        raise UserError(f"{cfg.output_dir} already holds a {name} run ({', '.join(existing)}): continue it with "
+                        f"--checkpoint {checkpoint_path(cfg.output_dir, name)}, replace it with --overwrite, or "
+                        f"choose another --output-dir")
+
+
+def position(state):
+    """Where in training a saved state is, in words."""
+    if state["step_in_epoch"]:
+        return f"epoch {state['epoch'] + 1} step {state['step_in_epoch']}"
+    return f"the end of epoch {state['epoch']}"
+
+
+def good_checkpoint(path, state):
+    """What the error messages say is left to resume from."""
+    return f"the last good checkpoint is {path} ({position(state)})"
+
+
+def stopped_by_sigterm(path, state):
+    return Stopped(f"stopped by SIGTERM: saved {path} at {position(state)}; continue with --checkpoint {path}")
+
+
 def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name):
-    """Everything needed to continue exactly where we are; tensors and plain values only (weights_only)."""
+    """Everything needed to continue exactly where we are; tensors and plain values only (weights_only), with a
+    checksum of its tensors.
+
+    The resolved config is written with it, so the directory describes the run whose checkpoint it holds, and a
+    run that fails before its first save (or a refused resume) leaves the previous config in place.
+    """
     checkpoint = {
         "name": name,
         "model": accelerator.unwrap_model(model).state_dict(),
@@ -125,7 +174,8 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, 
         "settings": {k: getattr(cfg, k) for k in RESUME_KEYS},
         **state,
     }
-    utils.atomic_torch_save(checkpoint, path)
+    utils.atomic_torch_save(utils.with_checksum(checkpoint), path)
+    utils.atomic_json(cfg.to_dict(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
 
 
 def load_checkpoint(path, cfg, name):
@@ -133,6 +183,7 @@ def load_checkpoint(path, cfg, name):
     if not isinstance(checkpoint, dict) or "fingerprint" not in checkpoint:
         raise UserError(f"{path} is not a docdistill training checkpoint (latest_checkpoint.pth or "
                         f"teacher_checkpoint.pth)")
+    utils.verify_checksum(checkpoint, path)
     if checkpoint.get("name", name) != name:
         raise UserError(f"{path} is a checkpoint of {checkpoint['name']} training, not of the {name}: resume "
                         f"with --mode {'train' if checkpoint['name'] == 'student' else 'teacher'}")
@@ -146,14 +197,57 @@ def load_checkpoint(path, cfg, name):
 
 
 def save_best(task, model, out_dir, name):
-    """The best model so far: a safe .pth (weights + config) and a save_pretrained directory."""
-    utils.atomic_torch_save({"state_dict": model.state_dict(), "config": model.config.to_json_string()},
-                            os.path.join(out_dir, f"{name}_model.pth"))
+    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory."""
+    best = {"state_dict": model.state_dict(), "config": model.config.to_json_string()}
+    utils.atomic_torch_save(utils.with_checksum(best), os.path.join(out_dir, f"{name}_model.pth"))
     utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))
 
 
+@torch.no_grad()
+def finite_loss(accelerator, model, forward, criterion, batch, teacher_logits):
+    """Whether the current weights give a finite loss on every process's `batch`.
+
+    In eval mode: no dropout, so no random number is drawn and an exact resume stays exact.
+    """
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    with accelerator.autocast():
+        logits = forward(model, batch)
+    model.train()
+    finite = torch.isfinite(criterion(logits, teacher_logits, batch["labels"])["total"]).float()
+    return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
+
+
+def unsaveable(model, optimizer, outputs_finite):
+    """Why the current weights are not worth resuming from, or None if they are."""
+    if not utils.all_finite(model.parameters()):
+        return "are not finite"
+    if not utils.all_finite(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):
+        return "have a non-finite optimizer state"
+    if not outputs_finite:
+        return "give non-finite outputs"
+    return None
+
+
+def non_finite_loss_cause(teacher_logits):
+    if teacher_logits is not None and not torch.isfinite(teacher_logits).all():
+        return "the teacher's logits are not finite: check the teacher's weights (--teacher)"
+    return "lower --lr, or use --amp no"
+
+
+def stop_requested(accelerator, sigterm):
+    """True on every process once any of them got SIGTERM, so that all stop at the same step."""
+    if sigterm:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
+
+
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
-    """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name."""
+    """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name.
+
+    Nothing in --output-dir is written before the first save, and only weights that pass unsaveable() are saved.
+    SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises Stopped.
+    """
     accelerator = make_accelerator(cfg)
     out_dir = cfg.output_dir
     criterion = DistillationLoss(cfg.temperature, cfg.alpha if teacher is not None else 0.0)
@@ -166,8 +260,6 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
-    if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config in place
-        utils.atomic_json(cfg.to_dict(), os.path.join(out_dir, f"{cfg.mode}_config.json"))
     clock = time.perf_counter()  # training time of the first epoch includes building the teacher cache
     teacher_logits_of = None
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
@@ -179,8 +271,10 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
-    ckpt_path = os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
+    ckpt_path = checkpoint_path(out_dir, name)
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
+    history = []  # this run's metrics rows; the file is rewritten whole at each epoch end
+    last_good = "nothing of this run was saved"
     if checkpoint is not None:
         models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -189,81 +283,99 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             accelerator.scaler.load_state_dict(checkpoint["scaler"])
         utils.set_rng_state(checkpoint["rng"])
         state = {k: checkpoint[k] for k in state}
+        history = [row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]]  # rest: redone
+        last_good = good_checkpoint(cfg.checkpoint, state)
         log.info("resumed from %s at epoch %d, step %d", cfg.checkpoint, state["epoch"] + 1,
                  state["step_in_epoch"])
-    if accelerator.is_main_process:  # history after the resume point is about to be redone
-        utils.write_jsonl([row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]],
-                          metrics_path)
 
-    for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
-            loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
-        sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0,
-                                 "docs": 0}
-        bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
-                   total=len(train_loader), disable=not accelerator.is_main_process)
-        for step, batch in enumerate(bar, start=state["step_in_epoch"]):
-            teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
-            with accelerator.accumulate(model):
-                logits = forward(model, batch)
-                losses = criterion(logits, teacher_logits, batch["labels"])
-                if not torch.isfinite(losses["total"]):  # stop before the step: nothing bad reaches a checkpoint
-                    kept = f"{ckpt_path} (kept as it was)" if os.path.exists(ckpt_path) else "not written yet"
-                    raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step {step + 1}: "
-                                    f"lower --lr, or use --amp no; the last good checkpoint is {kept}")
-                accelerator.backward(losses["total"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            keep = batch["labels"] != IGNORE_INDEX
-            sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
-            sums["seen"] += int(keep.sum())
-            sums["batches"] += 1
-            sums["docs"] += len(batch["labels"])
-            for k in ("total", "kd", "ce"):
-                sums[k] += losses[k].item()
-            # Only right after an optimizer step: no half-accumulated gradients need saving.
-            if cfg.save_every and accelerator.sync_gradients and (step + 1) // cfg.grad_accum % cfg.save_every == 0:
-                state.update(step_in_epoch=step + 1, sums=sums)
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}", kd=f"{sums['kd'] / sums['batches']:.3f}",
-                                ce=f"{sums['ce'] / sums['batches']:.3f}", acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
-        bar.close()
-        state.update(step_in_epoch=0, sums=None)
-        train_seconds = time.perf_counter() - clock
+    def check_saveable(outputs_finite):
+        problem = unsaveable(model, optimizer, outputs_finite)
+        if problem:
+            raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; "
+                            f"{last_good}, kept as it was")
 
-        logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
-        scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in ("total", "kd", "ce", "batches", "correct",
-                                                                    "seen", "docs")], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum").tolist()
-        row = {"epoch": epoch + 1, "train_loss": totals[0] / totals[3], "train_kd": totals[1] / totals[3],
-               "train_ce": totals[2] / totals[3], "train_accuracy": totals[4] / max(totals[5], 1),
-               "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
-               "train_seconds": train_seconds, "train_docs_per_s": totals[6] / train_seconds,
-               **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
-        improved = row[f"val_{task.metric_name}"] > state["best"]
-        state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
-        state["epoch"] = epoch + 1
-        if accelerator.is_main_process:
-            log.info("epoch %d: loss %.4f (kd %.4f, ce %.4f), train acc %.4f, val %s %.4f%s", epoch + 1,
-                     row["train_loss"], row["train_kd"], row["train_ce"], row["train_accuracy"],
-                     task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
-            utils.append_jsonl(row, metrics_path)
-            if improved:
-                save_best(task, accelerator.unwrap_model(model), out_dir, name)
-            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
-        accelerator.wait_for_everyone()
-        clock = time.perf_counter()
+    with utils.sigterm_requests() as sigterm:
+        for epoch in range(state["epoch"], cfg.epochs):
+            model.train()
+            train_loader.set_epoch(epoch)
+            loader = train_loader
+            if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
+                loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
+            sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0,
+                                     "docs": 0}
+            bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
+                       total=len(train_loader), disable=not accelerator.is_main_process)
+            for step, batch in enumerate(bar, start=state["step_in_epoch"]):
+                teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
+                with accelerator.accumulate(model):
+                    logits = forward(model, batch)
+                    losses = criterion(logits, teacher_logits, batch["labels"])
+                    if not torch.isfinite(losses["total"]):  # stop before the step
+                        raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step "
+                                        f"{step + 1}: {non_finite_loss_cause(teacher_logits)}; {last_good}")
+                    accelerator.backward(losses["total"])
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                keep = batch["labels"] != IGNORE_INDEX
+                sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
+                sums["seen"] += int(keep.sum())
+                sums["batches"] += 1
+                sums["docs"] += len(batch["labels"])
+                for k in ("total", "kd", "ce"):
+                    sums[k] += losses[k].item()
+                # Only right after an optimizer step: no half-accumulated gradients need saving.
+                if accelerator.sync_gradients:
+                    stopping = stop_requested(accelerator, sigterm)
+                    if stopping or (cfg.save_every and (step + 1) // cfg.grad_accum % cfg.save_every == 0):
+                        state.update(step_in_epoch=step + 1, sums=sums)
+                        check_saveable(finite_loss(accelerator, model, forward, criterion, batch, teacher_logits))
+                        if accelerator.is_main_process:
+                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+                        last_good = good_checkpoint(ckpt_path, state)
+                    if stopping:
+                        accelerator.wait_for_everyone()
+                        raise stopped_by_sigterm(ckpt_path, state)
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}",
+                                    kd=f"{sums['kd'] / sums['batches']:.3f}", ce=f"{sums['ce'] / sums['batches']:.3f}",
+                                    acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
+            bar.close()
+            state.update(step_in_epoch=0, sums=None)
+            train_seconds = time.perf_counter() - clock
+
+            logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
+            scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())
+            totals = accelerator.reduce(torch.tensor([sums[k] for k in ("total", "kd", "ce", "batches", "correct",
+                                                                        "seen", "docs")], dtype=torch.float64,
+                                                     device=accelerator.device), reduction="sum").tolist()
+            row = {"epoch": epoch + 1, "train_loss": totals[0] / totals[3], "train_kd": totals[1] / totals[3],
+                   "train_ce": totals[2] / totals[3], "train_accuracy": totals[4] / max(totals[5], 1),
+                   "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
+                   "train_seconds": train_seconds, "train_docs_per_s": totals[6] / train_seconds,
+                   **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
+            improved = row[f"val_{task.metric_name}"] > state["best"]
+            state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
+            state["epoch"] = epoch + 1
+            check_saveable(bool(torch.isfinite(logits).all()))
+            if accelerator.is_main_process:
+                log.info("epoch %d: loss %.4f (kd %.4f, ce %.4f), train acc %.4f, val %s %.4f%s", epoch + 1,
+                         row["train_loss"], row["train_kd"], row["train_ce"], row["train_accuracy"],
+                         task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
+                history.append(row)
+                utils.write_jsonl(history, metrics_path)
+                if improved:
+                    save_best(task, accelerator.unwrap_model(model), out_dir, name)
+                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+            last_good = good_checkpoint(ckpt_path, state)
+            accelerator.wait_for_everyone()
+            if epoch + 1 < cfg.epochs and stop_requested(accelerator, sigterm):  # got it during validation
+                raise stopped_by_sigterm(ckpt_path, state)
+            clock = time.perf_counter()
 
     if accelerator.is_main_process:
-        utils.plot_curves(utils.read_jsonl(metrics_path), os.path.join(out_dir, f"{name}_curves.png"))
+        utils.plot_curves(history, os.path.join(out_dir, f"{name}_curves.png"))
     return state["best"]

@@ -1,5 +1,6 @@
-"""Small shared helpers: seeds and RNG state, atomic and safe files, device and memory info, plots, logging."""
+"""Small shared helpers: seeds and RNG state, atomic and safe files, checksums, SIGTERM, device info, plots, logging."""
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -8,7 +9,9 @@ import platform
 import random
 import re
 import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -149,14 +152,53 @@ def safe_torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it refers to {found.group(1)}" if found else "it holds Python objects, not just tensors"
-        raise UserError(f"{path} was refused: loading it needs unsafe unpickling ({what}), which can run code. "
-                        f"Load only checkpoints written by docdistill, or re-save the weights as a plain state "
-                        f"dict or safetensors") from e
+        raise UserError(f"{path} was refused: loading it needs unsafe unpickling ({unsafe_pickle_reason(e)}), "
+                        f"which can run code. Load only checkpoints written by docdistill, or re-save the weights "
+                        f"as a plain state dict or safetensors") from e
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)}): it may be "
                         f"truncated or from another program") from e
+
+
+def unsafe_pickle_reason(error):
+    """What a weights_only torch.load refused, from its UnpicklingError: the global the file refers to."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f"it refers to {found.group(1)}" if found else "it holds Python objects, not just tensors"
+
+
+def tensors_sha256(obj):
+    """sha256 over every tensor in nested dicts and lists: key path, dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def visit(value, key):
+        if torch.is_tensor(value):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                visit(value[k], f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{key}/{i}")
+
+    visit(obj, "")
+    return digest.hexdigest()
+
+
+def with_checksum(obj):
+    """A dict to save, with the sha256 of its tensors under "sha256" (checked by verify_checksum on load)."""
+    return {**obj, "sha256": tensors_sha256(obj)}
+
+
+def verify_checksum(obj, path):
+    """Refuse a loaded dict whose tensors no longer match the checksum saved with them (bytes flipped on disk)."""
+    if "sha256" not in obj:
+        log.warning("%s has no checksum (written before docdistill saved them): its tensors are not verified", path)
+        return
+    if tensors_sha256({k: v for k, v in obj.items() if k != "sha256"}) != obj["sha256"]:
+        raise UserError(f"{path} is corrupt: its tensors do not match the checksum saved with them (bytes changed "
+                        f"on disk or in a copy): use an intact copy, or start again without it")
 
 
 def first_line(error):
@@ -164,12 +206,8 @@ def first_line(error):
 
 
 def write_jsonl(rows, path):
-    _atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
-
-
-def append_jsonl(obj, path):
     """Rewrites the (small) file atomically: a kill mid-write never leaves a torn last line."""
-    write_jsonl(read_jsonl(path) + [obj], path)
+    _atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
 
 
 def read_jsonl(path):
@@ -177,6 +215,26 @@ def read_jsonl(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def all_finite(tensors):
+    """True when no tensor holds a NaN or an infinity (one device sync for all of them)."""
+    checks = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+# ----------------------------------------------------------------------------- signals
+
+@contextmanager
+def sigterm_requests():
+    """Inside the block SIGTERM does not kill the process: it is recorded in the yielded list, to be acted on at
+    a safe point. The previous handler (normally the default: exit) is back afterwards."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- machine

@@ -26,7 +26,8 @@ def snapshot(directory):
 
 @pytest.fixture
 def out(tmp_path):
-    """An output directory holding a previous run's results, which a failing command must leave alone."""
+    """An output directory holding a previous run's results, which a failing command must leave alone (even with
+    --overwrite, which the commands below pass: the old run is replaced only as the new one saves its own)."""
     out = tmp_path / "out"
     out.mkdir()
     torch.save({"name": "student", "epoch": 1}, out / "latest_checkpoint.pth")
@@ -46,7 +47,7 @@ def fails(capsys, out, tiny_demo, cache):
     def run(*flags):
         before = snapshot(out)
         code = main.main([str(f) for f in [*FAST, "--mode", "train", "--dataset", tiny_demo, "--cache-dir", cache,
-                                           "--output-dir", out, *flags]])
+                                           "--output-dir", out, "--overwrite", *flags]])
         lines = capsys.readouterr().err.strip().splitlines()
         errors = [line for line in lines if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1, lines[-5:]
@@ -130,7 +131,7 @@ def test_unreadable_checkpoint(fails, tmp_path, content, message):
 def test_unknown_hub_id_while_offline(out, tiny_demo, cache, flag, message):
     before = snapshot(out)
     given = {"--dataset": tiny_demo, "--teacher": "demo-dit", flag: "nobody-xyz/no-such-thing"}
-    result = run_main(*FAST, "--mode", "train", "--output-dir", out, "--cache-dir", cache,
+    result = run_main(*FAST, "--mode", "train", "--output-dir", out, "--overwrite", "--cache-dir", cache,
                       *[x for kv in given.items() for x in kv])  # run_main sets HF_HUB_OFFLINE=1
     error = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -1,7 +1,9 @@
-"""Reliability: exact resume after SIGKILL, atomic writes, checkpoints that cannot run code, non-finite loss."""
+"""Reliability: exact resume after SIGKILL and SIGTERM, runs never overwritten by accident, atomic writes,
+checkpoints that cannot run code and carry a checksum, only usable weights saved."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,10 +11,14 @@ import time
 
 import pytest
 import torch
+from transformers import BeitImageProcessor
 
+import main
+import models
 import utils
 from config import UserError
 from conftest import ROOT, run_main
+from demo import RVLCDIP_LABELS
 
 # Batch 4 on 32 pages: 8 steps an epoch, a checkpoint every 2. The demo teacher is random but seeded.
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "4", "--student-image-size", "64",
@@ -85,15 +91,150 @@ def test_resume_with_other_settings_names_them_and_changes_nothing(common, unint
     assert snapshot(uninterrupted) == before
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(common, tmp_path):
+def test_weights_that_diverge_are_never_saved_and_the_message_is_true(common, tmp_path):
     _, args = common
     result = run_main("--mode", "train", *args, "--output-dir", tmp_path, "--lr", "1e30", "--save-every", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
-    found = re.search(r"loss became (nan|inf|-inf) at epoch 1 step (\d+)", error)
-    assert found and "kept as it was" in error, error
-    saved = utils.safe_torch_load(str(tmp_path / "latest_checkpoint.pth"))  # written before it diverged
-    assert saved["epoch"] == 0 and saved["step_in_epoch"] == int(found.group(2)) - 1  # the save before it
+    # Step 1 (warm-up: lr 0) is saved; step 2 multiplies the weights by ~1e30: finite, but useless to resume from.
+    found = re.search(r"weights at epoch 1 step (\d+) give non-finite outputs: lower --lr.*; the last good "
+                      r"checkpoint is (\S+) \(epoch 1 step (\d+)\), kept as it was", error)
+    assert found, error
+    assert found.group(2) == str(tmp_path / "latest_checkpoint.pth")
+    saved = utils.safe_torch_load(found.group(2))
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] == int(found.group(3)) == int(found.group(1)) - 1
+    weights = [w for w in saved["model"].values() if w.is_floating_point()]
+    assert utils.all_finite(weights) and max(w.abs().max().item() for w in weights) < 100
+
+
+def test_non_finite_loss_before_any_save_keeps_an_old_run_untouched_even_with_overwrite(common, uninterrupted,
+                                                                                         tmp_path):
+    _, args = common
+    out = tmp_path / "old-run"
+    shutil.copytree(uninterrupted, out)
+    before = snapshot(out)
+    result = run_main("--mode", "train", *args, "--output-dir", out, "--overwrite", "--lr", "1e30",
+                      "--save-every", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"loss became (nan|inf|-inf) at epoch 1 step \d+: lower --lr", error), error
+    assert error.endswith("nothing of this run was saved")
+    assert snapshot(out) == before  # config, metrics, checkpoint and best model of the old run: all intact
+
+
+def test_training_into_a_finished_run_is_refused_and_changes_nothing(common, uninterrupted):
+    _, args = common
+    before = snapshot(uninterrupted)
+    result = run_main("--mode", "train", *args, "--output-dir", uninterrupted)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and "already holds a student run" in error[0]
+    assert f"--checkpoint {uninterrupted / 'latest_checkpoint.pth'}" in error[0] and "--overwrite" in error[0]
+    assert snapshot(uninterrupted) == before
+
+
+def test_overwrite_replaces_a_finished_run(common, uninterrupted, tmp_path):
+    _, args = common
+    out = tmp_path / "old-run"
+    shutil.copytree(uninterrupted, out)
+    (out / "student_metrics.jsonl").write_text('{"epoch": 1, "from": "the old run"}\n' * 5)
+    result = run_main("--mode", "train", *args, "--output-dir", out, "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(out) == metrics(uninterrupted)  # the same seed and flags: the same run, old rows gone
+    a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
+    b = torch.load(out / "latest_checkpoint.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_run(common, uninterrupted,
+                                                                                     tmp_path):
+    root, args = common
+    out = root / "terminated"
+    ckpt = out / "latest_checkpoint.pth"
+    with open(tmp_path / "stderr", "w") as err:  # a file, not a pipe: the progress bar would fill a pipe
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode", "train",
+                                 *map(str, args), "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:  # stepping: the first --save-every save is there
+            if ckpt.exists():
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        assert proc.wait(timeout=120) == 143, open(tmp_path / "stderr").read()[-3000:]
+    message = open(tmp_path / "stderr").read().strip().splitlines()[-1]
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] > 2  # the next step after the signal, not a --save-every
+    assert message == (f"stopped by SIGTERM: saved {ckpt} at epoch 1 step {saved['step_in_epoch']}; "
+                       f"continue with --checkpoint {ckpt}")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process never changed it
+
+    resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(out) == metrics(uninterrupted)
+    a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def flip_bytes_of(path, tensor):
+    """Flip one byte in the middle of `tensor`'s data inside the saved file `path` (a disk error)."""
+    raw = bytearray(open(path, "rb").read())
+    data = tensor.numpy().tobytes()
+    start = raw.find(data)
+    assert start > 0 and raw.find(data, start + 1) < 0
+    raw[start + len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def main_error(capsys, *argv):
+    """main.main(argv) in this process: its exit code and its one error line."""
+    code = main.main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and not any("Traceback" in line for line in lines), lines[-5:]
+    return code, errors[0]
+
+
+def test_checkpoint_with_flipped_bytes_is_refused_by_name(common, uninterrupted, tmp_path, capsys):
+    _, args = common
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    ckpt = out / "latest_checkpoint.pth"
+    flip_bytes_of(ckpt, torch.load(ckpt, weights_only=True)["model"]["classifier.dense.weight"])
+    before = snapshot(out)
+    code, error = main_error(capsys, "--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
+    assert code == 2 and error.startswith(f"error: {ckpt} is corrupt: its tensors do not match the checksum")
+    assert snapshot(out) == before  # the refused resume rewrote nothing, train_config.json included
+
+    best = out / "student_model.pth"
+    flip_bytes_of(best, torch.load(best, weights_only=True)["state_dict"]["classifier.dense.weight"])
+    code, error = main_error(capsys, "--mode", "eval", *args, "--output-dir", out, "--model", best)
+    assert code == 2 and error.startswith(f"error: {best} is corrupt")
+
+
+def test_pickled_weights_in_a_teacher_or_model_directory_are_refused_in_one_line(common, uninterrupted, tmp_path,
+                                                                                 capsys):
+    _, args = common
+    marker = tmp_path / "payload-ran"
+    teacher = tmp_path / "teacher"
+    config = models.demo_teacher_config(RVLCDIP_LABELS)
+    config.architectures = ["BeitForImageClassification"]
+    config.save_pretrained(teacher)
+    BeitImageProcessor(size={"height": 128, "width": 128}).save_pretrained(teacher)
+    torch.save({"weight": torch.zeros(2), "evil": Payload(marker)}, teacher / "pytorch_model.bin")
+    student = tmp_path / "student"
+    shutil.copytree(uninterrupted / "student", student)
+    os.remove(student / "model.safetensors")
+    torch.save({"weight": torch.zeros(2), "evil": Payload(marker)}, student / "pytorch_model.bin")
+
+    for argv in (["--mode", "train", "--teacher", teacher, "--output-dir", tmp_path / "out"],
+                 ["--mode", "eval", "--model", student, "--output-dir", tmp_path / "eval"]):
+        code, error = main_error(capsys, *args, *argv)
+        assert code == 2, error
+        assert "pytorch_model.bin in" in error and "was refused, nothing in it ran" in error
+        assert "posix.system" in error and "model.safetensors" in error and "weights_only" not in error
+    assert not marker.exists()
 
 
 KILLED_WRITER = """
