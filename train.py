@@ -149,7 +149,7 @@ def position(state):
 
 def good_checkpoint(path, state):
     """What the error messages say is left to resume from."""
-    return f"the last good checkpoint is {path} ({position(state)})"
+    return f"the last good checkpoint is {path} ({position(state)}), kept as it was"
 
 
 def stopped_by_sigterm(path, state):
@@ -218,7 +218,7 @@ def finite_loss(accelerator, model, forward, criterion, batch, teacher_logits):
     return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
 
 
-def unsaveable(model, optimizer, outputs_finite):
+def why_not_saveable(model, optimizer, outputs_finite):
     """Why the current weights are not worth resuming from, or None if they are."""
     if not utils.all_finite(model.parameters()):
         return "are not finite"
@@ -245,7 +245,7 @@ def stop_requested(accelerator, sigterm):
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
     """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name.
 
-    Nothing in --output-dir is written before the first save, and only weights that pass unsaveable() are saved.
+    Nothing in --output-dir is written before the first save; only weights that pass why_not_saveable() are saved.
     SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises Stopped.
     """
     accelerator = make_accelerator(cfg)
@@ -289,10 +289,9 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                  state["step_in_epoch"])
 
     def check_saveable(outputs_finite):
-        problem = unsaveable(model, optimizer, outputs_finite)
+        problem = why_not_saveable(model, optimizer, outputs_finite)
         if problem:
-            raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; "
-                            f"{last_good}, kept as it was")
+            raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
     with utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
