@@ -218,9 +218,11 @@ def read_jsonl(path):
 
 
 def all_finite(tensors):
-    """True when no tensor holds a NaN or an infinity (one device sync for all of them)."""
-    checks = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(checks).all()) if checks else True
+    """True when no tensor holds a NaN or an infinity (one sync per device: e.g. AdamW keeps `step` on the CPU)."""
+    checks = {}
+    for tensor in tensors:
+        checks.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    return all(bool(torch.stack(found).all()) for found in checks.values())
 
 
 # ----------------------------------------------------------------------------- signals
