@@ -15,8 +15,9 @@ from transformers import BeitImageProcessor
 
 import main
 import models
+import train
 import utils
-from config import UserError
+from config import UserError, parse_config
 from conftest import ROOT, run_main
 from demo import RVLCDIP_LABELS
 
@@ -137,6 +138,36 @@ def test_training_into_a_finished_run_is_refused_and_changes_nothing(common, uni
     assert code == 2 and "already holds a student run" in error
     assert f"--checkpoint {uninterrupted / 'latest_checkpoint.pth'}" in error and "--overwrite" in error
     assert snapshot(uninterrupted) == before
+
+
+@pytest.mark.parametrize("mode, name, leftover", [("train", "student", "student_metrics.jsonl"),
+                                                   ("train", "student", "student"),
+                                                   ("teacher", "teacher", "teacher_checkpoint.pth"),
+                                                   ("teacher", "teacher", "teacher_model.pth")])
+def test_which_directories_hold_a_run(tmp_path, mode, name, leftover):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "latest_checkpoint.pth").write_bytes(b"x")
+
+    def refused(*flags):
+        cfg = parse_config(["--mode", mode, "--output-dir", str(out), *map(str, flags)])
+        try:
+            train.refuse_to_overwrite(cfg, name)
+        except UserError as e:
+            return str(e)
+
+    (out / ("student_metrics.jsonl" if name == "teacher" else "teacher_model.pth")).write_text("")
+    assert refused() is None  # only the files of this kind of run count
+    if leftover in ("student", "teacher"):  # the save_pretrained directory
+        (out / leftover).mkdir()
+    else:
+        (out / leftover).write_text("")
+    assert f"already holds a {name} run ({leftover})" in refused()
+    assert "already holds" in refused("--checkpoint", elsewhere / "latest_checkpoint.pth")  # would be replaced
+    assert refused("--overwrite") is None
+    (out / "own_checkpoint.pth").write_bytes(b"x")
+    assert refused("--checkpoint", out / "own_checkpoint.pth") is None  # resuming the run kept there
 
 
 def test_overwrite_replaces_a_finished_run(common, uninterrupted, tmp_path):
