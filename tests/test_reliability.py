@@ -204,7 +204,6 @@ def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_r
     assert saved["epoch"] == 0 and saved["step_in_epoch"] > 2  # the next step after the signal, not a --save-every
     assert message == (f"stopped by SIGTERM: saved {ckpt} at epoch 1 step {saved['step_in_epoch']}; "
                        f"continue with --checkpoint {ckpt}")
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process never changed it
 
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -212,6 +211,17 @@ def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_r
     a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigterm_is_recorded_inside_the_block_and_the_handler_restored_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with utils.sigterm_requests() as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while not received and time.time() < deadline:
+            time.sleep(0.01)
+        assert received == [signal.SIGTERM]  # recorded, and this process is still alive
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def flip_bytes_of(path, tensor):
