@@ -95,6 +95,14 @@ def test_cli_error_is_one_line_with_exit_code_2_and_debug_shows_the_traceback(tm
     (["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--weight-decay", "-5"], "--weight-decay must be >= 0, got -5.0"),
+    (["--student-image-size", "0"], "--student-image-size must be >= 16, got 0"),
+    (["--max-samples", "-1"], "--max-samples must be >= 0, got -1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+    (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1], got 2.0"),
+    (["--max-length", "2"], "--max-length must be >= 4, got 2"),
 ])
 def test_invalid_hyper_parameters(fails, flags, message):
     assert message in fails(*flags)
