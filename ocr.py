@@ -13,14 +13,17 @@ import pytesseract
 from PIL import Image
 from tqdm import tqdm
 
+from config import UserError
 
-class OCRUnavailable(RuntimeError):
+
+class OCRUnavailable(UserError):
     pass
 
 
 INSTALL_HINT = (
-    "Tesseract binary not found: install it with `apt-get install tesseract-ocr` (Debian/Ubuntu) "
-    "or `brew install tesseract` (macOS), or set pytesseract.pytesseract.tesseract_cmd."
+    "Tesseract is not installed, and the data has no OCR columns (ocr_words, word_boxes): install it with "
+    "`apt-get install tesseract-ocr` (Debian/Ubuntu) or `brew install tesseract` (macOS), or give data that has "
+    "OCR columns"
 )
 
 OCR_FEATURES = {
@@ -128,7 +131,8 @@ def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR"
     decoder = datasets.Image(mode=dataset.features[col].mode)
     # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
     raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
-    results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in tqdm(raw, desc=desc)]
+    with tqdm(raw, desc=desc) as pages:  # closed on an error too, so the error starts a line of its own
+        results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in pages]
     for name, feature in OCR_FEATURES.items():
         if name not in dataset.column_names:  # keep the dataset's own width/height if it has them
             dataset = dataset.add_column(name, [r[name] for r in results], feature=feature)
