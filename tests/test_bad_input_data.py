@@ -29,3 +29,9 @@ def test_disk_full_says_no_space_left_and_where(fails, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", "/big/disk/cache.arrow")
     monkeypatch.setattr(datasets.Dataset, "map", full_at)
     assert "no space left on device at /big/disk/cache.arrow: free space" in fails("--cache-dir", tmp_path / "c2")
+
+
+def test_max_length_beyond_the_students_positions(fails):
+    error = fails("--max-length", "600")
+    assert "--max-length 600 is more than the 512 token positions of the student (layoutlmv3, " \
+           "max_position_embeddings 514): use --max-length 512 or less" in error
