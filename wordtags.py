@@ -112,7 +112,7 @@ def load_word_documents(cfg):
         data, tags = load_funsd_folder(root), FUNSD_TAGS
     else:
         data, tags = from_hub_layout(dataset.load_source(cfg.dataset, cfg.cache_dir))
-    data = dataset.ensure_splits(data, cfg.train_split, cfg.eval_split, cfg.seed)
+    data = dataset.ensure_splits(data, cfg)
     return datasets.DatasetDict({name: dataset.select_samples(split, cfg.max_samples, cfg.seed)
                                  for name, split in data.items()}), tags
 
