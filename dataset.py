@@ -328,9 +328,11 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
 
 
 def drop_bad_documents(prepared, name, on_bad_sample):
-    """--on-bad-sample: stop at the first document preprocessing flagged (fail), or leave them all out (skip)."""
-    if "problem" not in prepared.column_names:
-        return prepared
+    """--on-bad-sample: stop at the first document preprocessing flagged (fail), or leave them all out (skip).
+
+    The usable documents are selected through an indices file next to the cached split (`<key>.usable.arrow`),
+    so a large split is never loaded into memory, and the selection is part of the split's cache_files (the
+    teacher-logit cache key)."""
     plain = prepared.with_format(None)
     problems = plain["problem"]
     bad = [i for i, p in enumerate(problems) if p]
@@ -341,9 +343,11 @@ def drop_bad_documents(prepared, name, on_bad_sample):
         raise UserError(f"split {name!r}, {first} ({len(bad)} unusable documents in {name}): fix the data, or "
                         f"pass --on-bad-sample skip to leave such documents out")
     if len(bad) == len(problems):
-        raise UserError(f"split {name!r}: all {len(bad)} documents are unusable (first, {first})")
+        raise UserError(f"split {name!r}: all {len(bad)} documents are unusable (first, {first}): fix the data")
     log.warning("%s: skipping %d unusable documents of %d (first, %s)", name, len(bad), len(problems), first)
-    return prepared.select([i for i, p in enumerate(problems) if not p], keep_in_memory=True)
+    usable = [i for i, p in enumerate(problems) if not p]
+    source = os.path.splitext(prepared.cache_files[0]["filename"])[0]
+    return prepared.select(usable, indices_cache_file_name=source + ".usable.arrow")
 
 
 # ----------------------------------------------------------------------------- batching

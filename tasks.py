@@ -139,8 +139,9 @@ class TokenClassification:
         models.check_max_length(cfg.max_length, self.student.config, "student")
         spec = dataset.image_spec(self.teacher_processor)
         self.splits = {
-            name: wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
-                                            cfg.cache_dir, desc=f"preprocess {name}")
+            name: dataset.drop_bad_documents(
+                wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
+                                          cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in self.documents.items()}
         self.collator = wordtags.WordCollator(self.tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id, spec)
 

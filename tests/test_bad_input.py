@@ -40,18 +40,22 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def error_line(capsys, out, argv):
+    """The one error line of main.main(argv), checked: exit code 2, nothing else an error, `out` untouched."""
+    before = snapshot(out)
+    code = main.main([str(f) for f in ["--output-dir", out, *argv]])  # argv may override it
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1, lines[-5:]
+    assert snapshot(out) == before
+    return errors[0]
+
+
 @pytest.fixture
 def fails(capsys, out, tiny_demo, cache):
     """fails(*flags) -> the error line of `main.py --mode train` on the tiny corpus (flags override)."""
     def run(*flags):
-        before = snapshot(out)
-        code = main.main([str(f) for f in [*FAST, "--mode", "train", "--dataset", tiny_demo, "--cache-dir", cache,
-                                           "--output-dir", out, *flags]])
-        lines = capsys.readouterr().err.strip().splitlines()
-        errors = [line for line in lines if line.startswith("error: ")]
-        assert code == 2 and len(errors) == 1, lines[-5:]
-        assert snapshot(out) == before
-        return errors[0]
+        return error_line(capsys, out, [*FAST, "--mode", "train", "--dataset", tiny_demo, "--cache-dir", cache, *flags])
     return run
 
 

@@ -5,10 +5,14 @@ import json
 import os
 
 import datasets
+import pytest
 import pytesseract
 
+import dataset
 import main
-from test_bad_input import FAST, cache, corpus, fails, out, snapshot  # noqa: F401 (fixtures)
+import wordtags
+from test_bad_input import FAST, cache, corpus, error_line, fails, out, snapshot  # noqa: F401 (fixtures)
+from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
 
 
 def write_json_data(tiny_demo, folder, splits=("train", "validation")):
@@ -99,3 +103,93 @@ def test_mistyped_eval_split_lists_the_splits(fails, tiny_demo, tmp_path):
     no_validation.save_to_disk(str(tmp_path / "no-validation"))
     error = fails("--mode", "eval", "--dataset", tmp_path / "no-validation")  # eval never scores a carved split
     assert "dataset has no split 'validation' (splits: train, test)" in error
+
+
+# ----------------------------------------------------------------------------- token classification (FUNSD)
+
+@pytest.fixture(scope="module")
+def token_flags(tmp_path_factory):
+    """Flags of a token-classification `info` run (it preprocesses every split) with tiny random models."""
+    root = tmp_path_factory.mktemp("token")
+    _, student_tokenizer = wordpiece(root, TRICKY)
+    teacher_tokenizer, bpe_dir = byte_bpe(root)
+    return ["--mode", "info", "--task", "token-classification", "--tokenizer", student_tokenizer,
+            "--student-config", "builtin:distilbert-base-uncased", "--student-size", "tiny", "--eval-split", "test",
+            "--teacher", tiny_teacher_dir(root, bpe_dir, len(teacher_tokenizer)), "--cache-dir", root / "cache"]
+
+
+def annotation(root, name="form00"):
+    return root / "training_data" / "annotations" / f"{name}.json"
+
+
+def edit_first_word(path, **word):
+    form = json.loads(path.read_text())
+    form["form"][0]["words"][0] = {**form["form"][0]["words"][0], **word}
+    path.write_text(json.dumps(form))
+
+
+BAD_FORMS = {
+    "malformed JSON": (lambda p: p.write_text('{"form": [{"label": "header",'), "is not valid JSON (Expecting"),
+    "no form": (lambda p: p.write_text('{"entities": []}'), "has no 'form' (the list of entities)"),
+    "word without a box": (lambda p: edit_first_word(p, box=None), "entity 0: word 0 'RESEARCH' has box None"),
+    "3-coordinate box": (lambda p: edit_first_word(p, box=[10, 10, 90]), "has box [10, 10, 90]: give 4 numbers"),
+    "null text": (lambda p: edit_first_word(p, text=None), "entity 0: word 0 has no text (null"),
+    "not UTF-8": (lambda p: p.write_bytes(p.read_text().replace("RESEARCH", "RÉSEARCH").encode("latin-1")),
+                  "is not UTF-8 text (byte "),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FORMS)
+def test_bad_funsd_form_stops_the_run_naming_its_file(capsys, out, token_flags, tmp_path, case):
+    edit, message = BAD_FORMS[case]
+    data = write_funsd(tmp_path / "funsd")
+    edit(annotation(tmp_path / "funsd"))
+    error = error_line(capsys, out, [*token_flags, "--dataset", data])
+    assert f"split 'train', document 0: {annotation(tmp_path / 'funsd')}" in error and message in error
+    assert "--on-bad-sample skip" in error
+
+
+def test_skip_leaves_bad_forms_out_and_counts_them(capsys, caplog, token_flags, tmp_path):
+    data = write_funsd(tmp_path / "funsd", forms_per_split=3)
+    annotation(tmp_path / "funsd", "form01").write_text("{not json")
+    code = main.main([str(f) for f in [*token_flags, "--dataset", data, "--on-bad-sample", "skip",
+                                       "--output-dir", tmp_path / "out"]])
+    printed = capsys.readouterr().out
+    assert code == 0 and '"documents": 2,\n  "skipped": 1' in printed
+    assert "train: skipping 1 unusable documents of 3 (first, document 1: " in caplog.text
+
+
+def hub_layout(tmp_path, change):
+    """The generated forms in the hub's layout (tokens, bboxes, ner_tags, image); change(row) -> columns to change
+    in the first training form."""
+    folder = wordtags.load_funsd_folder(write_funsd(tmp_path / "funsd"))
+    hub = datasets.DatasetDict({name: split.remove_columns("problem").rename_columns(
+        {"words": "tokens", "boxes": "bboxes"}) for name, split in folder.items()})
+    hub["train"] = hub["train"].map(lambda row, i: {**row, **change(row)} if i == 0 else row, with_indices=True)
+    hub.save_to_disk(str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_layout_with_pixel_boxes_or_missing_tags(capsys, out, token_flags, tmp_path):
+    pixel_boxes = hub_layout(tmp_path / "a", lambda row: {"bboxes": [[20, 1200, 180, 1300]] * len(row["tokens"])})
+    error = error_line(capsys, out, [*token_flags, "--dataset", pixel_boxes])
+    assert "split 'train', document 0: word box 0 [20, 1200, 180, 1300] lies outside the 1000x1000 page" in error
+    assert "0-1000 grid" in error and "not pixels" in error
+    short_tags = hub_layout(tmp_path / "b", lambda row: {"ner_tags": row["ner_tags"][:-1]})
+    error = error_line(capsys, out, [*token_flags, "--dataset", short_tags])
+    assert "split 'train', document 0: 11 words, 11 boxes and 10 tags: give one box and one tag per word" in error
+
+
+def test_max_length_beyond_the_token_teachers_positions(capsys, out, token_flags, tmp_path):
+    error = error_line(capsys, out, [*token_flags, "--dataset", write_funsd(tmp_path / "funsd"), "--max-length", 513])
+    assert "--max-length 513 is more than the 512 token positions of the teacher (layoutlmv3" in error
+
+
+def test_skipping_selects_through_an_indices_file_not_in_memory(tmp_path):
+    split = datasets.Dataset.from_dict({"problem": ["", "bad page", "", ""]})
+    prepared = dataset.cached_map(split, lambda batch, indices: {"index": indices, "problem": batch["problem"]},
+                                  None, str(tmp_path), "key", "test")
+    usable = dataset.drop_bad_documents(prepared, "train", "skip")
+    assert usable.with_format(None)["index"] == [0, 2, 3]
+    files = [os.path.basename(f["filename"]) for f in usable.cache_files]
+    assert files == ["key.arrow", "key.usable.arrow"]  # the teacher-logit cache key sees the selection
