@@ -235,12 +235,23 @@ def image_spec(processor):
             "std": [float(s) for s in processor.image_std] if processor.do_normalize else [1.0] * 3}
 
 
+def to_rgb(image):
+    """A page as 8-bit RGB. Deeper grayscale (I;16, I, F) is scaled to 0-255: PIL's own conversion clips every
+    value above 255 to white, so a 16-bit scan would come out blank."""
+    if not image.mode.startswith(("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    peak = values.max(initial=0)
+    scale = 1.0 if peak <= 255 else 255 / 65535 if peak <= 65535 else 255 / peak
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
 def resize_page(image, spec):
     """Page -> uint8 [3, H, W], resized the way the model's processor resizes (None -> a blank placeholder)."""
     height, width = spec["size"]
     if image is None:
         return np.zeros((3, height, width), dtype=np.uint8)
-    page = image.convert("RGB").resize((width, height), resample=Image.Resampling(spec["resample"]))
+    page = to_rgb(image).resize((width, height), resample=Image.Resampling(spec["resample"]))
     return np.asarray(page, dtype=np.uint8).transpose(2, 0, 1)
 
 

@@ -5,11 +5,14 @@ import json
 import os
 
 import datasets
+import numpy as np
 import pytest
 import pytesseract
+from PIL import Image
 
 import dataset
 import main
+import ocr
 import wordtags
 from test_bad_input import FAST, cache, corpus, error_line, fails, out, snapshot  # noqa: F401 (fixtures)
 from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
@@ -193,3 +196,20 @@ def test_skipping_selects_through_an_indices_file_not_in_memory(tmp_path):
     assert usable.with_format(None)["index"] == [0, 2, 3]
     files = [os.path.basename(f["filename"]) for f in usable.cache_files]
     assert files == ["key.arrow", "key.usable.arrow"]  # the teacher-logit cache key sees the selection
+
+
+def test_16_bit_grayscale_page_is_scaled_not_blank(monkeypatch):
+    values = np.full((40, 60), 60000, np.uint16)
+    values[10:20, 5:55] = 5000  # dark text on light paper, every value above 255
+    page = Image.fromarray(values)
+    assert page.mode == "I;16"
+    rgb = np.asarray(dataset.to_rgb(page))
+    assert rgb.shape == (40, 60, 3) and rgb[0, 0].tolist() == [233] * 3 and rgb[15, 30].tolist() == [19] * 3
+    spec = {"size": [20, 30], "resample": 2}
+    assert dataset.resize_page(page, spec).min() < 50  # the text survives resizing
+    seen = []
+    monkeypatch.setattr(pytesseract, "image_to_data", lambda image, **kw: seen.append(np.asarray(image)) or
+                        {key: [] for key in ("text", "conf", "left", "top", "width", "height", "page_num",
+                                             "block_num", "par_num")})
+    ocr.ocr_page(page)
+    assert seen[0].min() == 19 and seen[0].max() == 233  # Tesseract sees the text, not a white page
