@@ -203,7 +203,7 @@ def main(argv=None):
         utils.setup_logging(process.is_main_process)
         if not cfg.cache_dir:
             cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "cache")
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        # --output-dir is not created here: every write (utils.atomic_*) creates it, so bad input leaves none behind
         utils.seed_everything(cfg.seed)
         if cfg.mode == "demo":
             return run_demo(cfg) or 0

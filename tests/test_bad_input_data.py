@@ -213,3 +213,10 @@ def test_16_bit_grayscale_page_is_scaled_not_blank(monkeypatch):
                                              "block_num", "par_num")})
     ocr.ocr_page(page)
     assert seen[0].min() == 19 and seen[0].max() == 233  # Tesseract sees the text, not a white page
+
+
+def test_bad_input_creates_no_output_directory(capsys, tiny_demo, cache, tmp_path):
+    code = main.main([str(f) for f in [*FAST, "--mode", "eval", "--dataset", tiny_demo, "--cache-dir", cache,
+                                       "--eval-split", "tset", "--output-dir", tmp_path / "new"]])
+    assert code == 2 and "no split 'tset'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
