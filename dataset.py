@@ -21,7 +21,7 @@ import utils
 from config import UserError
 
 log = logging.getLogger("docdistill")
-PREP_VERSION = "2"  # bump when the preprocessing output changes, so old caches are not reused
+PREP_VERSION = "3"  # bump when the preprocessing output changes, so old caches are not reused
 
 
 # ----------------------------------------------------------------------------- loading
@@ -49,6 +49,7 @@ def load_source(name, cache_dir):
 
 
 def _load_local(name):
+    """A save_to_disk directory, a folder of parquet/JSON files or of images by class, or files by glob."""
     if os.path.isdir(name):
         if os.path.exists(os.path.join(name, "dataset_dict.json")) or \
                 os.path.exists(os.path.join(name, "dataset_info.json")):
