@@ -98,6 +98,8 @@ def encode_string_labels(data, train_split):
 def box_problem(boxes, width, height, fix):
     """Why word boxes [x0, y0, x1, y1] cannot be used on a width x height page, or "": `fix` says which units
     they must be in."""
+    if len(boxes) == 0:
+        return ""
     try:
         b = np.asarray(boxes, dtype=np.float64)
     except (TypeError, ValueError):

@@ -46,14 +46,15 @@ def read_entities(path):
     """The entities (form[]) of a FUNSD annotation file, checked to have what bio_tags reads."""
     try:
         with open(path, encoding="utf-8") as f:
-            entities = json.load(f)["form"]
+            annotation = json.load(f)
     except UnicodeDecodeError as e:
         raise FormProblem(datacheck.not_utf8(path, e)) from e
     except json.JSONDecodeError as e:
         raise FormProblem(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except (KeyError, TypeError) as e:
-        raise FormProblem(f"{path} has no 'form' (the list of entities): give FUNSD annotations") from e
-    for k, entity in enumerate(entities if isinstance(entities, list) else [None]):
+    entities = annotation.get("form") if isinstance(annotation, dict) else None
+    if not isinstance(entities, list):
+        raise FormProblem(f"{path} has no 'form' (the list of entities): give FUNSD annotations")
+    for k, entity in enumerate(entities):
         if problem := entity_problem(entity):
             raise FormProblem(f"{path}: entity {k}: {problem}")
     return entities
@@ -115,21 +116,21 @@ def form_id(path):
 
 def funsd_form(annotation_path, image_path):
     """One raw form; a form that cannot be used keeps an empty row that names its file and what is wrong."""
-    image = {"bytes": None, "path": image_path}
-    if os.path.exists(image_path):
-        with open(image_path, "rb") as f:  # the bytes, so the data's fingerprint covers the pages too
-            image = {"bytes": f.read(), "path": None}
-    page, problem = dataset.open_page({**image, "path": image_path})
+    page_bytes = None  # kept in the row, so the data's fingerprint covers the pages too
+    if os.path.isfile(image_path):
+        with open(image_path, "rb") as f:
+            page_bytes = f.read()
+    page, problem = dataset.open_page({"bytes": page_bytes, "path": image_path})  # a missing file: its error
     try:
         if problem:
-            raise FormProblem(problem)
+            raise FormProblem(f"{annotation_path}: {problem}")
         words, boxes, tags = bio_tags(read_entities(annotation_path))
         if problem := datacheck.box_problem(boxes, *page.size, fix="pixels of the page image") if words else "":
             raise FormProblem(f"{annotation_path}: {problem}")
     except FormProblem as e:
         return {"id": form_id(annotation_path), "image": None, "words": [], "boxes": [], "ner_tags": [],
                 "problem": str(e)}
-    return {"id": form_id(annotation_path), "image": image, "words": words,
+    return {"id": form_id(annotation_path), "image": {"bytes": page_bytes, "path": None}, "words": words,
             "boxes": dataset.normalize_boxes(boxes, *page.size) if boxes else [],
             "ner_tags": [FUNSD_TAGS.index(t) for t in tags], "problem": ""}
 

@@ -137,6 +137,8 @@ BAD_FORMS = {
     "word without a box": (lambda p: edit_first_word(p, box=None), "entity 0: word 0 'RESEARCH' has box None"),
     "3-coordinate box": (lambda p: edit_first_word(p, box=[10, 10, 90]), "has box [10, 10, 90]: give 4 numbers"),
     "null text": (lambda p: edit_first_word(p, text=None), "entity 0: word 0 has no text (null"),
+    "missing page image": (lambda p: (p.parent.parent / "images" / f"{p.stem}.png").unlink(),
+                           "images/form00.png cannot be read ("),
     "not UTF-8": (lambda p: p.write_bytes(p.read_text().replace("RESEARCH", "RÉSEARCH").encode("latin-1")),
                   "is not UTF-8 text (byte "),
 }
@@ -181,6 +183,7 @@ def test_hub_layout_with_pixel_boxes_or_missing_tags(capsys, out, token_flags, t
     short_tags = hub_layout(tmp_path / "b", lambda row: {"ner_tags": row["ner_tags"][:-1]})
     error = error_line(capsys, out, [*token_flags, "--dataset", short_tags])
     assert "split 'train', document 0: 11 words, 11 boxes and 10 tags: give one box and one tag per word" in error
+    assert wordtags.form_problem([], [], []) == ""  # a form without words is usable (it scores nothing)
 
 
 def test_max_length_beyond_the_token_teachers_positions(capsys, out, token_flags, tmp_path):
