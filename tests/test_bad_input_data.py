@@ -14,7 +14,7 @@ import dataset
 import main
 import ocr
 import wordtags
-from test_bad_input import FAST, cache, corpus, error_line, fails, out, snapshot  # noqa: F401 (fixtures)
+from test_bad_input import FAST, cache, error_line, fails, out  # noqa: F401 (cache, out: fixtures)
 from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
 
 
