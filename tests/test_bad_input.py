@@ -41,12 +41,14 @@ def cache(tmp_path_factory):
 
 
 def error_line(capsys, out, argv):
-    """The one error line of main.main(argv), checked: exit code 2, nothing else an error, `out` untouched."""
+    """The one error line of main.main(argv), checked: exit code 2, one error line and no traceback on stderr,
+    `out` untouched."""
     before = snapshot(out)
     code = main.main([str(f) for f in ["--output-dir", out, *argv]])  # argv may override it
-    lines = capsys.readouterr().err.strip().splitlines()
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1, lines[-5:]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, lines[-5:]
     assert snapshot(out) == before
     return errors[0]
 
