@@ -107,18 +107,9 @@ class Config:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio"):
             if not math.isfinite(getattr(self, name)):
-                problems.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            problems.append(f"--temperature must be > 0, got {self.temperature}")
-        if self.save_every < 0:
-            problems.append(f"--save-every must be >= 0, got {self.save_every}")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
+                problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
+        problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
+                     if (problem := out_of_bounds(flag(name), getattr(self, name), *bounds))]
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in ("tiny", "full"):
@@ -130,7 +121,7 @@ class Config:
                 problems.append(f"--{name} {getattr(self, name)}: no such file or directory")
         for name in ("output_dir", "cache_dir"):
             if os.path.isfile(getattr(self, name)):
-                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)} is a file, not a directory")
+                problems.append(f"{flag(name)} {getattr(self, name)} is a file, not a directory")
         if problems:
             raise UserError("; ".join(problems))
         return self
@@ -142,6 +133,32 @@ class Config:
         """Short hash of the settings that must not change across a resume."""
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+# Allowed range of every numeric flag: (minimum, maximum or None, whether the minimum itself is excluded).
+NUMERIC_BOUNDS = {
+    "alpha": (0, 1, False), "temperature": (0, None, True), "lr": (0, None, True), "weight_decay": (0, None, False),
+    "warmup_ratio": (0, 1, False), "batch_size": (1, None, False), "grad_accum": (1, None, False),
+    "epochs": (1, None, False), "max_length": (4, None, False),  # room for the special tokens and a word
+    "save_every": (0, None, False), "max_samples": (0, None, False), "num_workers": (0, None, False),
+    "log_every": (1, None, False), "seed": (0, 2**32 - 1, False),  # NumPy's seed range
+    "student_image_size": (16, None, False),  # at least one 16-pixel patch
+}
+
+
+def out_of_bounds(name, value, minimum, maximum, exclusive):
+    """What is wrong with a numeric flag's value, or "" (non-finite numbers are reported separately)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    if maximum is not None:
+        return "" if minimum <= value <= maximum else f"{name} must be in [{minimum}, {maximum}], got {value}"
+    if exclusive:
+        return "" if value > minimum else f"{name} must be > {minimum}, got {value}"
+    return "" if value >= minimum else f"{name} must be >= {minimum}, got {value}"
 
 
 PRESETS = {

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+import datacheck
+import utils
 from config import UserError
 
 log = logging.getLogger("docdistill")
-PREP_VERSION = "2"  # bump when the preprocessing output changes, so old caches are not reused
+PREP_VERSION = "3"  # bump when the preprocessing output changes, so old caches are not reused
 
 
 # ----------------------------------------------------------------------------- loading
@@ -29,31 +31,41 @@ def load_source(name, cache_dir):
     if name == "demo":
         import demo
         return demo.generate_demo_dataset(os.path.join(cache_dir, "demo"))
+    if os.path.exists(name) or glob.glob(name):
+        try:
+            return _load_local(name)
+        except UserError:
+            raise
+        except Exception as e:  # arrow, PIL and datasets raise many kinds of errors for a bad file
+            raise UserError(f"cannot load dataset {name!r}: {utils.first_line(e)}: check its files are valid "
+                            f"parquet, JSON (UTF-8) or images") from e
+    if name.startswith((".", "/")) or os.sep in name and not _looks_like_hub_id(name):
+        raise UserError(f"--dataset {name}: no such file or directory")
     try:
-        if os.path.isdir(name):
-            if os.path.exists(os.path.join(name, "dataset_dict.json")) or \
-                    os.path.exists(os.path.join(name, "dataset_info.json")):
-                loaded = datasets.load_from_disk(name)
-                return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-            files = {ext: sorted(glob.glob(os.path.join(name, f"*.{ext}"))) for ext in ("parquet", "json", "jsonl")}
-            for ext, paths in files.items():
-                if paths:
-                    return _load_files(paths, "json" if ext == "jsonl" else ext)
-            return datasets.load_dataset("imagefolder", data_dir=name)
-        if os.path.isfile(name) or glob.glob(name):
-            paths = sorted(glob.glob(name))
-            ext = os.path.splitext(paths[0])[1].lstrip(".")
-            if ext not in ("parquet", "json", "jsonl"):
-                raise UserError(f"--dataset {name}: files must be .parquet, .json or .jsonl, got .{ext}")
-            return _load_files(paths, "json" if ext == "jsonl" else ext)
-        if name.startswith((".", "/")) or os.sep in name and not _looks_like_hub_id(name):
-            raise UserError(f"--dataset {name}: no such file or directory")
         return datasets.load_dataset(name)
-    except UserError:
-        raise
     except Exception as e:  # hub errors come in many classes; the first line says what happened
-        raise UserError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                        f" (offline? give a local directory or files instead of a hub id)") from e
+        raise UserError(f"cannot load dataset {name!r}: {utils.first_line(e)} (offline? give a local directory or "
+                        f"files instead of a hub id)") from e
+
+
+def _load_local(name):
+    """A save_to_disk directory, a folder of parquet/JSON files or of images by class, or files by glob."""
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "dataset_dict.json")) or \
+                os.path.exists(os.path.join(name, "dataset_info.json")):
+            datacheck.check_saved_splits(name)
+            loaded = datasets.load_from_disk(name)
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        files = {ext: sorted(glob.glob(os.path.join(name, f"*.{ext}"))) for ext in ("parquet", "json", "jsonl")}
+        for ext, paths in files.items():
+            if paths:
+                return _load_files(paths, "json" if ext == "jsonl" else ext)
+        return datasets.load_dataset("imagefolder", data_dir=name)
+    paths = sorted(glob.glob(name))
+    ext = os.path.splitext(paths[0])[1].lstrip(".")
+    if ext not in ("parquet", "json", "jsonl"):
+        raise UserError(f"--dataset {name}: files must be .parquet, .json or .jsonl, got .{ext}")
+    return _load_files(paths, "json" if ext == "jsonl" else ext)
 
 
 def _looks_like_hub_id(name):
@@ -61,13 +73,18 @@ def _looks_like_hub_id(name):
 
 
 def _load_files(paths, builder):
-    """One file per split when names say so (train.parquet, test-00000.parquet, ...), else one train split."""
+    """One file per split when names say so (train.parquet, test-00000.parquet, ...), else one train split.
+    An 'image' column of paths is read from those files, relative paths from the data files' folder."""
+    if builder == "json":
+        datacheck.check_text_files(paths)
     by_split = {}
     for path in paths:
         stem = os.path.basename(path).split(".")[0].split("-")[0]
         split = {"val": "validation", "valid": "validation", "dev": "validation"}.get(stem, stem)
         by_split.setdefault(split if split in ("train", "validation", "test") else "train", []).append(path)
-    return datasets.load_dataset(builder, data_files=by_split)
+    loaded = datasets.load_dataset(builder, data_files=by_split)
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    return datasets.DatasetDict({name: datacheck.resolve_image_paths(split, folder) for name, split in loaded.items()})
 
 
 def label_names_of(split):
@@ -110,16 +127,31 @@ def check_labels(split, name, labels):
                                 f"label {label} is {labels[label]!r} in the training split: use one numbering")
 
 
-def ensure_splits(data, train_split, eval_split, seed):
-    """Split a validation set off the training data when the source has none (10%, seeded)."""
-    if train_split not in data:
-        raise UserError(f"dataset has no split {train_split!r} (splits: {', '.join(data)}): use --train-split")
-    if eval_split not in data:
-        parts = data[train_split].train_test_split(test_size=0.1, seed=seed,
-                                                   stratify_by_column="label" if _is_classlabel(data[train_split]) else None)
-        log.info("no %r split: using 10%% of %r for it (%d documents)", eval_split, train_split, len(parts["test"]))
-        data = datasets.DatasetDict({**data, train_split: parts["train"], eval_split: parts["test"]})
+def ensure_splits(data, cfg):
+    """The training and evaluation splits, none empty. Training without a 'validation' split carves one from the
+    training data; any other split the data lacks is an error (--mode eval never scores a carved split)."""
+    carve = cfg.eval_split == "validation" and cfg.mode != "eval"
+    for name, flag in ((cfg.train_split, "--train-split"), (cfg.eval_split, "--eval-split")):
+        if name not in data and not (carve and name == cfg.eval_split):
+            raise UserError(f"dataset has no split {name!r} (splits: {', '.join(data)}): use {flag} with one of them")
+    datacheck.check_not_empty(data)
+    if cfg.eval_split not in data:
+        data = carve_validation(data, cfg.train_split, cfg.eval_split, cfg.seed)
     return data
+
+
+def carve_validation(data, train_split, eval_split, seed):
+    """10% of the training documents (seeded; stratified by class where there are class names) as eval_split."""
+    train = data[train_split]
+    try:
+        parts = train.train_test_split(test_size=0.1, seed=seed,
+                                       stratify_by_column="label" if _is_classlabel(train) else None)
+    except ValueError as e:  # too few documents, or too few of a class, to put 10% aside
+        raise UserError(f"the data has no {eval_split!r} split and 10% of the {len(train)} documents of "
+                        f"{train_split!r} cannot be set aside for it ({utils.first_line(e)}): add a {eval_split!r} "
+                        f"split, or more documents of each class") from e
+    log.info("no %r split: using 10%% of %r for it (%d documents)", eval_split, train_split, len(parts["test"]))
+    return datasets.DatasetDict({**data, train_split: parts["train"], eval_split: parts["test"]})
 
 
 def _is_classlabel(split):
@@ -135,8 +167,8 @@ def select_samples(split, max_samples, seed):
 
 def load_documents(cfg):
     """The raw documents (DatasetDict) with OCR columns, label names, and at most cfg.max_samples per split."""
-    data = load_source(cfg.dataset, cfg.cache_dir)
-    data = ensure_splits(data, cfg.train_split, cfg.eval_split, cfg.seed)
+    data = ensure_splits(load_source(cfg.dataset, cfg.cache_dir), cfg)
+    data = datacheck.encode_string_labels(data, cfg.train_split)
     labels = label_names_of(data[cfg.train_split])
     out = {}
     for name, split in data.items():
@@ -151,13 +183,12 @@ def load_documents(cfg):
 
 # ----------------------------------------------------------------------------- preprocessing
 
-BOX_TOLERANCE = 0.02  # a word box may stick out of the page by 2% of its side (OCR rounding, tight crops)
-
-
 def open_page(cell):
     """(page, "") from an image cell ({'bytes', 'path'} undecoded, or a PIL image), or (None, what is wrong)."""
     if isinstance(cell, Image.Image):
         return cell, ""
+    if cell is None:
+        return None, "document has no image"
     source = cell.get("path") or "(embedded bytes)"
     try:
         data = cell.get("bytes")
@@ -183,22 +214,7 @@ def document_problem(words, boxes, width, height):
         return "page has no OCR words (blank page, or OCR found no text)"
     if len(boxes) != len(words):
         return f"{len(words)} OCR words but {len(boxes)} word boxes: give one box per word"
-    try:
-        b = np.asarray(boxes, dtype=np.float64)
-    except (TypeError, ValueError):
-        b = np.zeros(0)
-    if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
-        return "word boxes must be 4 finite numbers each: [x0, y0, x1, y1] in pixels"
-    inverted = np.flatnonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))
-    if inverted.size:
-        return (f"word box {inverted[0]} {list(boxes[inverted[0]])} is inverted (x1 < x0 or y1 < y0): boxes must "
-                f"be [x0, y0, x1, y1], not [x, y, width, height]")
-    page = np.array([width, height, width, height], dtype=np.float64)
-    outside = np.flatnonzero(((b < -BOX_TOLERANCE * page) | (b > (1 + BOX_TOLERANCE) * page)).any(axis=1))
-    if outside.size:
-        return (f"word box {outside[0]} {list(boxes[outside[0]])} lies outside the {width}x{height} page: boxes "
-                f"must be in pixels of this page (not 0-1000 or another scan's size)")
-    return ""
+    return datacheck.box_problem(boxes, width, height, fix="pixels of this page (not 0-1000 or another scan's size)")
 
 
 def normalize_boxes(boxes, width, height):
@@ -220,12 +236,23 @@ def image_spec(processor):
             "std": [float(s) for s in processor.image_std] if processor.do_normalize else [1.0] * 3}
 
 
+def to_rgb(image):
+    """A page as 8-bit RGB. Deeper grayscale (I;16, I, F) is scaled to 0-255: PIL's own conversion clips every
+    value above 255 to white, so a 16-bit scan would come out blank."""
+    if not image.mode.startswith(("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    peak = values.max(initial=0)
+    scale = 1.0 if peak <= 255 else 255 / 65535 if peak <= 65535 else 255 / peak
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
 def resize_page(image, spec):
     """Page -> uint8 [3, H, W], resized the way the model's processor resizes (None -> a blank placeholder)."""
     height, width = spec["size"]
     if image is None:
         return np.zeros((3, height, width), dtype=np.uint8)
-    page = image.convert("RGB").resize((width, height), resample=Image.Resampling(spec["resample"]))
+    page = to_rgb(image).resize((width, height), resample=Image.Resampling(spec["resample"]))
     return np.asarray(page, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -313,9 +340,11 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
 
 
 def drop_bad_documents(prepared, name, on_bad_sample):
-    """--on-bad-sample: stop at the first document preprocessing flagged (fail), or leave them all out (skip)."""
-    if "problem" not in prepared.column_names:
-        return prepared
+    """--on-bad-sample: stop at the first document preprocessing flagged (fail), or leave them all out (skip).
+
+    The usable documents are selected through an indices file next to the cached split (`<key>.usable.arrow`),
+    so a large split is never loaded into memory, and the selection is part of the split's cache_files (the
+    teacher-logit cache key)."""
     plain = prepared.with_format(None)
     problems = plain["problem"]
     bad = [i for i, p in enumerate(problems) if p]
@@ -326,9 +355,11 @@ def drop_bad_documents(prepared, name, on_bad_sample):
         raise UserError(f"split {name!r}, {first} ({len(bad)} unusable documents in {name}): fix the data, or "
                         f"pass --on-bad-sample skip to leave such documents out")
     if len(bad) == len(problems):
-        raise UserError(f"split {name!r}: all {len(bad)} documents are unusable (first, {first})")
+        raise UserError(f"split {name!r}: all {len(bad)} documents are unusable (first, {first}): fix the data")
     log.warning("%s: skipping %d unusable documents of %d (first, %s)", name, len(bad), len(problems), first)
-    return prepared.select([i for i, p in enumerate(problems) if not p], keep_in_memory=True)
+    usable = [i for i, p in enumerate(problems) if not p]
+    source = os.path.splitext(prepared.cache_files[0]["filename"])[0]
+    return prepared.select(usable, indices_cache_file_name=source + ".usable.arrow")
 
 
 # ----------------------------------------------------------------------------- batching

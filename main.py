@@ -8,6 +8,7 @@ demo     the whole job on the built-in corpus: teacher, baseline, distilled stud
 bench    speed, size and memory of teacher and student    -> OUTPUT_DIR/bench.json, bench.md
 """
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -185,6 +186,17 @@ def demo_table(results):
     return "\n".join(lines)
 
 
+def error_line(error, cfg):
+    """The one line reported for bad input or a failed file operation: what is wrong and how to fix it."""
+    if isinstance(error, UserError):
+        return f"error: {error}"
+    if error.errno == errno.ENOSPC or "No space left on device" in str(error):  # Arrow's errors carry no errno
+        where = error.filename or (f"--output-dir {cfg.output_dir} or --cache-dir {cfg.cache_dir}" if cfg else
+                                   "the output or cache directory")
+        return f"error: no space left on device at {where}: free space or use another --output-dir/--cache-dir"
+    return f"error: {utils.first_line(error)} (--debug shows where)"
+
+
 def main(argv=None):
     cfg = None
     try:
@@ -193,7 +205,7 @@ def main(argv=None):
         utils.setup_logging(process.is_main_process)
         if not cfg.cache_dir:
             cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "cache")
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        # --output-dir is not created here: every write (utils.atomic_*) creates it, so bad input leaves none behind
         utils.seed_everything(cfg.seed)
         if cfg.mode == "demo":
             return run_demo(cfg) or 0
@@ -213,8 +225,7 @@ def main(argv=None):
     except (UserError, OSError) as e:  # OSError: disk full, no permission... (writes are atomic, nothing is torn)
         if cfg.debug if cfg is not None else "--debug" in (sys.argv[1:] if argv is None else argv):  # bad flags
             raise
-        hint = "" if isinstance(e, UserError) else " (--debug shows where)"
-        print(f"error: {e if isinstance(e, UserError) else utils.first_line(e)}{hint}", file=sys.stderr)
+        print(error_line(e, cfg), file=sys.stderr)
         return 2
     except train.Stopped as e:  # SIGTERM: a resumable checkpoint was saved
         print(e, file=sys.stderr)

@@ -172,6 +172,25 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
                         f"use --student-size tiny for a random student") from e
 
 
+# Models that number positions after the padding index (RoBERTa's scheme): pad_token_id + 1 positions are unused.
+PADDING_OFFSET_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", "layoutlmv3"}
+
+
+def token_limit(config):
+    """How many tokens the model's position embeddings can number."""
+    offset = config.pad_token_id + 1 if config.model_type in PADDING_OFFSET_MODELS else 0
+    return config.max_position_embeddings - offset
+
+
+def check_max_length(max_length, config, who):
+    """--max-length must fit the model's positions, or the run fails with an IndexError on the first long page."""
+    limit = token_limit(config)
+    if max_length > limit:
+        raise UserError(f"--max-length {max_length} is more than the {limit} token positions of the {who} "
+                        f"({config.model_type}, max_position_embeddings {config.max_position_embeddings}): use "
+                        f"--max-length {limit} or less")
+
+
 def label_names(model):
     return [model.config.id2label[i] for i in range(len(model.config.id2label))]
 

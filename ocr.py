@@ -13,14 +13,18 @@ import pytesseract
 from PIL import Image
 from tqdm import tqdm
 
+import dataset
+from config import UserError
 
-class OCRUnavailable(RuntimeError):
+
+class OCRUnavailable(UserError):
     pass
 
 
 INSTALL_HINT = (
-    "Tesseract binary not found: install it with `apt-get install tesseract-ocr` (Debian/Ubuntu) "
-    "or `brew install tesseract` (macOS), or set pytesseract.pytesseract.tesseract_cmd."
+    "Tesseract is not installed, and the data has no OCR columns (ocr_words, word_boxes): install it with "
+    "`apt-get install tesseract-ocr` (Debian/Ubuntu) or `brew install tesseract` (macOS), or give data that has "
+    "OCR columns"
 )
 
 OCR_FEATURES = {
@@ -38,7 +42,7 @@ CACHE_VERSION = b"ocr-v1"  # bump when the cached format or OCR settings change,
 def ocr_page(image: Image.Image) -> dict:
     """OCR one page: words and paragraphs with [x0, y0, x1, y1] pixel boxes, in Tesseract's reading order."""
     if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
+        image = dataset.to_rgb(image)
     try:
         data = pytesseract.image_to_data(image, output_type=pytesseract.Output.DICT)
     except pytesseract.TesseractNotFoundError as e:
@@ -128,7 +132,8 @@ def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR"
     decoder = datasets.Image(mode=dataset.features[col].mode)
     # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
     raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
-    results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in tqdm(raw, desc=desc)]
+    with tqdm(raw, desc=desc) as pages:  # closed on an error too, so the error starts a line of its own
+        results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in pages]
     for name, feature in OCR_FEATURES.items():
         if name not in dataset.column_names:  # keep the dataset's own width/height if it has them
             dataset = dataset.add_column(name, [r[name] for r in results], feature=feature)

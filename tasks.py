@@ -59,6 +59,7 @@ class DocumentClassification:
             AutoModelForSequenceClassification, cfg.student_config, self.labels, size=cfg.student_size,
             vocab_size=len(self.tokenizer), input_size=cfg.student_image_size,
             pad_token_id=self.tokenizer.pad_token_id)
+        models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
         teacher_spec = dataset.image_spec(teacher_processor)
         self.splits = {
@@ -125,6 +126,7 @@ class TokenClassification:
         if config.model_type != "layoutlmv3":
             raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
                             f"page), got a {config.model_type} model from {cfg.teacher!r}")
+        models.check_max_length(cfg.max_length, config, "teacher")
         self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
         self.teacher = models.load_teacher(AutoModelForTokenClassification, cfg.teacher, config, self.labels,
                                            trainable=train_teacher)
@@ -134,10 +136,12 @@ class TokenClassification:
         self.student = models.build_student(
             AutoModelForTokenClassification, cfg.student_config, self.labels, size=cfg.student_size,
             vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
+        models.check_max_length(cfg.max_length, self.student.config, "student")
         spec = dataset.image_spec(self.teacher_processor)
         self.splits = {
-            name: wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
-                                            cfg.cache_dir, desc=f"preprocess {name}")
+            name: dataset.drop_bad_documents(
+                wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
+                                          cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in self.documents.items()}
         self.collator = wordtags.WordCollator(self.tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id, spec)
 

@@ -132,9 +132,11 @@ def refuse_to_overwrite(cfg, name):
     Going on is fine in an empty directory, when resuming from a checkpoint kept in it, or with --overwrite.
     """
     existing = [os.path.basename(p) for p in run_files(cfg.output_dir, name) if os.path.exists(p)]
+    if not existing or cfg.overwrite:
+        return
     resuming_it = bool(cfg.checkpoint) and os.path.samefile(os.path.dirname(os.path.abspath(cfg.checkpoint)),
                                                             cfg.output_dir)
-    if existing and not resuming_it and not cfg.overwrite:
+    if not resuming_it:
         raise UserError(f"{cfg.output_dir} already holds a {name} run ({', '.join(existing)}): continue it with "
                         f"--checkpoint {checkpoint_path(cfg.output_dir, name)}, replace it with --overwrite, or "
                         f"choose another --output-dir")

@@ -13,8 +13,8 @@ import os
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 
+import datacheck
 import dataset
 from config import UserError
 from losses import IGNORE_INDEX
@@ -22,18 +22,59 @@ from losses import IGNORE_INDEX
 # FUNSD's entity types as BIO tags, in the order of the hub's nielsr/funsd-layoutlmv3.
 FUNSD_TAGS = ["O", "B-HEADER", "I-HEADER", "B-QUESTION", "I-QUESTION", "B-ANSWER", "I-ANSWER"]
 FUNSD_SPLITS = {"training_data": "train", "testing_data": "test"}
+PREP_VERSION = "2"  # bump when the preprocessed forms change, so old caches are not reused
 
 
 def features(tags):
+    """Raw forms; boxes are not cast to 4 numbers, so a form with a bad box is reported, not a cast error."""
     return datasets.Features({
         "id": datasets.Value("string"), "image": datasets.Image(),
         "words": datasets.Sequence(datasets.Value("string")),
-        "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int64"), length=4)),
+        "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
         "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tags)),
+        "problem": datasets.Value("string"),  # why the form cannot be used (found while loading), "" when it can
     })
 
 
+class FormProblem(ValueError):
+    """What is wrong with one form's annotation; the form is reported or skipped (--on-bad-sample)."""
+
+
 # ----------------------------------------------------------------------------- loading
+
+def read_entities(path):
+    """The entities (form[]) of a FUNSD annotation file, checked to have what bio_tags reads."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            annotation = json.load(f)
+    except UnicodeDecodeError as e:
+        raise FormProblem(datacheck.not_utf8(path, e)) from e
+    except json.JSONDecodeError as e:
+        raise FormProblem(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    entities = annotation.get("form") if isinstance(annotation, dict) else None
+    if not isinstance(entities, list):
+        raise FormProblem(f"{path} has no 'form' (the list of entities): give FUNSD annotations")
+    for k, entity in enumerate(entities):
+        if problem := entity_problem(entity):
+            raise FormProblem(f"{path}: entity {k}: {problem}")
+    return entities
+
+
+def entity_problem(entity):
+    """Why a FUNSD entity cannot be read: its label, its words, their text and 4-number boxes; or ""."""
+    if not isinstance(entity, dict) or not isinstance(entity.get("words"), list):
+        return "not an entity with a 'words' list"
+    kind = str(entity.get("label")).upper()
+    if kind != "OTHER" and f"B-{kind}" not in FUNSD_TAGS:
+        return f"unknown label {entity.get('label')!r} (expected question, answer, header or other)"
+    for j, word in enumerate(entity["words"]):
+        if not isinstance(word, dict) or not isinstance(word.get("text"), str):
+            return f"word {j} has no text (null or missing 'text')"
+        box = word.get("box")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            return f"word {j} {word['text']!r} has box {box!r}: give 4 numbers [x0, y0, x1, y1] in pixels"
+    return ""
+
 
 def bio_tags(entities):
     """FUNSD entities (form[]) -> words, pixel boxes, BIO tags: B- on an entity's first word, I- on the rest,
@@ -41,9 +82,6 @@ def bio_tags(entities):
     words, boxes, tags = [], [], []
     for entity in entities:
         kind = entity["label"].upper()
-        if kind != "OTHER" and f"B-{kind}" not in FUNSD_TAGS:
-            raise UserError(f"unknown FUNSD entity label {entity['label']!r} (expected question, answer, header "
-                            f"or other)")
         kept = [w for w in entity["words"] if w["text"].strip()]
         for k, word in enumerate(kept):
             words.append(word["text"])
@@ -64,25 +102,37 @@ def load_funsd_folder(root):
     """The original FUNSD layout: {training_data,testing_data}/{images/ID.png, annotations/ID.json}."""
     splits = {}
     for folder, split in FUNSD_SPLITS.items():
-        rows = {"id": [], "image": [], "words": [], "boxes": [], "ner_tags": []}
-        for path in sorted(glob.glob(os.path.join(root, folder, "annotations", "*.json"))):
-            form_id = os.path.splitext(os.path.basename(path))[0]
-            image_path = os.path.join(root, folder, "images", form_id + ".png")
-            if not os.path.exists(image_path):
-                raise UserError(f"{path} has no page image {image_path}")
-            with open(path) as f:
-                words, boxes, tags = bio_tags(json.load(f)["form"])
-            with Image.open(image_path) as image:
-                width, height = image.size
-            with open(image_path, "rb") as f:  # the bytes, so the data's fingerprint covers the pages too
-                rows["image"].append({"bytes": f.read(), "path": None})
-            rows["id"].append(form_id)
-            rows["words"].append(words)
-            rows["boxes"].append(dataset.normalize_boxes(boxes, width, height) if boxes else [])
-            rows["ner_tags"].append([FUNSD_TAGS.index(t) for t in tags])
-        if rows["id"]:
-            splits[split] = datasets.Dataset.from_dict(rows, features=features(FUNSD_TAGS))
+        paths = sorted(glob.glob(os.path.join(root, folder, "annotations", "*.json")))
+        rows = [funsd_form(path, os.path.join(root, folder, "images", form_id(path) + ".png")) for path in paths]
+        if rows:
+            columns = {name: [row[name] for row in rows] for name in features(FUNSD_TAGS)}
+            splits[split] = datasets.Dataset.from_dict(columns, features=features(FUNSD_TAGS))
     return datasets.DatasetDict(splits)
+
+
+def form_id(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def funsd_form(annotation_path, image_path):
+    """One raw form; a form that cannot be used keeps an empty row that names its file and what is wrong."""
+    page_bytes = None  # kept in the row, so the data's fingerprint covers the pages too
+    if os.path.isfile(image_path):
+        with open(image_path, "rb") as f:
+            page_bytes = f.read()
+    page, problem = dataset.open_page({"bytes": page_bytes, "path": image_path})  # a missing file: its error
+    try:
+        if problem:
+            raise FormProblem(f"{annotation_path}: {problem}")
+        words, boxes, tags = bio_tags(read_entities(annotation_path))
+        if problem := datacheck.box_problem(boxes, *page.size, fix="pixels of the page image") if words else "":
+            raise FormProblem(f"{annotation_path}: {problem}")
+    except FormProblem as e:
+        return {"id": form_id(annotation_path), "image": None, "words": [], "boxes": [], "ner_tags": [],
+                "problem": str(e)}
+    return {"id": form_id(annotation_path), "image": {"bytes": page_bytes, "path": None}, "words": words,
+            "boxes": dataset.normalize_boxes(boxes, *page.size) if boxes else [],
+            "ner_tags": [FUNSD_TAGS.index(t) for t in tags], "problem": ""}
 
 
 def from_hub_layout(data):
@@ -92,7 +142,11 @@ def from_hub_layout(data):
     if missing:
         raise UserError(f"token-classification data needs the columns tokens, bboxes, ner_tags and image "
                         f"(missing {', '.join(sorted(missing))}), or the original FUNSD folder layout")
-    tags = list(first.features["ner_tags"].feature.names)
+    tag_feature = getattr(first.features["ner_tags"], "feature", None)
+    if not isinstance(tag_feature, datasets.ClassLabel):
+        raise UserError("ner_tags must be a sequence of ClassLabel with the BIO tag names (O, B-X, I-X): cast it "
+                        "with datasets.ClassLabel(names=[...])")
+    tags = list(tag_feature.names)
     bad = [t for t in tags if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
     if bad:
         raise UserError(f"ner_tags must be BIO tags (O, B-X, I-X); got {bad}")
@@ -101,6 +155,7 @@ def from_hub_layout(data):
         if "id" not in split.column_names:
             split = split.add_column("id", [str(i) for i in range(len(split))])
         split = split.rename_columns({"tokens": "words", "bboxes": "boxes"})
+        split = split.add_column("problem", [""] * len(split))  # forms are checked while preprocessing
         out[name] = split.select_columns(list(features(tags))).cast(features(tags))
     return datasets.DatasetDict(out), tags
 
@@ -112,12 +167,22 @@ def load_word_documents(cfg):
         data, tags = load_funsd_folder(root), FUNSD_TAGS
     else:
         data, tags = from_hub_layout(dataset.load_source(cfg.dataset, cfg.cache_dir))
-    data = dataset.ensure_splits(data, cfg.train_split, cfg.eval_split, cfg.seed)
+    data = dataset.ensure_splits(data, cfg)
     return datasets.DatasetDict({name: dataset.select_samples(split, cfg.max_samples, cfg.seed)
                                  for name, split in data.items()}), tags
 
 
 # ----------------------------------------------------------------------------- alignment and preprocessing
+
+def form_problem(words, boxes, tags):
+    """Why a form's words, 0-1000 boxes and tags cannot be used together, or "" when they can."""
+    if not len(words) == len(boxes) == len(tags):
+        return f"{len(words)} words, {len(boxes)} boxes and {len(tags)} tags: give one box and one tag per word"
+    if None in words:
+        return f"word {words.index(None)} has no text (null)"
+    return datacheck.box_problem(boxes, 1000, 1000, fix="LayoutLMv3's 0-1000 grid (x / page width * 1000), "
+                                                        "not pixels")
+
 
 def first_subtokens(word_ids, n_words):
     """Position of each word's first sub-token, from a tokenizer's word_ids(); -1 for words with no token."""
@@ -141,26 +206,38 @@ def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_leng
         "teacher_pixels": datasets.Array3D((3, height, width), "uint8"),
         "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"),
         "dropped_words": datasets.Value("int32"),
+        "problem": datasets.Value("string"),  # why the form is unusable, "" when it is fine
     })
 
     def encode(batch, indices):
-        words = batch["words"]
+        pages, problems = [], []
+        for cell, words, boxes, tags, problem in zip(batch["image"], batch["words"], batch["boxes"],
+                                                     batch["ner_tags"], batch["problem"]):
+            page, page_problem = (None, "") if problem else dataset.open_page(cell)
+            pages.append(page)
+            problems.append(problem or page_problem or form_problem(words, boxes, tags))
+        # An unusable form keeps its row (flagged in "problem") with no words; see dataset.drop_bad_documents.
+        words, boxes, tags = ([[] if p else row for row, p in zip(batch[column], problems)]
+                              for column in ("words", "boxes", "ner_tags"))
         student = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        teacher = teacher_tokenizer(words, boxes=batch["boxes"], truncation=True, max_length=max_length)
+        teacher = teacher_tokenizer(words, boxes=boxes, truncation=True, max_length=max_length)
         pos = [first_subtokens(student.word_ids(i), len(w)) for i, w in enumerate(words)]
         teacher_pos = [first_subtokens(teacher.word_ids(i), len(w)) for i, w in enumerate(words)]
         return {
-            "index": indices, "ner_tags": batch["ner_tags"], "input_ids": student["input_ids"], "word_pos": pos,
+            "index": indices, "ner_tags": tags, "input_ids": student["input_ids"], "word_pos": pos,
             "teacher_input_ids": teacher["input_ids"], "bbox": teacher["bbox"], "teacher_word_pos": teacher_pos,
-            "teacher_pixels": [dataset.resize_page(im, teacher_spec) for im in batch["image"]],
+            "teacher_pixels": [dataset.resize_page(page, teacher_spec) for page in pages],
             "n_words": [len(w) for w in words],
             "n_tokens": [max(len(a), len(b)) for a, b in zip(student["input_ids"], teacher["input_ids"])],
             "dropped_words": [sum(min(a, b) < 0 for a, b in zip(p, q)) for p, q in zip(pos, teacher_pos)],
+            "problem": problems,
         }
 
-    key = dataset.preprocess_key(split, task="words", tokenizer=dataset.tokenizer_fingerprint(tokenizer),
+    key = dataset.preprocess_key(split, task="words", words_version=PREP_VERSION,
+                                 tokenizer=dataset.tokenizer_fingerprint(tokenizer),
                                  teacher_tokenizer=dataset.tokenizer_fingerprint(teacher_tokenizer),
                                  max_length=max_length, teacher=teacher_spec)
+    split = split.cast_column("image", datasets.Image(decode=False))  # opened one by one, so a bad file is caught
     return dataset.cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
 
 
@@ -240,12 +317,14 @@ def tag_metrics(preds, labels, tags):
 
 def describe(split, prepared, tags):
     """Statistics `info` prints and training logs: forms, tags, words, and the words no model can score."""
-    counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in split["ner_tags"]]),
+    usable = prepared.with_format(None)
+    counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in usable["ner_tags"]]),
                          minlength=len(tags))
-    words = np.asarray(prepared.with_format(None)["n_words"])
-    dropped = np.asarray(prepared.with_format(None)["dropped_words"])
+    words = np.asarray(usable["n_words"])
+    dropped = np.asarray(usable["dropped_words"])
     return {
-        "documents": len(split),
+        "documents": len(prepared),
+        "skipped": len(split) - len(prepared),  # unusable, left out by --on-bad-sample skip
         "tag_counts": {name: int(c) for name, c in zip(tags, counts)},
         "words_per_document": {"mean": float(words.mean()), "median": float(np.median(words)),
                                "max": int(words.max()), "zero": int((words == 0).sum())},

@@ -41,18 +41,25 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def error_line(capsys, out, argv):
+    """The one error line of main.main(argv), checked: exit code 2, one error line and no traceback on stderr,
+    `out` untouched."""
+    before = snapshot(out)
+    code = main.main([str(f) for f in ["--output-dir", out, *argv]])  # argv may override it
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, lines[-5:]
+    assert snapshot(out) == before
+    return errors[0]
+
+
 @pytest.fixture
 def fails(capsys, out, tiny_demo, cache):
     """fails(*flags) -> the error line of `main.py --mode train` on the tiny corpus (flags override)."""
     def run(*flags):
-        before = snapshot(out)
-        code = main.main([str(f) for f in [*FAST, "--mode", "train", "--dataset", tiny_demo, "--cache-dir", cache,
-                                           "--output-dir", out, "--overwrite", *flags]])
-        lines = capsys.readouterr().err.strip().splitlines()
-        errors = [line for line in lines if line.startswith("error: ")]
-        assert code == 2 and len(errors) == 1, lines[-5:]
-        assert snapshot(out) == before
-        return errors[0]
+        return error_line(capsys, out, [*FAST, "--mode", "train", "--dataset", tiny_demo, "--cache-dir", cache,
+                                        "--overwrite", *flags])
     return run
 
 
@@ -96,6 +103,14 @@ def test_cli_error_is_one_line_with_exit_code_2_and_debug_shows_the_traceback(tm
     (["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--weight-decay", "-5"], "--weight-decay must be >= 0, got -5.0"),
+    (["--student-image-size", "0"], "--student-image-size must be >= 16, got 0"),
+    (["--max-samples", "-1"], "--max-samples must be >= 0, got -1"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+    (["--warmup-ratio", "2"], "--warmup-ratio must be in [0, 1], got 2.0"),
+    (["--max-length", "2"], "--max-length must be >= 4, got 2"),
 ])
 def test_invalid_hyper_parameters(fails, flags, message):
     assert message in fails(*flags)
