@@ -192,7 +192,7 @@ PRESETS = {
     # Text recognition: PP-OCRv4's recogniser (ONNX, from the rapidocr-onnxruntime wheel) -> a small CRNN.
     # FUNSD words cut with their ground-truth boxes; validation is 10% of the training forms.
     "funsd-words": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/funsd/dataset",
-                        student_size="tiny", output_dir="runs/funsd-words", batch_size=32, epochs=10, lr=1e-3,
+                        student_size="tiny", output_dir="runs/funsd-words", batch_size=16, epochs=10, lr=1e-3,
                         alpha=0.5, temperature=2.0, max_text_width=640),
     # SROIE receipt lines (one text line per box): longer crops, so a wider limit.
     "sroie-lines": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/sroie",

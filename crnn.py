@@ -42,7 +42,7 @@ def block(cin, cout, stride=1):
 
 
 class CRNN(nn.Module):
-    """conv(c1, stride 2) | conv(c2) pool2x2 | conv(c3) pool(2,1) | conv(c4) pool(2,1) | mean over height."""
+    """conv(c1, stride 2) | conv(c2) pool 2x2 | conv(c3) pool (4,1) | conv(c4) | mean over the 2 rows left."""
 
     def __init__(self, config):
         super().__init__()
@@ -51,8 +51,8 @@ class CRNN(nn.Module):
         self.backbone = nn.Sequential(
             *block(1, c1, stride=2),
             *block(c1, c2), nn.MaxPool2d(2, 2),
-            *block(c2, c3), nn.MaxPool2d((2, 1), (2, 1)),
-            *block(c3, c4), nn.MaxPool2d((2, 1), (2, 1)))
+            *block(c2, c3), nn.MaxPool2d((4, 1), (4, 1)),
+            *block(c3, c4))
         self.encoder = nn.LSTM(c4, config.hidden, num_layers=config.layers, bidirectional=True, batch_first=True)
         self.head = nn.Linear(2 * config.hidden, len(config.id2label))
 

@@ -123,7 +123,10 @@ class TextRecognition:
             if split not in records:
                 raise UserError(f"--dataset {cfg.dataset} has no {split!r} split (it has {', '.join(records)})")
         self.documents, self.splits = {}, {}
+        wanted = {"train": (cfg.train_split, cfg.eval_split), "eval": (cfg.eval_split,)}.get(cfg.mode, tuple(records))
         for name, rows in records.items():
+            if name not in wanted:  # cutting crops is done once, but only for the splits this mode reads
+                continue
             usable = [r for r in rows if not r["box"] or min(abs(r["box"][2] - r["box"][0]),
                                                             abs(r["box"][3] - r["box"][1])) >= 2]
             if len(usable) < len(rows):
