@@ -154,6 +154,16 @@ def test_sequence_kd_is_ctc_on_teacher_transcript():
     assert out["total"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_transcript_teacher_spells_its_transcripts(tmp_path):
+    path = tmp_path / "other_engine.jsonl"
+    path.write_text(json.dumps({"key": "f/1", "text": "Tööl，1"}) + "\n" + json.dumps({"key": "f/2", "text": ""}) + "\n")
+    teacher = ocr_teacher.TranscriptTeacher(str(path))
+    logp = teacher.forward_keys(["f/1", "f/2"], 20)
+    assert logp.shape == (2, 20, 96)
+    paths = ctc_kd.greedy_targets(logp, torch.tensor([20, 20]))[2]
+    assert [textrec.decode(p) for p in paths] == ["Tool,1", ""]
+
+
 # ----------------------------------------------------------------------------------------- degradation
 
 def test_degradation_is_deterministic_per_seed_and_crop():
