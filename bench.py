@@ -29,6 +29,8 @@ THROUGHPUT_BATCH = 16
 
 def size_on_disk_mb(model):
     """Bytes of the saved weights: safetensors for float models, torch.save for quantised ones."""
+    if hasattr(model, "onnx_mb"):  # a teacher that runs in onnxruntime: its .onnx file
+        return model.onnx_mb
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "weights")
         state = model.state_dict()
@@ -123,8 +125,15 @@ def accuracy(forward, model, split, collator, device, task):
     preds, labels = [], []
     for batch in DataLoader(split, batch_size=THROUGHPUT_BATCH, collate_fn=collator):
         batch = {k: v.to(device) for k, v in batch.items()}
+        if hasattr(task, "predictions"):  # sequence tasks: decoded sequences, rows of any width
+            batch_preds, batch_labels = task.predictions(forward(model, batch), batch)
+            preds += list(batch_preds.cpu().numpy())
+            labels += list(batch_labels.cpu().numpy())
+            continue
         preds.append(forward(model, batch).argmax(-1).cpu())
         labels.append(batch["labels"].cpu())
+    if hasattr(task, "predictions"):
+        return task.metrics(preds, labels)[task.metric_name]
     return task.metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy())[task.metric_name]
 
 

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 
 MODES = ("train", "eval", "info", "teacher", "bench", "demo")
-TASKS = ("sequence-classification", "token-classification")
+TASKS = ("sequence-classification", "token-classification", "text-recognition")
+KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
 
 
@@ -30,13 +31,17 @@ class Config:
                       "and models), teacher (fine-tune/train the teacher), bench (speed and size of both), demo (teacher, "
                       "baseline, distilled student and the comparison table, with --preset demo)",
                       default="train")
-    preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd"]) +
+    preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd", "funsd-words",
+                                                                "sroie-lines"]) +
                         "; flags given explicitly still win", default="rvlcdip")
-    task: str = _help("sequence-classification (one label per page) or token-classification (one per word)",
+    task: str = _help("sequence-classification (one label per page), token-classification (one per word) or "
+                      "text-recognition (a transcript per word or line crop, CTC)",
                       default="sequence-classification")
     teacher: str = _help("teacher: hub id or local directory of a Hugging Face model (a directory with only "
                          "config.json gives random weights); 'demo-dit' builds the small demo DiT; for "
-                         "token-classification a LayoutLMv3 model whose directory also holds its tokenizer",
+                         "token-classification a LayoutLMv3 model whose directory also holds its tokenizer; for text-recognition "
+                         "'ppocrv4' (PP-OCRv4's recogniser from rapidocr-onnxruntime), a CTC recogniser .onnx with "
+                         "its charset in the `character` metadata, or a JSONL of transcripts {key, text} from any engine",
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
@@ -44,7 +49,8 @@ class Config:
                                 default="microsoft/layoutlmv3-base")
     student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights) or full "
                               "(config as is; starts from the pretrained weights when --student-config is a hub id "
-                              "or a directory that has them, e.g. distilbert-base-uncased)",
+                              "or a directory that has them, e.g. distilbert-base-uncased); text-recognition: the "
+                              "CRNN's size, tiny (1.0M parameters) or full (2.6M)",
                               default="tiny")
     student_image_size: int = _help("image side the student's visual patch embedding sees (224 in LayoutLMv3; "
                                     "the demo uses 112 to fit 2 CPU cores)", default=224)
@@ -76,6 +82,23 @@ class Config:
                                default=4.0)
     max_length: int = _help("token limit of the student; longer documents are truncated and the share is "
                             "reported", default=512)
+    kd_terms: str = _help("text-recognition: distillation terms that --alpha weighs, comma-separated: kl (per "
+                          "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
+                          "seq (CTC on the teacher's greedy transcript); loss = (1-alpha)*CTC(labels) + "
+                          "alpha*(sum of the terms)", default="kl")
+    blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
+                                "the CTC blank in the kl term (the others weigh 1)", default=0.1)
+    student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
+    max_text_width: int = _help("text-recognition: widest teacher input in pixels at height 48 (wider crops are "
+                                "squeezed to it); time steps = max(320, width) / 8", default=640)
+    degrade_height: int = _help("text-recognition: the student reads its crop downscaled to this height in pixels "
+                                "and back up (0 = no downscaling); the teacher always reads the clean crop",
+                                default=0)
+    degrade_blur: float = _help("text-recognition: Gaussian blur radius in pixels on the student's crop", default=0.0)
+    degrade_noise: float = _help("text-recognition: standard deviation of Gaussian pixel noise (0-255 scale) on "
+                                 "the student's crop", default=0.0)
+    degrade_jpeg: int = _help("text-recognition: JPEG quality the student's crop is compressed at (0 = none)",
+                              default=0)
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
@@ -110,6 +133,14 @@ class Config:
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
                      if (problem := out_of_bounds(flag(name), getattr(self, name), *bounds))]
+        terms = [t for t in self.kd_terms.split(",") if t]
+        if any(t not in KD_TERMS for t in terms):
+            problems.append(f"--kd-terms must be a comma-separated subset of {', '.join(KD_TERMS)}, got "
+                            f"{self.kd_terms!r}")
+        if self.student_height % 16:
+            problems.append(f"--student-height must be a multiple of 16, got {self.student_height}")
+        if not 0 <= self.degrade_jpeg <= 95:
+            problems.append(f"--degrade-jpeg must be in [0, 95], got {self.degrade_jpeg}")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in ("tiny", "full"):
@@ -147,6 +178,8 @@ NUMERIC_BOUNDS = {
     "save_every": (0, None, False), "max_samples": (0, None, False), "num_workers": (0, None, False),
     "log_every": (1, None, False), "seed": (0, 2**32 - 1, False),  # NumPy's seed range
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
+    "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
+    "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
 }
 
 
@@ -175,6 +208,15 @@ PRESETS = {
                   student_config="distilbert-base-uncased", tokenizer="distilbert-base-uncased",
                   student_size="full", dataset="nielsr/funsd-layoutlmv3", eval_split="validation",
                   output_dir="runs/funsd", batch_size=8, epochs=20, lr=5e-5),
+    # Text recognition: PP-OCRv4's recogniser (ONNX, from the rapidocr-onnxruntime wheel) -> a small CRNN.
+    # FUNSD words cut with their ground-truth boxes; validation is 10% of the training forms.
+    "funsd-words": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/funsd/dataset",
+                        student_size="tiny", output_dir="runs/funsd-words", batch_size=16, epochs=10, lr=1e-3,
+                        alpha=0.5, temperature=2.0, max_text_width=640),
+    # SROIE receipt lines (one text line per box): longer crops, so a wider limit.
+    "sroie-lines": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/sroie",
+                        student_size="tiny", output_dir="runs/sroie-lines", batch_size=16, epochs=20, lr=1e-3,
+                        alpha=0.5, temperature=2.0, max_text_width=1600),
 }
 
 

@@ -24,7 +24,9 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
 
-    def forward(self, student_logits, teacher_logits, labels):
+    def forward(self, student_logits, teacher_logits, batch):
+        """batch: the batch (its "labels" are used) or the labels themselves."""
+        labels = batch["labels"] if isinstance(batch, dict) else batch
         num_classes = student_logits.shape[-1]
         # float32 even under autocast: a bf16/fp16 softmax at T=4 loses the small probabilities KD lives on.
         student = student_logits.float().reshape(-1, num_classes)

@@ -50,6 +50,8 @@ def run_teacher(cfg, task):
 
 def load_saved_student(task, path):
     """A student from a student_model.pth (weights + config) or a save_pretrained directory, checked to fit."""
+    if hasattr(task, "load_student"):  # a task whose student is not a transformers model
+        return task.load_student(path)
     expected = task.student.config.model_type
     if os.path.isdir(path):
         found = models.load_pretrained_config(path).model_type
@@ -89,6 +91,8 @@ def report_skipped(task):
 def run_eval(cfg, task):
     path = cfg.model or os.path.join(cfg.output_dir, "student_model.pth")
     student = load_saved_student(task, path)
+    if hasattr(task, "evaluate"):  # a task with its own scores (text recognition: CER/WER, ms per crop)
+        return task.evaluate(cfg, student, path)
     accelerator = train.make_accelerator(cfg)
     loader = accelerator.prepare(train.make_loader(task, cfg.eval_split, cfg, shuffle=False))
     student = accelerator.prepare(student)

@@ -196,11 +196,15 @@ def label_names(model):
 
 
 def count_parameters(model):
+    if hasattr(model, "onnx_parameters"):  # a frozen teacher that runs in onnxruntime: its graph's weights
+        return model.onnx_parameters
     return sum(p.numel() for p in model.parameters())
 
 
 def size_mb(model):
     """Size of the float weights on disk, in MB (parameters and buffers)."""
+    if hasattr(model, "onnx_mb"):
+        return model.onnx_mb
     tensors = list(model.state_dict().values())
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 

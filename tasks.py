@@ -7,6 +7,8 @@ to logits in the dataset's label order, and scores predictions. train.py only se
     task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
+    task.make_loss(cfg, with_teacher)  ->  criterion(student_logits, teacher_logits, batch) -> {"total", terms...}
+    task.predictions(logits, batch)  ->  (preds, labels) to score, where argmax per position does not fit (optional)
     task.describe(name), task.show(index), task.unit   # statistics, one sample, what is counted (documents/words)
 """
 import logging
@@ -21,6 +23,7 @@ import dataset
 import models
 import wordtags
 from config import UserError
+from losses import DistillationLoss
 
 log = logging.getLogger("docdistill")
 
@@ -40,10 +43,16 @@ def load_tokenizer(source, cache_dir, train_split=None):
                         f"or a reachable hub id ({str(e).splitlines()[0]})") from e
 
 
+def distillation_loss(cfg, with_teacher):
+    """alpha * T^2 * KL + (1 - alpha) * CE; without a teacher, CE alone."""
+    return DistillationLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0)
+
+
 class DocumentClassification:
     """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3)."""
     metric_name = "accuracy"
     unit = "documents"
+    make_loss = staticmethod(distillation_loss)
 
     def __init__(self, cfg, train_teacher=False):
         self.cfg = cfg
@@ -117,6 +126,7 @@ class TokenClassification:
     """
     metric_name = "f1"
     unit = "words"
+    make_loss = staticmethod(distillation_loss)
 
     def __init__(self, cfg, train_teacher=False):
         self.cfg = cfg
@@ -175,7 +185,13 @@ class TokenClassification:
             self.tokenizer.save_pretrained(directory)
 
 
-TASKS = {"sequence-classification": DocumentClassification, "token-classification": TokenClassification}
+def text_recognition(cfg, **kw):
+    from textrec_task import TextRecognition  # onnxruntime and jiwer are only needed for this task
+    return TextRecognition(cfg, **kw)
+
+
+TASKS = {"sequence-classification": DocumentClassification, "token-classification": TokenClassification,
+         "text-recognition": text_recognition}
 
 
 def build_task(cfg, **kw):

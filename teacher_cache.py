@@ -42,8 +42,8 @@ class TeacherCache:
 
     def __call__(self, batch):
         logits = self.logits[batch["index"].cpu()]
-        if logits.dim() > 2:  # per-word logits are stored padded to the longest document; cut to this batch
-            logits = logits[:, :batch["labels"].shape[1]]
+        if logits.dim() > 2:  # per-word (per-step) logits are stored padded to the longest document; cut to this batch
+            logits = logits[:, :(batch["step_mask"] if "step_mask" in batch else batch["labels"]).shape[1]]
         return logits.to(batch["labels"].device)
 
 

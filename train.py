@@ -21,13 +21,15 @@ import models
 import teacher_cache
 import utils
 from config import UserError
-from losses import IGNORE_INDEX, DistillationLoss
+from losses import IGNORE_INDEX
 
 log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "train_split", "max_samples", "max_length", "batch_size", "grad_accum", "lr", "weight_decay",
-               "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length")
+               "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
+COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
 
 class EpochShuffle(Sampler):
@@ -79,28 +81,31 @@ def make_loader(task, split, cfg, shuffle):
 
 
 @torch.no_grad()
-def predict(accelerator, loader, forward, model, desc="eval"):
+def predict(accelerator, loader, forward, model, desc="eval", decode=None):
     """Logits and labels for a whole split, gathered across processes (duplicates from uneven sharding dropped).
 
     Per-word tasks have a different number of words per batch: batches are padded to the longest
-    (logits 0, labels IGNORE_INDEX) before they are stacked.
+    (logits 0, labels IGNORE_INDEX) before they are stacked. With decode (a task's predictions(logits, batch)),
+    what is returned in place of the logits are the predictions it gives, [B, L] like the labels.
     """
     model.eval()
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
         with accelerator.autocast():
             logits = forward(model, batch).float()
-        labels = accelerator.pad_across_processes(batch["labels"], dim=1, pad_index=IGNORE_INDEX) \
-            if batch["labels"].dim() > 1 else batch["labels"]
-        if logits.dim() > 2:
-            logits = accelerator.pad_across_processes(logits, dim=1)
+        logits, labels = decode(logits, batch) if decode else (logits, batch["labels"])
+        labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX) \
+            if labels.dim() > 1 else labels
+        if logits.dim() > 2 or decode:
+            logits = accelerator.pad_across_processes(logits, dim=1, pad_index=IGNORE_INDEX if decode else 0)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
     if all_labels[0].dim() > 1:
         width = max(x.shape[1] for x in all_labels)
         all_labels = [F.pad(x, (0, width - x.shape[1]), value=IGNORE_INDEX) for x in all_labels]
-        all_logits = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x in all_logits]
+        all_logits = [F.pad(x, (0, width - x.shape[1]), value=IGNORE_INDEX) if decode else
+                      F.pad(x, (0, 0, 0, width - x.shape[1])) for x in all_logits]
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -216,7 +221,7 @@ def finite_loss(accelerator, model, forward, criterion, batch, teacher_logits):
     with accelerator.autocast():
         logits = forward(model, batch)
     model.train()
-    finite = torch.isfinite(criterion(logits, teacher_logits, batch["labels"])["total"]).float()
+    finite = torch.isfinite(criterion(logits, teacher_logits, batch)["total"]).float()
     return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
 
 
@@ -252,7 +257,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     """
     accelerator = make_accelerator(cfg)
     out_dir = cfg.output_dir
-    criterion = DistillationLoss(cfg.temperature, cfg.alpha if teacher is not None else 0.0)
+    criterion = task.make_loss(cfg, with_teacher=teacher is not None)  # -> {"total", and named terms}
+    decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -302,15 +308,14 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             loader = train_loader
             if state["step_in_epoch"]:  # mid-epoch resume: same permutation, skip what was already seen
                 loader = accelerator.skip_first_batches(train_loader, state["step_in_epoch"])
-            sums = state["sums"] or {"total": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "seen": 0, "batches": 0,
-                                     "docs": 0}
+            sums = state["sums"] or {k: 0 for k in COUNTS}  # + every term the loss returns, on first sight
             bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                        total=len(train_loader), disable=not accelerator.is_main_process)
             for step, batch in enumerate(bar, start=state["step_in_epoch"]):
                 teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
                 with accelerator.accumulate(model):
                     logits = forward(model, batch)
-                    losses = criterion(logits, teacher_logits, batch["labels"])
+                    losses = criterion(logits, teacher_logits, batch)
                     if not torch.isfinite(losses["total"]):  # stop before the step
                         raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step "
                                         f"{step + 1}: {non_finite_loss_cause(teacher_logits)}; {last_good}")
@@ -321,13 +326,14 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                keep = batch["labels"] != IGNORE_INDEX
-                sums["correct"] += int((logits.argmax(-1) == batch["labels"])[keep].sum())
+                preds, labels = decode(logits.detach(), batch) if decode else (logits.argmax(-1), batch["labels"])
+                keep = labels != IGNORE_INDEX
+                sums["correct"] += int((preds == labels)[keep].sum())
                 sums["seen"] += int(keep.sum())
                 sums["batches"] += 1
                 sums["docs"] += len(batch["labels"])
-                for k in ("total", "kd", "ce"):
-                    sums[k] += losses[k].item()
+                for k, value in losses.items():
+                    sums[k] = sums.get(k, 0.0) + value.item()
                 # Only right after an optimizer step: no half-accumulated gradients need saving.
                 if accelerator.sync_gradients:
                     stopping = stop_requested(accelerator, sigterm)
@@ -342,29 +348,34 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                         raise stopped_by_sigterm(ckpt_path, state)
                 if step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}",
-                                    kd=f"{sums['kd'] / sums['batches']:.3f}", ce=f"{sums['ce'] / sums['batches']:.3f}",
+                                    **{k: f"{v / sums['batches']:.3f}" for k, v in sums.items()
+                                       if k not in COUNTS + ("total",)},
                                     acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
             bar.close()
             state.update(step_in_epoch=0, sums=None)
             train_seconds = time.perf_counter() - clock
 
-            logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}")
-            scores = task.metrics(logits.argmax(-1).numpy(), labels.numpy())
-            totals = accelerator.reduce(torch.tensor([sums[k] for k in ("total", "kd", "ce", "batches", "correct",
-                                                                        "seen", "docs")], dtype=torch.float64,
-                                                     device=accelerator.device), reduction="sum").tolist()
-            row = {"epoch": epoch + 1, "train_loss": totals[0] / totals[3], "train_kd": totals[1] / totals[3],
-                   "train_ce": totals[2] / totals[3], "train_accuracy": totals[4] / max(totals[5], 1),
+            logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}",
+                                     decode=decode)
+            scores = task.metrics((logits if decode else logits.argmax(-1)).numpy(), labels.numpy())
+            keys = [k for k in sums if k not in COUNTS] + list(COUNTS)  # "total", the loss's terms, the counts
+            totals = dict(zip(keys, accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                                    device=accelerator.device),
+                                                       reduction="sum").tolist()))
+            terms = [k for k in keys if k not in COUNTS + ("total",)]
+            row = {"epoch": epoch + 1, "train_loss": totals["total"] / totals["batches"],
+                   **{f"train_{k}": totals[k] / totals["batches"] for k in terms},
+                   "train_accuracy": totals["correct"] / max(totals["seen"], 1),
                    "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
-                   "train_seconds": train_seconds, "train_docs_per_s": totals[6] / train_seconds,
+                   "train_seconds": train_seconds, "train_docs_per_s": totals["docs"] / train_seconds,
                    **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
             improved = row[f"val_{task.metric_name}"] > state["best"]
             state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
             state["epoch"] = epoch + 1
-            check_saveable(bool(torch.isfinite(logits).all()))
+            check_saveable(bool(torch.isfinite(logits.float()).all()))
             if accelerator.is_main_process:
-                log.info("epoch %d: loss %.4f (kd %.4f, ce %.4f), train acc %.4f, val %s %.4f%s", epoch + 1,
-                         row["train_loss"], row["train_kd"], row["train_ce"], row["train_accuracy"],
+                log.info("epoch %d: loss %.4f (%s), train acc %.4f, val %s %.4f%s", epoch + 1, row["train_loss"],
+                         ", ".join(f"{k} {row[f'train_{k}']:.4f}" for k in terms), row["train_accuracy"],
                          task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
                 history.append(row)
                 utils.write_jsonl(history, metrics_path)

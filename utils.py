@@ -264,7 +264,8 @@ def plot_curves(history, path):
     import matplotlib.pyplot as plt
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train_loss", "train_kd", "train_ce"):
+    for key in ["train_loss"] + [k for k in history[0] if k.startswith("train_") and k not in
+                                 ("train_loss", "train_accuracy", "train_seconds", "train_docs_per_s")]:
         ax_loss.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("train_", ""))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
     ax_loss.legend()

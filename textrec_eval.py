@@ -1,0 +1,124 @@
+"""--mode eval for text recognition: CER, WER, exact words, ms per crop, the worst errors as a PNG page.
+
+The teacher is scored as it reads on its own: greedy CTC over its full charset, then folded onto ASCII (so
+`，` counts as `,`). Its transcripts of a split are cached (keyed by the teacher's file and the split's crops).
+Speed: ms per crop at batch 1 (median over up to LATENCY_CROPS crops, preprocessing excluded) on this
+machine's threads, and crops per second over the whole batched pass.
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import models
+import textrec
+import utils
+
+log = logging.getLogger("docdistill")
+LATENCY_CROPS = 200
+WORST = 24
+
+
+def batch_latency_ms(run, batches):
+    """Median milliseconds of run(batch) over single-crop batches (after 3 warm-up calls)."""
+    for batch in batches[:3]:
+        run(batch)
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)), 1e3 * float(np.percentile(times, 95))
+
+
+def teacher_transcripts(task, cfg, split, loader):
+    """The teacher's folded transcripts of the split, computed once and cached."""
+    blob = json.dumps([bytes(task.teacher.state_dict()[k].tolist()).hex() for k in sorted(task.teacher.state_dict())]
+                      + [os.path.basename(f["filename"]) for f in split.cache_files] + [len(split)])
+    path = os.path.join(cfg.cache_dir, "teacher", "read-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    start, texts = time.perf_counter(), []
+    for batch in loader:
+        if hasattr(task.teacher, "read"):
+            texts += task.teacher.read(batch["teacher_pixel_values"], batch["teacher_width"])
+        else:
+            logp = task.teacher_logits(task.teacher, batch)
+            texts += [textrec.decode(textrec.ctc_greedy(b, int(n))) for b, n in
+                      zip(logp.argmax(-1).tolist(), batch["step_mask"].sum(1))]
+    result = {"texts": texts, "seconds": time.perf_counter() - start}
+    utils.atomic_json(result, path)
+    return result
+
+
+@torch.no_grad()
+def evaluate(task, cfg, student, path):
+    split = task.splits[cfg.eval_split]
+    loader = DataLoader(split, batch_size=cfg.batch_size, collate_fn=task.collator)
+    student = student.eval()
+    truths, preds, seconds = [], [], 0.0
+    for batch in loader:
+        start = time.perf_counter()
+        logits = task.student_logits(student, batch)
+        seconds += time.perf_counter() - start
+        ids, labels = task.predictions(logits, batch)
+        preds += [textrec.decode([c for c in row if c >= 0]) for row in ids.tolist()]
+        truths += [textrec.decode([c for c in row if c >= 0]) for row in labels.tolist()]
+    teacher = teacher_transcripts(task, cfg, split, loader)
+    singles = [task.collator([split[i]]) for i in range(min(LATENCY_CROPS, len(split)))]
+    student_ms = batch_latency_ms(lambda b: task.student_logits(student, b), singles)
+    if hasattr(task.teacher, "probs"):
+        teacher_ms = batch_latency_ms(lambda b: task.teacher.probs(b["teacher_pixel_values"].numpy()), singles)
+    else:
+        teacher_ms = (float("nan"), float("nan"))
+    result = {"model": path, "split": cfg.eval_split, "crops": len(split), "teacher": task.cfg.teacher,
+              "degradation": {k: getattr(cfg, k) for k in ("degrade_height", "degrade_blur", "degrade_noise",
+                                                           "degrade_jpeg")},
+              "student": textrec.text_metrics(truths, preds), "teacher_scores": textrec.text_metrics(truths, teacher["texts"]),
+              "student_parameters": models.count_parameters(student),
+              "teacher_parameters": models.count_parameters(task.teacher),
+              "student_ms_per_crop": student_ms[0], "student_ms_per_crop_p95": student_ms[1],
+              "teacher_ms_per_crop": teacher_ms[0], "teacher_ms_per_crop_p95": teacher_ms[1],
+              "student_crops_per_second": len(split) / max(seconds, 1e-9),
+              "teacher_crops_per_second": len(split) / max(teacher["seconds"], 1e-9),
+              "threads": torch.get_num_threads(),
+              "teacher_agreement": float(np.mean([p == t for p, t in zip(preds, teacher["texts"])])) if preds else 0.0}
+    result["char_accuracy"] = 1.0 - result["student"]["cer"]
+    result["speedup_batch1"] = result["teacher_ms_per_crop"] / result["student_ms_per_crop"]
+    utils.atomic_json(result, os.path.join(cfg.output_dir, "eval.json"))
+    worst_errors(split, truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "worst_errors.png"))
+    s, t = result["student"], result["teacher_scores"]
+    log.info("%s on %s (%d crops): student CER %.4f WER %.4f exact %.4f (%.2f ms/crop); teacher CER %.4f WER %.4f "
+             "exact %.4f (%.2f ms/crop); %.1fx faster", path, cfg.eval_split, len(split), s["cer"], s["wer"],
+             s["exact"], result["student_ms_per_crop"], t["cer"], t["wer"], t["exact"], result["teacher_ms_per_crop"],
+             result["speedup_batch1"])
+    return result
+
+
+def worst_errors(split, truths, preds, teacher, path):
+    """A page of the crops the student gets most wrong (character errors / length, then length)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scored = [(textrec.char_errors(t, p) / max(len(t), 1), len(t), i) for i, (t, p) in enumerate(zip(truths, preds))
+              if t and t != p]
+    worst = [i for *_, i in sorted(scored, reverse=True)[:WORST]]
+    fig, axes = plt.subplots(max(len(worst), 1), 1, figsize=(8, 0.9 * max(len(worst), 1) + 0.5))
+    axes = np.atleast_1d(axes)
+    for ax, i in zip(axes, worst):
+        ax.imshow(Image.open(io.BytesIO(split[i]["image"])).convert("L"), cmap="gray", aspect="equal")
+        ax.set_title(f"truth {truths[i]!r}   student {preds[i]!r}   teacher {teacher[i]!r}", fontsize=8, loc="left")
+        ax.axis("off")
+    for ax in axes[len(worst):]:
+        ax.axis("off")
+    fig.tight_layout()
+    utils._atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)

@@ -1,0 +1,219 @@
+"""--task text-recognition: a frozen OCR teacher (PP-OCRv4 in ONNX) -> a small CRNN student, CTC, CER/WER.
+
+The teacher reads the clean crop at height 48; the student reads the same crop degraded (--degrade-*) at
+--student-height, sized so both give the same number of CTC time steps (textrec's docstring). Everything the
+training loop needs is here, behind the same interface as tasks.py's tasks, plus:
+    make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss
+    predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
+    load_student(path), evaluate(cfg, student, path)   (--mode eval: CER/WER, ms/crop, worst errors)
+"""
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+import crnn
+import ctc_kd
+import dataset
+import models
+import ocr_teacher
+import textrec
+from config import UserError
+
+log = logging.getLogger("docdistill")
+FEATURES = datasets.Features({
+    "index": datasets.Value("int64"), "image": datasets.Value("binary"), "text": datasets.Value("string"),
+    "labels": datasets.Sequence(datasets.Value("int64")), "has_label": datasets.Value("bool"),
+    "n_tokens": datasets.Value("int64"), "width": datasets.Value("int64"), "key": datasets.Value("string")})
+PREP_VERSION = "1"
+
+
+def key_hash(key):
+    return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
+
+
+def prepare(rows, max_width, cache_dir, name):
+    """Crops cut once and stored (PNG at the teacher's height) under cache_dir, keyed by their content."""
+    key = "textrec-" + textrec.records_key(rows, max_width=max_width, version=PREP_VERSION)
+    records = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"image": [], "box": [], "text": [], "has_text": [], "key": []})
+
+    def crop(batch, indices):
+        out = {k: [] for k in FEATURES}
+        for i, image, box, text, has_text, crop_key in zip(indices, batch["image"], batch["box"], batch["text"],
+                                                           batch["has_text"], batch["key"]):
+            piece = textrec.cut({"image": image, "box": box})
+            if piece is None:  # the box lies (almost) outside its page: a blank crop, left unlabelled
+                piece, has_text = Image.new("RGB", (48, 48), "white"), False
+            piece = textrec.resize_for_teacher(piece, max_width)
+            folded = textrec.fold(text) if has_text else ""
+            labelled = bool(has_text and folded)
+            for k, v in (("index", i), ("image", textrec.png(piece)), ("text", folded),
+                         ("labels", textrec.encode(folded) if labelled else []), ("has_label", labelled),
+                         ("n_tokens", textrec.padded_width(piece.width) // textrec.STEP), ("width", piece.width),
+                         ("key", crop_key)):
+                out[k].append(v)
+        return out
+
+    prepared = dataset.cached_map(records, crop, FEATURES, cache_dir, key, desc=f"cut crops {name}")
+    return records, prepared.with_format("torch", columns=["index", "labels", "has_label", "n_tokens", "width"],
+                                         output_all_columns=True)
+
+
+class Collator:
+    """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time."""
+
+    def __init__(self, cfg):
+        self.height, self.seed = cfg.student_height, cfg.seed
+        self.degrade = dict(height=cfg.degrade_height, blur=cfg.degrade_blur, noise=cfg.degrade_noise,
+                            jpeg=cfg.degrade_jpeg)
+
+    def student_array(self, image, key):
+        image = textrec.degrade(image, self.seed, key, **self.degrade)
+        width = -(-image.width // 2)  # the student steps every 4 px at half the teacher's width: same steps
+        return textrec.normalise(image.resize((width, self.height), Image.BILINEAR))
+
+    def __call__(self, items):
+        images = [Image.open(io.BytesIO(item["image"])) for item in items]
+        padded = max(textrec.padded_width(int(item["width"])) for item in items)
+        teacher = np.zeros((len(items), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
+        student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
+        for i, (item, image) in enumerate(zip(items, images)):
+            array = textrec.teacher_array(image)
+            teacher[i, :, :, :array.shape[2]] = array
+            array = self.student_array(image, item["key"])
+            student[i, 0, :, :array.shape[1]] = array
+        steps = torch.tensor([int(item["n_tokens"]) for item in items])
+        longest = max(1, max(len(item["labels"]) for item in items))
+        labels = torch.full((len(items), longest), textrec.IGNORE_INDEX, dtype=torch.long)
+        for i, item in enumerate(items):
+            labels[i, :len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
+        return {"pixel_values": torch.from_numpy(student), "teacher_pixel_values": torch.from_numpy(teacher),
+                "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
+                "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
+                "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
+                "index": torch.tensor([int(item["index"]) for item in items]),
+                "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+
+
+def subset(rows, max_samples, seed):
+    if max_samples and len(rows) > max_samples:
+        return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_samples))]
+    return rows
+
+
+class TextRecognition:
+    metric_name = "char_accuracy"  # 1 - CER: higher is better, as the loop's "best" expects
+    unit = "crops"
+
+    def __init__(self, cfg, train_teacher=False):
+        if cfg.mode == "teacher":
+            raise UserError("text recognition distils a pretrained recogniser (--teacher ppocrv4 or an ONNX "
+                            "file): it has no --mode teacher; run --mode train")
+        self.cfg = cfg
+        records = textrec.load_records(cfg.dataset, cfg.seed)
+        for split in (cfg.train_split, cfg.eval_split):
+            if split not in records:
+                raise UserError(f"--dataset {cfg.dataset} has no {split!r} split (it has {', '.join(records)})")
+        self.documents, self.splits = {}, {}
+        wanted = {"train": (cfg.train_split, cfg.eval_split), "eval": (cfg.eval_split,)}.get(cfg.mode, tuple(records))
+        for name, rows in records.items():
+            if name not in wanted:  # cutting crops is done once, but only for the splits this mode reads
+                continue
+            usable = [r for r in rows if not r["box"] or min(abs(r["box"][2] - r["box"][0]),
+                                                            abs(r["box"][3] - r["box"][1])) >= 2]
+            if len(usable) < len(rows):
+                log.warning("%s: %d crops with a box under 2 px left out", name, len(rows) - len(usable))
+            rows = usable
+            self.documents[name], self.splits[name] = prepare(
+                subset(rows, cfg.max_samples, cfg.seed), cfg.max_text_width, cfg.cache_dir, name)
+        self.labels = textrec.student_labels()
+        if cfg.teacher.endswith(".jsonl"):
+            self.teacher = ocr_teacher.TranscriptTeacher(cfg.teacher)
+        else:
+            self.teacher = ocr_teacher.OnnxRecognizer(cfg.teacher)
+        self.student = crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
+        self.collator = Collator(cfg)
+
+    # ------------------------------------------------------------------ forward passes, loss, predictions
+    def teacher_logits(self, teacher, batch):
+        if isinstance(teacher, ocr_teacher.TranscriptTeacher):
+            hashes = {key_hash(k): k for k in teacher.texts}
+            keys = [hashes.get(int(h), f"hash {int(h)}") for h in batch["key_hash"]]
+            return teacher.forward_keys(keys, batch["step_mask"].shape[1]).to(batch["labels"].device)
+        return teacher(batch["teacher_pixel_values"], batch["teacher_width"]).to(batch["labels"].device)
+
+    def student_logits(self, student, batch):
+        return student(batch["pixel_values"])
+
+    def make_loss(self, cfg, with_teacher):
+        return ctc_kd.CTCDistillationLoss(cfg.alpha, cfg.temperature, cfg.kd_terms.split(","), cfg.blank_weight,
+                                          with_teacher)
+
+    def predictions(self, logits, batch):
+        lengths = batch["step_mask"].sum(1).tolist()
+        paths = [textrec.ctc_greedy(best, n) for best, n in zip(logits.argmax(-1).tolist(), lengths)]
+        labels = batch["labels"]
+        width = max(labels.shape[1], max(map(len, paths), default=0), 1)
+        preds = torch.full((len(paths), width), textrec.IGNORE_INDEX, dtype=torch.long, device=labels.device)
+        for i, path in enumerate(paths):
+            preds[i, :len(path)] = torch.tensor(path, dtype=torch.long)
+        return preds, torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=textrec.IGNORE_INDEX)
+
+    def metrics(self, preds, labels):
+        texts = lambda rows: [textrec.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
+        scores = textrec.text_metrics(texts(labels), texts(preds))
+        return {**scores, "char_accuracy": 1.0 - scores["cer"]}
+
+    # ------------------------------------------------------------------------------ describe, show, save
+    def describe(self, name):
+        split = self.splits[name].with_format(None)
+        chars = [len(t) for t, has in zip(split["text"], split["has_label"]) if has]
+        steps = np.array(split["n_tokens"] or [0])
+        widths = np.array(split["width"] or [0])
+        too_long = sum(2 * len(t) + 1 > n for t, n in zip(split["text"], split["n_tokens"]))
+        return {"documents": len(split), "labelled": len(chars), "unlabelled": len(split) - len(chars),
+                "words_per_document": {"mean": float(np.mean(chars)) if chars else 0.0},
+                "chars_per_crop": {"mean": float(np.mean(chars)) if chars else 0.0, "max": max(chars, default=0)},
+                "time_steps": {"mean": float(steps.mean()), "max": int(steps.max())},
+                "squeezed_at_max_width": int((widths >= self.cfg.max_text_width).sum()),
+                "truncated_share": float((widths >= self.cfg.max_text_width).mean()) if len(split) else 0.0,
+                "transcripts_longer_than_steps_allow": int(too_long)}
+
+    def show(self, index):
+        row = self.splits[self.cfg.train_split].with_format(None)[index]
+        return (f"crop {row['key']!r}: {row['text']!r} ({'labelled' if row['has_label'] else 'unlabelled'}), "
+                f"48 x {row['width']} px at the teacher, {row['n_tokens']} time steps")
+
+    def save_pretrained(self, model, directory, role):
+        model.save_pretrained(directory)
+
+    def load_student(self, path):
+        """A student_model.pth (weights + JSON config, no pickle) or a save_pretrained directory."""
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise UserError(f"{path} has no config.json: give a student/ directory written by --mode train")
+            with open(os.path.join(path, "config.json")) as f:
+                config = json.load(f)
+        else:
+            import utils
+            saved = utils.safe_torch_load(path)
+            if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
+                raise UserError(f"{path} is not a docdistill student (student_model.pth or student/)")
+            config = json.loads(saved["config"])
+        if config.get("model_type") != crnn.CRNNConfig.model_type:
+            raise UserError(f"{path} holds a {config.get('model_type')} model, not a text-recognition student")
+        if os.path.isdir(path):
+            return crnn.CRNN.from_pretrained(path)
+        return models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(config)), saved["state_dict"], path)
+
+    def evaluate(self, cfg, student, path):
+        import textrec_eval
+        return textrec_eval.evaluate(self, cfg, student, path)
