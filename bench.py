@@ -129,11 +129,13 @@ def accuracy(forward, model, split, collator, device, task):
 
 
 def run(cfg):
-    from main import load_saved_student
+    from evaluate import load_saved_student, saved_label_names
     from tasks import build_task
-    task = build_task(cfg, train_teacher=True)  # timing needs shape: a head for other labels is re-initialised
     path = cfg.model or os.path.join(cfg.output_dir, "student_model.pth")
     trained = os.path.exists(path)
+    # timing needs shape: a teacher head for other labels is re-initialised; a trained student is scored in its
+    # own label space (the data may hold a subset of its classes)
+    task = build_task(cfg, train_teacher=True, model_labels=saved_label_names(path) if trained else None)
     student = load_saved_student(task, path) if trained else task.student
     if not trained:
         log.info("no trained student at %s: timing a freshly initialised one (accuracy not meaningful)", path)

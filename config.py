@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-MODES = ("train", "eval", "info", "teacher", "bench", "demo")
+MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
 TASKS = ("sequence-classification", "token-classification")
 BAD_SAMPLE = ("fail", "skip")
 
