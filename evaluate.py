@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+import model_card
 import models
 import train
 import utils
@@ -104,6 +105,9 @@ def run_eval(cfg, task):
             utils.plot_confusion(result["confusion_matrix"], task.labels,
                                  os.path.join(cfg.output_dir, "confusion_matrix.png"),
                                  f"student on {cfg.eval_split}: accuracy {result['accuracy']:.3f}")
+        model_card.write(path if os.path.isdir(path) else os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                       "student"),
+                         eval_path=os.path.join(cfg.output_dir, "eval.json"))  # the card gains the test scores
         if result["classes"]["not_in_data"]:
             log.info("the data holds %d of the student's %d classes: scores are over those %d (not in the data: "
                      "%s); the confusion matrix covers all %d", len(data_labels), len(task.labels),

@@ -3,6 +3,9 @@ import json
 import logging
 import os
 
+from accelerate import PartialState
+
+import model_card
 import models
 import train
 import utils
@@ -21,6 +24,8 @@ def run_train(cfg, task):
                      teacher_forward=task.teacher_logits, name="student")
     log.info("best validation %s: %.4f; student saved in %s", task.metric_name, best,
              os.path.join(cfg.output_dir, "student"))
+    if PartialState().is_main_process:
+        model_card.write(os.path.join(cfg.output_dir, "student"))
     report_skipped(task)
 
 

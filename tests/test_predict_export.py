@@ -22,6 +22,8 @@ def student(tiny_demo, tmp_path_factory):
     common = FAST + ["--dataset", tiny_demo, "--cache-dir", root / "cache"]
     done = run_main("--mode", "train", *common, "--epochs", "1", "--alpha", "0", "--output-dir", root / "s")
     assert done.returncode == 0, done.stderr[-3000:]
+    card = open(root / "s" / "student" / "README.md").read()  # written by training, before any eval
+    assert "library_name: transformers" in card and "Not evaluated on a test split yet" in card
     return root, common
 
 
@@ -54,6 +56,13 @@ def test_eval_on_a_subset_of_the_classes(student, tiny_demo, tmp_path):
     assert set(scores["per_class"]) == set(keep)  # scores over the classes present
     assert len(scores["confusion_matrix"]) == 16 and sum(map(sum, scores["confusion_matrix"])) == 10
     assert scores["classes"]["in_data"] == 10 and len(scores["classes"]["not_in_data"]) == 6
+    # the student's model card now carries these test scores, next to its training settings
+    card = open(root / "s" / "student" / "README.md").read()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "knowledge-distillation" in card
+    assert f"| accuracy | {scores['accuracy']:.4f} | {scores['teacher_accuracy']:.4f} |" in card
+    assert f"value: {scores['accuracy']:.4f}" in card and "alpha 0.0" in card and "10 of the 16 classes" in card
+    best = max(json.loads(line)["val_accuracy"] for line in open(root / "s" / "student_metrics.jsonl"))
+    assert f"| best validation accuracy | {best:.4f}" in card
     # a class the student does not know is refused by name
     unknown = subset_corpus(tiny_demo, tmp_path / "unknown", keep, rename={keep[0]: "postcard"})
     refused = run_main("--mode", "eval", *[unknown if a == data else a for a in args])
