@@ -9,10 +9,28 @@ import sys
 import datasets
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import ROOT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import main  # noqa: E402  (commands run in this process: the CLI's code path without paying for imports each time)
 
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "8", "--student-image-size", "64"]
 HAS_TESSERACT = shutil.which("tesseract") is not None
+
+
+class Done:
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*flags) -> the exit code, stdout and stderr of `main.py flags`, run in this process."""
+    def run(*args):
+        code = main.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Done(code, captured.out, captured.err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +38,8 @@ def student(tiny_demo, tmp_path_factory):
     """One tiny student trained for one epoch on the 16-class tiny corpus (alpha 0: no teacher needed)."""
     root = tmp_path_factory.mktemp("predict")
     common = FAST + ["--dataset", tiny_demo, "--cache-dir", root / "cache"]
-    done = run_main("--mode", "train", *common, "--epochs", "1", "--alpha", "0", "--output-dir", root / "s")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main.main([str(a) for a in ["--mode", "train", *common, "--epochs", "1", "--alpha", "0",
+                                        "--output-dir", root / "s"]]) == 0
     card = open(root / "s" / "student" / "README.md").read()  # written by training, before any eval
     assert "library_name: transformers" in card and "Not evaluated on a test split yet" in card
     return root, common
@@ -42,14 +60,14 @@ def subset_corpus(tiny_demo, path, keep, rename=None):
     return str(path)
 
 
-def test_eval_on_a_subset_of_the_classes(student, tiny_demo, tmp_path):
+def test_eval_on_a_subset_of_the_classes(student, cli, tiny_demo, tmp_path):
     root, common = student
     all_names = json.load(open(root / "s" / "student" / "config.json"))["id2label"]
     keep = [all_names[str(i)] for i in (9, 3, 0, 5, 12, 1, 7, 14, 2, 10)]  # 10 of 16, in another order
     data = subset_corpus(tiny_demo, tmp_path / "subset", keep)
     args = [*common, "--dataset", data, "--model", root / "s" / "student_model.pth", "--eval-split", "test",
             "--output-dir", tmp_path / "eval"]
-    done = run_main("--mode", "eval", *args)
+    done = cli("--mode", "eval", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     scores = json.load(open(tmp_path / "eval" / "eval.json"))
     assert scores["documents"] == 10
@@ -65,7 +83,7 @@ def test_eval_on_a_subset_of_the_classes(student, tiny_demo, tmp_path):
     assert f"| best validation accuracy | {best:.4f}" in card
     # a class the student does not know is refused by name
     unknown = subset_corpus(tiny_demo, tmp_path / "unknown", keep, rename={keep[0]: "postcard"})
-    refused = run_main("--mode", "eval", *[unknown if a == data else a for a in args])
+    refused = cli("--mode", "eval", *[unknown if a == data else a for a in args])
     assert refused.returncode == 2 and "'postcard'" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -101,9 +119,9 @@ def rows_of(path):
 
 
 @pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract not installed")
-def test_predict_on_a_folder_of_scans_and_pdfs(student, scans, tmp_path):
+def test_predict_on_a_folder_of_scans_and_pdfs(student, cli, scans, tmp_path):
     root, common = student
-    done = run_main("--mode", "predict", *common, "--model", root / "s" / "student", "--input", scans,
+    done = cli("--mode", "predict", *common, "--model", root / "s" / "student", "--input", scans,
                     "--output-dir", tmp_path / "p", "--top-k", "2", "--pdf-dpi", "100")
     assert done.returncode == 1, done.stderr[-3000:]  # some files failed, the rest were predicted
     failed = [line for line in done.stderr.splitlines() if line.startswith("failed: ")]
@@ -121,18 +139,18 @@ def test_predict_on_a_folder_of_scans_and_pdfs(student, scans, tmp_path):
     summary = json.load(open(tmp_path / "p" / "predict_summary.json"))
     assert summary["pages"] == 5 and summary["failed"] == 2 and summary["seconds"]["ocr"] > 0
     # only readable files: exit code 0; nothing to read: bad usage, 2
-    good = run_main("--mode", "predict", *common, "--model", root / "s" / "student_model.pth",
+    good = cli("--mode", "predict", *common, "--model", root / "s" / "student_model.pth",
                     "--input", scans / "one.png", str(scans / "sub" / "*.pdf"), "--output-dir", tmp_path / "q")
     assert good.returncode == 0, good.stderr[-3000:]
     assert [r["label"] for r in rows_of(tmp_path / "q" / "predictions.jsonl")][0] == rows[0]["label"]
-    bad = run_main("--mode", "predict", *common, "--model", root / "s" / "student", "--input", tmp_path / "nope",
+    bad = cli("--mode", "predict", *common, "--model", root / "s" / "student", "--input", tmp_path / "nope",
                    "--output-dir", tmp_path / "r")
     assert bad.returncode == 2 and "error: " in bad.stderr
 
 
-def test_onnx_export_matches_pytorch_and_int8_runs(student, scans, tmp_path):
+def test_onnx_export_matches_pytorch_and_int8_runs(student, cli, scans, tmp_path):
     root, common = student
-    done = run_main("--mode", "export", *common, "--model", root / "s" / "student", "--eval-split", "test",
+    done = cli("--mode", "export", *common, "--model", root / "s" / "student", "--eval-split", "test",
                     "--output-dir", root / "s")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.load(open(root / "s" / "onnx" / "export.json"))
@@ -144,11 +162,11 @@ def test_onnx_export_matches_pytorch_and_int8_runs(student, scans, tmp_path):
                  "preprocessor_config.json"):
         assert (root / "s" / "onnx" / name).exists(), name
     if HAS_TESSERACT:  # predict runs the ONNX files and agrees with PyTorch's label
-        torch_rows = run_main("--mode", "predict", *common, "--model", root / "s" / "student", "--input",
+        torch_rows = cli("--mode", "predict", *common, "--model", root / "s" / "student", "--input",
                               scans / "two.tif", "--output-dir", tmp_path / "pt")
         assert torch_rows.returncode == 0, torch_rows.stderr[-3000:]
         for name in ("model.onnx", "model.int8.onnx"):
-            onnx_rows = run_main("--mode", "predict", *common, "--model", root / "s" / "onnx" / name, "--input",
+            onnx_rows = cli("--mode", "predict", *common, "--model", root / "s" / "onnx" / name, "--input",
                                  scans / "two.tif", "--output-dir", tmp_path / name)
             assert onnx_rows.returncode == 0, onnx_rows.stderr[-3000:]
             assert len(rows_of(tmp_path / name / "predictions.jsonl")) == 2
