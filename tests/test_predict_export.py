@@ -174,3 +174,65 @@ def test_onnx_export_matches_pytorch_and_int8_runs(student, cli, scans, tmp_path
         got = rows_of(tmp_path / "model.onnx" / "predictions.jsonl")
         assert [r["label"] for r in got] == [r["label"] for r in expected]
         assert abs(got[0]["probability"] - expected[0]["probability"]) < 1e-4
+
+
+def test_bench_has_onnxruntime_rows(student, cli, tmp_path):
+    root, common = student
+    done = cli("--mode", "bench", *common, "--model", root / "s" / "student_model.pth", "--eval-split", "test",
+               "--output-dir", tmp_path / "b")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["model"]: r for r in json.load(open(tmp_path / "b" / "bench.json"))["rows"]}
+    assert {"student onnxruntime fp32", "student onnxruntime int8"} <= set(rows)
+    ort, torch_row = rows["student onnxruntime fp32"], rows["student fp32"]
+    assert ort["accuracy"] == pytest.approx(torch_row["accuracy"])  # the same model, another runtime
+    assert rows["student onnxruntime int8"]["size_mb"] < ort["size_mb"] and ort["latency_ms_p50"] > 0
+    assert "student onnxruntime int8" in done.stdout
+
+
+def test_group_entities_from_bio_tags():
+    import predict
+    words = [{"text": t, "box": [i * 10, 0, i * 10 + 8, 5], "tag": g} for i, (t, g) in enumerate(
+        [("Date:", "B-QUESTION"), ("12/05", "B-ANSWER"), ("1996", "I-ANSWER"), ("x", "O"), ("Name", "I-QUESTION"),
+         ("Bob", "I-ANSWER"), ("Lee", "I-ANSWER"), ("cut", None)])]
+    entities = predict.group_entities(words)
+    assert [(e["type"], e["text"], e["words"]) for e in entities] == [
+        ("QUESTION", "Date:", [0]), ("ANSWER", "12/05 1996", [1, 2]), ("QUESTION", "Name", [4]),
+        ("ANSWER", "Bob Lee", [5, 6])]
+    assert entities[1]["box"] == [10, 0, 28, 5]
+
+
+@pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract not installed")
+def test_word_tagging_student_predicts_and_exports(cli, scans, tmp_path):
+    """A (random) DistilBERT word tagger: predict gives tagged words and entities; its ONNX export matches."""
+    from transformers import DistilBertConfig, DistilBertForTokenClassification, DistilBertTokenizerFast
+    import wordtags
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789") + \
+        ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = DistilBertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
+    config = DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=len(vocab),
+                              id2label=dict(enumerate(wordtags.FUNSD_TAGS)),
+                              label2id={t: i for i, t in enumerate(wordtags.FUNSD_TAGS)})
+    model = DistilBertForTokenClassification(config)
+    model.save_pretrained(tmp_path / "run" / "student")
+    tokenizer.save_pretrained(tmp_path / "run" / "student")
+    common = ["--cache-dir", tmp_path / "cache", "--max-length", "128"]
+    done = cli("--mode", "predict", *common, "--model", tmp_path / "run" / "student", "--input", scans / "one.png",
+               "--output-dir", tmp_path / "p")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = rows_of(tmp_path / "p" / "predictions.jsonl")
+    assert row["page"] == 1 and len(row["words"]) > 0 and not (tmp_path / "p" / "predictions.csv").exists()
+    tagged = [w for w in row["words"] if w["tag"] is not None]
+    assert tagged and all(w["tag"] in wordtags.FUNSD_TAGS and len(w["box"]) == 4 for w in tagged)
+    assert row["untagged_words"] == len(row["words"]) - len(tagged)  # beyond 128 tokens
+    for entity in row["entities"]:
+        assert entity["text"] == " ".join(row["words"][k]["text"] for k in entity["words"])
+    exported = cli("--mode", "export", *common, "--model", tmp_path / "run" / "student", "--input", scans,
+                   "--output-dir", tmp_path / "run")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    report = json.load(open(tmp_path / "run" / "onnx" / "export.json"))
+    assert report["inputs"] == ["input_ids", "attention_mask"] and report["float32"]["max_abs_difference"] <= 1e-3
+    again = cli("--mode", "predict", *common, "--model", tmp_path / "run" / "onnx" / "model.onnx", "--input",
+                scans / "one.png", "--output-dir", tmp_path / "q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [w["tag"] for w in rows_of(tmp_path / "q" / "predictions.jsonl")[0]["words"]] == \
+        [w["tag"] for w in row["words"]]
