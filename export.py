@@ -30,6 +30,18 @@ PARITY_DOCUMENTS = 8
 OPSET = 17
 
 
+def quiet_quantize(fp32, int8):
+    """quantize_dynamic to int8 weights, without its per-tensor lines and advice on the root logger."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # also its advice to pre-process the model first
+    try:
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
 class OrtModel:
     """An ONNX file behind the interface of a transformers model: `model(**inputs).logits` (torch, CPU)."""
 
@@ -159,8 +171,7 @@ def run(cfg):
         if not difference <= TOLERANCE:
             raise UserError(f"the ONNX export differs from PyTorch by {difference:.3e} (> {TOLERANCE:.0e}) on real "
                             f"documents: not written; report it with --debug output")
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        quiet_quantize(fp32, int8)
         int8_difference, int8_agreement = max_difference(model, OrtModel(int8), batches)
         print(f"onnx int8: max abs difference to PyTorch {int8_difference:.3e}, top-1 agreement {int8_agreement:.3f}")
         report.update({"model": path, "opset": OPSET, "inputs": names, "tolerance": TOLERANCE,
