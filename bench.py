@@ -131,12 +131,11 @@ def accuracy(forward, model, split, collator, device, task):
 def onnx_variants(student, split, collator, directory, forward):
     """The student exported to ONNX (float32, and int8 by quantize_dynamic), run by onnxruntime on the CPU."""
     import export
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     names = export.input_names(student.config)
     batch = collator([split[i] for i in range(min(4, len(split)))])
     fp32, int8 = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.int8.onnx")
     export.export_onnx(copy.deepcopy(student).cpu().eval(), names, {n: batch[n] for n in names}, fp32)
-    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    export.quiet_quantize(fp32, int8)
     cpu = torch.device("cpu")
     return [("student onnxruntime fp32", export.OrtModel(fp32), forward, cpu),
             ("student onnxruntime int8", export.OrtModel(int8), forward, cpu)]
