@@ -276,12 +276,16 @@ class Writer:
             self.csv.writerow([row["file"], row["page"], row["label"], f"{row['probability']:.4f}",
                                " ".join(f"{t['label']}:{t['probability']:.4f}" for t in row["top_k"])])
 
-    def close(self):
+    def close(self, keep=True):
+        """Rename the files into place (keep) or remove them (a run stopped by bad usage or an interrupt)."""
         for f in (self.jsonl, self.csv_file):
             if f:
                 f.close()
         for path in self.paths:
-            os.replace(path + ".tmp", path)
+            if keep:
+                os.replace(path + ".tmp", path)
+            else:
+                os.remove(path + ".tmp")
 
 
 def run(cfg):
@@ -342,8 +346,10 @@ def run(cfg):
                 failures.append((where, utils.first_line(e) or type(e).__name__))
                 tqdm.write(f"failed: {where}: {failures[-1][1]}", file=sys.stderr)
         flush()
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    writer.close()
     for where, why in failures[:len(missing)]:
         print(f"failed: {where}: {why}", file=sys.stderr)
     total = sum(seconds.values())
