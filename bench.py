@@ -137,12 +137,27 @@ def accuracy(forward, model, split, collator, device, task):
     return task.metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy())[task.metric_name]
 
 
+def onnx_variants(student, split, collator, directory, forward):
+    """The student exported to ONNX (float32, and int8 by quantize_dynamic), run by onnxruntime on the CPU."""
+    import export
+    names = export.input_names(student.config)
+    batch = collator([split[i] for i in range(min(4, len(split)))])
+    fp32, int8 = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.int8.onnx")
+    export.export_onnx(copy.deepcopy(student).cpu().eval(), names, {n: batch[n] for n in names}, fp32)
+    export.quiet_quantize(fp32, int8)
+    cpu = torch.device("cpu")
+    return [("student onnxruntime fp32", export.OrtModel(fp32), forward, cpu),
+            ("student onnxruntime int8", export.OrtModel(int8), forward, cpu)]
+
+
 def run(cfg):
-    from main import load_saved_student
+    from evaluate import load_saved_student, saved_label_names
     from tasks import build_task
-    task = build_task(cfg, train_teacher=True)  # timing needs shape: a head for other labels is re-initialised
     path = cfg.model or os.path.join(cfg.output_dir, "student_model.pth")
     trained = os.path.exists(path)
+    # timing needs shape: a teacher head for other labels is re-initialised; a trained student is scored in its
+    # own label space (the data may hold a subset of its classes)
+    task = build_task(cfg, train_teacher=True, model_labels=saved_label_names(path) if trained else None)
     student = load_saved_student(task, path) if trained else task.student
     if not trained:
         log.info("no trained student at %s: timing a freshly initialised one (accuracy not meaningful)", path)
@@ -150,8 +165,10 @@ def run(cfg):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     split, collator = task.splits[cfg.eval_split], task.collator
     int8 = quantize_int8(student)
+    onnx_dir = tempfile.TemporaryDirectory()
     variants = [("student fp32", student.eval(), task.student_logits, device),
                 ("student int8 (dynamic)", int8, task.student_logits, torch.device("cpu")),
+                *onnx_variants(student, split, collator, onnx_dir.name, task.student_logits),
                 ("teacher", models.freeze(task.teacher), task.teacher_logits, device)]
 
     rows = []
@@ -160,7 +177,7 @@ def run(cfg):
         model.to(where)
         row = {"model": name, "device": str(where), "parameters": models.count_parameters(
                    task.teacher if name == "teacher" else student),  # int8 keeps the same weights, packed
-               "size_mb": size_on_disk_mb(model),
+               "size_mb": os.path.getsize(model.path) / 1e6 if hasattr(model, "session") else size_on_disk_mb(model),
                **time_model(forward, model, split, collator, where, amp_dtype if where.type == "cuda" else None)}
         if name.startswith("student"):
             row[task.metric_name] = accuracy(forward, model, split, collator, where, task) if trained else None
@@ -171,8 +188,8 @@ def run(cfg):
                "int8_student_size_ratio": teacher_row["size_mb"] / rows[1]["size_mb"],
                "throughput_ratio": student_row["throughput_pages_per_s"] / teacher_row["throughput_pages_per_s"]}
     result = {"machine": utils.device_info(), "teacher": cfg.teacher, "student": path if trained else "untrained",
-              "split": cfg.eval_split, "amp": cfg.amp, "rows": rows, "summary": summary,
-              "onnxruntime": "not measured (not installed)"}
+              "split": cfg.eval_split, "amp": cfg.amp, "rows": rows, "summary": summary}
+    onnx_dir.cleanup()
     utils.atomic_json(result, os.path.join(cfg.output_dir, "bench.json"))
     table = bench_table(result, task.metric_name)
     utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "bench.md"))

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-MODES = ("train", "eval", "info", "teacher", "bench", "demo")
+MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
@@ -106,8 +106,14 @@ class Config:
     overwrite: bool = _help("train (or --mode teacher) into an --output-dir that already holds a run, replacing it; "
                             "its files are replaced only as the new run saves its own. Without it such a directory "
                             "is refused unless --checkpoint resumes its run", default=False)
-    model: str = _help("student to evaluate (a student_model.pth or save_pretrained directory; default: the "
-                       "best one in OUTPUT_DIR)", default="")
+    model: str = _help("student to evaluate, predict with or export (a student_model.pth or save_pretrained "
+                       "directory; default: the best one in OUTPUT_DIR); --mode predict also takes the .onnx file "
+                       "written by --mode export", default="")
+    input: list = _help("--mode predict: image files (png, jpg, multi-page tif...), PDFs, folders (searched "
+                        "recursively) or globs; several may follow the flag", default_factory=list)
+    top_k: int = _help("--mode predict: how many of the most likely classes (page classification) to write per "
+                       "page, with their probabilities", default=3)
+    pdf_dpi: int = _help("--mode predict: resolution PDF pages are rendered at (pypdfium2) before OCR", default=200)
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
     teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
@@ -233,6 +239,9 @@ def build_parser():
                                 help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if f.type is list:  # several values after one flag
+                parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
+                continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")

@@ -101,6 +101,24 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
     return result
 
 
+def cached_page_ocr(image: Image.Image, cache_dir: str) -> dict:
+    """OCR of a decoded page (--mode predict), cached under the same key as a path-only page in training."""
+    os.makedirs(cache_dir, exist_ok=True)
+    h = hashlib.sha256(CACHE_VERSION)
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    path = os.path.join(cache_dir, h.hexdigest() + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = {**ocr_page(image), "width": image.width, "height": image.height}
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+    return result
+
+
 class BadImage(Exception):
     pass
 

@@ -14,7 +14,10 @@ to logits in the dataset's label order, and scores predictions. train.py only se
 import logging
 import os
 
+import inspect
+
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
@@ -54,9 +57,10 @@ class DocumentClassification:
     unit = "documents"
     make_loss = staticmethod(distillation_loss)
 
-    def __init__(self, cfg, train_teacher=False):
+    def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
         documents, self.labels = dataset.load_documents(cfg)
+        use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
         self.teacher, teacher_processor = models.load_image_classifier(cfg.teacher, self.labels,
                                                                        trainable=train_teacher)
@@ -77,7 +81,8 @@ class DocumentClassification:
                                                   cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in documents.items()}
         self.documents = documents
-        self.collator = dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec, teacher_spec)
+        self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
+                                                                        teacher_spec))
         self.teacher_processor = teacher_processor
 
     def teacher_logits(self, teacher, batch):
@@ -88,24 +93,26 @@ class DocumentClassification:
                        pixel_values=batch["pixel_values"]).logits
 
     def describe(self, name):
-        return dataset.describe(self.documents[name], self.splits[name], self.labels)
+        return dataset.describe(self.documents[name], self.splits[name], self.data_labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
-        return (f"label {self.labels[sample['label']]!r}, {len(sample['ocr_words'])} words: "
+        return (f"label {self.data_labels[sample['label']]!r}, {len(sample['ocr_words'])} words: "
                 f"{' '.join(sample['ocr_words'][:20])} ...; first boxes {sample['word_boxes'][:2]}")
 
     def metrics(self, preds, labels):
+        """Scores over the dataset's classes; the confusion matrix over all of self.labels (the model's, in eval)."""
         preds, labels = np.asarray(preds), np.asarray(labels)
-        ids = list(range(len(self.labels)))
-        report = classification_report(labels, preds, labels=ids, target_names=self.labels, output_dict=True,
+        names = getattr(self, "data_labels", self.labels)
+        ids = [self.labels.index(n) for n in names]
+        report = classification_report(labels, preds, labels=ids, target_names=names, output_dict=True,
                                        zero_division=0)
         return {
             "accuracy": float(accuracy_score(labels, preds)),
             "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
             "per_class": {name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score",
-                                                                      "support")} for name in self.labels},
-            "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+                                                                      "support")} for name in names},
+            "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(len(self.labels)))).tolist(),
         }
 
     def save_pretrained(self, model, directory, role):
@@ -128,9 +135,10 @@ class TokenClassification:
     unit = "words"
     make_loss = staticmethod(distillation_loss)
 
-    def __init__(self, cfg, train_teacher=False):
+    def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
         self.documents, self.labels = wordtags.load_word_documents(cfg)
+        use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
         config = models.load_pretrained_config(cfg.teacher)
         if config.model_type != "layoutlmv3":
@@ -153,7 +161,8 @@ class TokenClassification:
                 wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
                                           cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in self.documents.items()}
-        self.collator = wordtags.WordCollator(self.tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id, spec)
+        self.collator = relabelled(self, wordtags.WordCollator(self.tokenizer.pad_token_id,
+                                                               self.teacher_tokenizer.pad_token_id, spec))
 
     def teacher_logits(self, teacher, batch):
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
@@ -165,11 +174,11 @@ class TokenClassification:
         return wordtags.at_words(logits, batch["word_pos"])
 
     def describe(self, name):
-        return wordtags.describe(self.documents[name], self.splits[name], self.labels)
+        return wordtags.describe(self.documents[name], self.splits[name], self.data_labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
-        tagged = [f"{w}/{self.labels[t]}" for w, t in zip(sample["words"], sample["ner_tags"])]
+        tagged = [f"{w}/{self.data_labels[t]}" for w, t in zip(sample["words"], sample["ner_tags"])]
         return f"form {sample['id']!r}, {len(tagged)} words: {' '.join(tagged[:15])} ...; first boxes {sample['boxes'][:2]}"
 
     def metrics(self, preds, labels):
@@ -185,6 +194,47 @@ class TokenClassification:
             self.tokenizer.save_pretrained(directory)
 
 
+def use_model_labels(task, model_labels):
+    """Work in a saved model's label space (eval of a model on data holding some of its classes).
+
+    Classes are matched by name; task.labels become the model's, task.data_labels keep the dataset's and the
+    collator maps the dataset's label ids to the model's. A class the model does not know is refused by name.
+    """
+    task.data_labels, task.label_map = task.labels, None
+    if model_labels is None or list(model_labels) == task.labels:
+        return
+    model_norm = [models.normalize_label(n) for n in model_labels]
+    unknown = sorted(n for n in task.labels if models.normalize_label(n) not in model_norm)
+    if unknown:
+        raise UserError(f"{task.cfg.model or 'the student'} was trained on {len(model_labels)} classes and the "
+                        f"dataset has {len(task.labels)}, {len(unknown)} of which it does not know: {unknown}: "
+                        f"evaluate it on data whose classes it was trained on (a subset of them is fine)")
+    ids = [model_norm.index(models.normalize_label(n)) for n in task.labels]
+    task.data_labels = [model_labels[i] for i in ids]  # the model's spelling of the dataset's classes
+    task.labels = list(model_labels)
+    task.label_map = ids
+
+
+class RelabelledCollator:
+    """A collator whose batches carry label ids in the model's order (IGNORE_INDEX and padding kept)."""
+
+    def __init__(self, collator, label_map):
+        self.collator, self.label_map = collator, torch.tensor(label_map, dtype=torch.long)
+
+    def __call__(self, docs):
+        batch = self.collator(docs)
+        labels = batch["labels"]
+        keep = labels >= 0
+        batch["labels"] = torch.where(keep, self.label_map[labels.clamp(min=0)], labels)
+        return batch
+
+
+def relabelled(task, collator):
+    return collator if task.label_map is None else RelabelledCollator(collator, task.label_map)
+
+
+
+
 def text_recognition(cfg, **kw):
     from textrec_task import TextRecognition  # onnxruntime and jiwer are only needed for this task
     return TextRecognition(cfg, **kw)
@@ -194,5 +244,9 @@ TASKS = {"sequence-classification": DocumentClassification, "token-classificatio
          "text-recognition": text_recognition}
 
 
-def build_task(cfg, **kw):
-    return TASKS[cfg.task](cfg, **kw)
+def build_task(cfg, model_labels=None, **kw):
+    """The task of cfg.task; model_labels (a saved model's classes) where the task can score in them."""
+    cls = TASKS[cfg.task]
+    if model_labels is not None and "model_labels" in inspect.signature(cls).parameters:
+        kw["model_labels"] = model_labels
+    return cls(cfg, **kw)

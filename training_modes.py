@@ -1,0 +1,58 @@
+"""`--mode train`, `--mode teacher` and `--mode info`: the modes that train a model or describe the data."""
+import json
+import logging
+import os
+
+from accelerate import PartialState
+
+import model_card
+import models
+import train
+import utils
+
+log = logging.getLogger("docdistill")
+
+
+def run_train(cfg, task):
+    for name in (cfg.train_split, cfg.eval_split):
+        stats = task.describe(name)
+        log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens", name,
+                 stats["documents"], stats["words_per_document"]["mean"], 100 * stats["truncated_share"],
+                 cfg.max_length)
+    teacher = task.teacher if cfg.alpha > 0 else None  # alpha 0: the teacher's outputs are not used, skip it
+    best = train.fit(cfg, task, task.student, task.student_logits, teacher=teacher,
+                     teacher_forward=task.teacher_logits, name="student")
+    log.info("best validation %s: %.4f; student saved in %s", task.metric_name, best,
+             os.path.join(cfg.output_dir, "student"))
+    if PartialState().is_main_process:
+        model_card.write(os.path.join(cfg.output_dir, "student"))
+    report_skipped(task)
+
+
+def run_teacher(cfg, task):
+    best = train.fit(cfg, task, task.teacher, task.teacher_logits, name="teacher")
+    log.info("best validation %s of the teacher: %.4f; saved in %s (use it with --teacher %s)", task.metric_name,
+             best, os.path.join(cfg.output_dir, "teacher"), os.path.join(cfg.output_dir, "teacher"))
+    report_skipped(task)
+
+
+def report_skipped(task):
+    """--on-bad-sample skip: how many unusable documents were left out, per split."""
+    skipped = {name: len(task.documents[name]) - len(task.splits[name]) for name in task.splits}
+    if any(skipped.values()):
+        log.warning("left out %d unusable documents (%s); the log above names the first of each split",
+                    sum(skipped.values()), ", ".join(f"{name}: {n}" for name, n in skipped.items() if n))
+
+
+def run_info(cfg, task):
+    print(f"dataset {cfg.dataset}: splits {', '.join(f'{k} ({len(v)})' for k, v in task.documents.items())}")
+    print(f"columns: {', '.join(task.documents[cfg.train_split].column_names)}")
+    for name in task.documents:
+        print(f"\n[{name}]\n" + json.dumps(task.describe(name), indent=2))
+    print(f"\nsample 0: {task.show(0)}")
+    for role, model in (("teacher", task.teacher), ("student", task.student)):
+        print(f"{role}: {type(model).__name__}, {models.count_parameters(model) / 1e6:.2f}M parameters, "
+              f"{models.size_mb(model):.1f} MB float32")
+    ratio = models.count_parameters(task.teacher) / models.count_parameters(task.student)
+    print(f"teacher/student parameter ratio: {ratio:.1f}x")
+    print("device: " + json.dumps(utils.device_info()))
