@@ -264,6 +264,7 @@ class Writer:
     def __init__(self, out_dir, with_csv):
         self.paths = [os.path.join(out_dir, "predictions.jsonl")] + ([os.path.join(out_dir, "predictions.csv")]
                                                                      if with_csv else [])
+        os.makedirs(out_dir, exist_ok=True)  # main.py creates no --output-dir up front (bad input leaves none)
         self.jsonl = open(self.paths[0] + ".tmp", "w")
         self.csv_file = open(self.paths[1] + ".tmp", "w", newline="") if with_csv else None
         if self.csv_file:
