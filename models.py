@@ -11,10 +11,18 @@ from config import UserError
 log = logging.getLogger("docdistill")
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-# LayoutLMv3-Tiny; 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
-TINY_LAYOUTLMV3 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                       coordinate_size=48, shape_size=32)
-TINY_DISTILBERT = dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
+# The named student sizes (--student-size), for each student architecture; 'full' keeps the config as is.
+# LayoutLMv3: 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
+STUDENT_SIZES = {
+    "tiny": {"layoutlmv3": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                                coordinate_size=48, shape_size=32),
+             "distilbert": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)},
+    "small": {"layoutlmv3": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                                 coordinate_size=24, shape_size=16),
+              "distilbert": dict(dim=128, n_layers=2, n_heads=2, hidden_dim=512)},
+}
+TINY_LAYOUTLMV3 = STUDENT_SIZES["tiny"]["layoutlmv3"]
+TINY_DISTILBERT = STUDENT_SIZES["tiny"]["distilbert"]
 
 
 DEMO_TEACHER_SHAPE = dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6,
@@ -128,7 +136,8 @@ def load_teacher(auto_class, source, config, labels, trainable=False):
 
 
 def build_student(auto_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
-    """The student, built from a (hub or local) config by an Auto* class, shrunk to the tiny shape unless 'full'.
+    """The student, built from a (hub or local) config by an Auto* class, shrunk to a STUDENT_SIZES shape unless
+    'full'.
 
     size 'full' with a source that has weights (a hub id, or a directory holding them) starts from those
     pretrained weights, with a fresh head; anything else starts from random weights.
@@ -137,9 +146,9 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
     """
     config = load_pretrained_config(config_source)
     pretrained = size == "full" and not config_source.startswith("builtin:") and has_weights(config_source)
-    if size == "tiny":
-        tiny = TINY_DISTILBERT if config.model_type == "distilbert" else TINY_LAYOUTLMV3
-        config.update(tiny)
+    if size in STUDENT_SIZES:
+        shapes = STUDENT_SIZES[size]
+        config.update(shapes["distilbert"] if config.model_type == "distilbert" else shapes["layoutlmv3"])
     if vocab_size is not None and not pretrained:
         config.vocab_size = vocab_size
     config.update(config_overrides)

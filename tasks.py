@@ -67,6 +67,13 @@ class DocumentClassification:
                                                   cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in documents.items()}
         self.documents = documents
+        if cfg.unlabeled:  # unlabelled documents join the training split, numbered after its documents
+            self.documents["unlabeled"] = dataset.load_unlabeled(cfg)
+            self.unlabeled = dataset.drop_bad_documents(dataset.preprocess_classification(
+                self.documents["unlabeled"], self.tokenizer, student_spec, teacher_spec, cfg.max_length,
+                cfg.cache_dir, desc="preprocess unlabeled", index_offset=len(documents[cfg.train_split])),
+                "unlabeled", cfg.on_bad_sample)
+            self.splits[cfg.train_split] = add_unlabeled(self.splits[cfg.train_split], self.unlabeled)
         self.collator = dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec, teacher_spec)
         self.teacher_processor = teacher_processor
 
@@ -78,7 +85,9 @@ class DocumentClassification:
                        pixel_values=batch["pixel_values"]).logits
 
     def describe(self, name):
-        return dataset.describe(self.documents[name], self.splits[name], self.labels)
+        if name == "unlabeled":
+            return dataset.describe(self.documents[name], self.unlabeled, self.labels)
+        return dataset.describe(self.documents[name], labelled_part(self, name), self.labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
@@ -119,6 +128,9 @@ class TokenClassification:
 
     def __init__(self, cfg, train_teacher=False):
         self.cfg = cfg
+        if cfg.unlabeled:
+            raise UserError("--unlabeled is implemented for sequence-classification; token-classification does not "
+                            "take unlabelled documents yet")
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
         config = models.load_pretrained_config(cfg.teacher)
@@ -169,6 +181,20 @@ class TokenClassification:
             self.teacher_processor.save_pretrained(directory)
         else:
             self.tokenizer.save_pretrained(directory)
+
+
+def add_unlabeled(labelled, unlabeled):
+    """The training split with the unlabelled documents after its own (the sampler shuffles them together)."""
+    import datasets
+    return datasets.concatenate_datasets([labelled.with_format(None), unlabeled.with_format(None)]).with_format("torch")
+
+
+def labelled_part(task, name):
+    """A split without the unlabelled documents that joined it (they come last)."""
+    split = task.splits[name]
+    if name == task.cfg.train_split and getattr(task, "unlabeled", None) is not None:
+        return split.select(range(len(split) - len(task.unlabeled)))
+    return split
 
 
 TASKS = {"sequence-classification": DocumentClassification, "token-classification": TokenClassification}

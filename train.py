@@ -26,8 +26,8 @@ from losses import IGNORE_INDEX, DistillationLoss
 log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
-               "train_split", "max_samples", "max_length", "batch_size", "grad_accum", "lr", "weight_decay",
-               "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length")
+               "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size",
+               "grad_accum", "lr", "weight_decay", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length")
 
 
 class EpochShuffle(Sampler):
@@ -156,7 +156,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name."""
     accelerator = make_accelerator(cfg)
     out_dir = cfg.output_dir
-    criterion = DistillationLoss(cfg.temperature, cfg.alpha if teacher is not None else 0.0)
+    criterion = DistillationLoss(cfg.temperature, cfg.alpha if teacher is not None else 0.0, cfg.unlabeled_weight)
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -209,7 +209,9 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
-                losses = criterion(logits, teacher_logits, batch["labels"])
+                # labeled/positions: unlabelled documents (--unlabeled) add only the KD term (losses.py)
+                losses = criterion(logits, teacher_logits, batch["labels"], batch.get("labeled"),
+                                   batch.get("positions"))
                 if not torch.isfinite(losses["total"]):  # stop before the step: nothing bad reaches a checkpoint
                     kept = f"{ckpt_path} (kept as it was)" if os.path.exists(ckpt_path) else "not written yet"
                     raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step {step + 1}: "
