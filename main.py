@@ -4,10 +4,9 @@ train    distil the frozen teacher into the student       -> OUTPUT_DIR/student_
 teacher  train or fine-tune the teacher on the dataset    -> OUTPUT_DIR/teacher_model.pth, teacher/
 eval     score a saved student (and its teacher agreement) -> OUTPUT_DIR/eval.json, confusion_matrix.png
 info     describe the data and both models
-demo     the whole job on the built-in corpus: teacher, baseline, distilled student, evaluation, table
+demo     the whole job on the built-in corpora: teacher, students alone and distilled (with unlabelled pages), table
 bench    speed, size and memory of teacher and student    -> OUTPUT_DIR/bench.json, bench.md
 """
-import dataclasses
 import json
 import logging
 import os
@@ -31,6 +30,9 @@ def run_train(cfg, task):
         log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens", name,
                  stats["documents"], stats["words_per_document"]["mean"], 100 * stats["truncated_share"],
                  cfg.max_length)
+    if cfg.unlabeled:
+        log.info("unlabeled (%s): %d documents join %s, taught by the teacher only (KD weight %g)", cfg.unlabeled,
+                 task.describe("unlabeled")["documents"], cfg.train_split, cfg.unlabeled_weight)
     teacher = task.teacher if cfg.alpha > 0 else None  # alpha 0: the teacher's outputs are not used, skip it
     best = train.fit(cfg, task, task.student, task.student_logits, teacher=teacher,
                      teacher_forward=task.teacher_logits, name="student")
@@ -77,7 +79,7 @@ def load_saved_student(task, path):
 
 def report_skipped(task):
     """--on-bad-sample skip: how many unusable documents were left out, per split."""
-    skipped = {name: len(task.documents[name]) - len(task.splits[name]) for name in task.splits}
+    skipped = {name: task.describe(name).get("skipped", 0) for name in task.documents}
     if any(skipped.values()):
         log.warning("left out %d unusable documents (%s); the log above names the first of each split",
                     sum(skipped.values()), ", ".join(f"{name}: {n}" for name, n in skipped.items() if n))
@@ -137,50 +139,10 @@ def run_info(cfg, task):
     print("device: " + json.dumps(utils.device_info()))
 
 
-# The demo's teacher is a ViT trained from scratch on 640 pages: it needs many more optimizer steps than
-# the students (which start from the same random initialisation in both runs), and each step is cheap.
-DEMO_TEACHER = dict(epochs=30, lr=3e-4, batch_size=16)
-
-
 def run_demo(cfg):
-    """Teacher, no-distillation baseline, distilled student, evaluation on the test split, and the table."""
-    from tasks import build_task
-    root = cfg.output_dir
-    steps = [("teacher", dict(mode="teacher", output_dir=os.path.join(root, "teacher"), **DEMO_TEACHER)),
-             ("baseline", dict(mode="train", alpha=0.0, output_dir=os.path.join(root, "baseline"))),
-             ("distilled", dict(mode="train", output_dir=os.path.join(root, "distilled")))]
-    teacher_dir = os.path.join(root, "teacher", "teacher")
-    results = {}
-    for name, overrides in steps:
-        log.info("demo step: %s", name)
-        if name != "teacher":
-            overrides["teacher"] = teacher_dir
-        step_cfg = dataclasses.replace(cfg, **overrides)
-        task = build_task(step_cfg, train_teacher=name == "teacher")
-        {"teacher": run_teacher, "train": run_train}[step_cfg.mode](step_cfg, task)
-        if name != "teacher":
-            eval_cfg = dataclasses.replace(step_cfg, mode="eval", eval_split="test")
-            results[name] = run_eval(eval_cfg, build_task(eval_cfg))
-            results[name]["parameters"] = models.count_parameters(task.student)
-            results["teacher_parameters"] = models.count_parameters(task.teacher)
-    table = demo_table(results)
-    print("\n" + table)
-    utils.atomic_text(table + "\n", os.path.join(root, "demo_results.md"))
-    utils.atomic_json(results, os.path.join(root, "demo_results.json"))
-
-
-def demo_table(results):
-    base, dist = results["baseline"], results["distilled"]
-    rows = [("teacher (small DiT, image only)", base["teacher_accuracy"], None, results["teacher_parameters"]),
-            ("student, no distillation (alpha 0)", base["accuracy"], base["macro_f1"], base["parameters"]),
-            ("student, distilled (alpha 0.7, T 4)", dist["accuracy"], dist["macro_f1"], dist["parameters"])]
-    lines = [f"test split: {base['documents']} documents",
-             "| model | test accuracy | macro F1 | parameters |", "|---|---|---|---|"]
-    lines += [f"| {n} | {acc:.3f} | {'-' if f1 is None else f'{f1:.3f}'} | {p / 1e6:.2f}M |" for n, acc, f1, p in rows]
-    lines.append(f"\nteacher/student size ratio: {results['teacher_parameters'] / dist['parameters']:.2f}x; "
-                 f"distilled student agrees with the teacher on {dist['teacher_agreement']:.1%} of pages "
-                 f"(baseline {base['teacher_agreement']:.1%})")
-    return "\n".join(lines)
+    """Teacher, students alone / distilled / distilled with unlabelled pages, test scores and the table."""
+    import demo_run
+    return demo_run.run(cfg)
 
 
 def main(argv=None):
@@ -194,7 +156,8 @@ def main(argv=None):
         os.makedirs(cfg.output_dir, exist_ok=True)
         utils.seed_everything(cfg.seed)
         if cfg.mode == "demo":
-            return run_demo(cfg) or 0
+            run_demo(cfg)
+            return 0
         if cfg.mode == "bench":
             import bench
             return bench.run(cfg)

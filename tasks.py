@@ -32,7 +32,9 @@ def load_tokenizer(source, cache_dir, train_split=None):
                                     and not os.path.exists(os.path.join(source, "tokenizer.json")))
     if source == "demo":
         import demo
-        source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer"))
+        # one directory per corpus: runs side by side (the demo's teacher and students) train on different ones
+        source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer",
+                                                                     train_split._fingerprint[:16]))
     try:  # a bare vocab.json + merges.txt folder does not say which tokenizer class it is for
         return LayoutLMv3TokenizerFast.from_pretrained(source) if bare_bpe else AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
