@@ -37,6 +37,44 @@ def demo_teacher_config(labels):
                       id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
 
 
+# The demo's teacher that reads words, boxes and page (LayoutLMv3 architecture): 3 layers of 192 and a 128-pixel
+# page, against the demo student's 2 layers of 128 (--student-size small) and 64-pixel page.
+DEMO_READER_SIDE = 128
+DEMO_READER_SHAPE = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=3, intermediate_size=768,
+                         coordinate_size=36, shape_size=24)
+
+
+def demo_reader_config(labels, vocab_size, pad_token_id):
+    """LayoutLMv3 teacher for the demo: DEMO_READER_SHAPE, page at 128 px; random weights."""
+    config = builtin_configs()["builtin:layoutlmv3-base"]()
+    config.update({**DEMO_READER_SHAPE, "vocab_size": vocab_size, "pad_token_id": pad_token_id,
+                   "input_size": DEMO_READER_SIDE, "architectures": ["LayoutLMv3ForSequenceClassification"],
+                   "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}})
+    return config
+
+
+def reads_text(model):
+    """Whether a document teacher reads words and boxes (LayoutLMv3) besides the page, or only the page."""
+    return getattr(model, "module", model).config.model_type == "layoutlmv3"  # DDP-wrapped in --mode teacher
+
+
+def load_document_teacher(source, labels, trainable=False, vocab_size=None, pad_token_id=None):
+    """Teacher for one label per page + its image processor: an image classifier (load_image_classifier), or a
+    LayoutLMv3 sequence classifier that reads words, boxes and page ('demo-layoutlmv3' builds the demo's)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
+    side = DEMO_READER_SIDE
+    if source == "demo-layoutlmv3":
+        processor = LayoutLMv3ImageProcessorPil(apply_ocr=False, size={"height": side, "width": side})
+        return AutoModelForSequenceClassification.from_config(
+            demo_reader_config(labels, vocab_size, pad_token_id)), processor
+    if source != "demo-dit" and os.path.isdir(source) and load_pretrained_config(source).model_type == "layoutlmv3":
+        config = load_pretrained_config(source)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        return load_teacher(AutoModelForSequenceClassification, source, config, labels, trainable), processor
+    return load_image_classifier(source, labels, trainable)
+
+
 def has_weights(source):
     return not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in WEIGHT_FILES)
 

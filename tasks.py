@@ -51,8 +51,13 @@ class DocumentClassification:
         self.cfg = cfg
         documents, self.labels = dataset.load_documents(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
-        self.teacher, teacher_processor = models.load_image_classifier(cfg.teacher, self.labels,
-                                                                       trainable=train_teacher)
+        self.teacher, teacher_processor = models.load_document_teacher(
+            cfg.teacher, self.labels, trainable=train_teacher, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id)
+        if models.reads_text(self.teacher) and self.teacher.config.vocab_size != len(self.tokenizer):
+            raise UserError(f"the teacher {cfg.teacher!r} reads words with a {self.teacher.config.vocab_size}-token "
+                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
+                            f"tokenizer (--tokenizer {cfg.teacher})")
         # Teacher logits come in the teacher's label order; reorder them to the dataset's, by name.
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
         self.student_processor = LayoutLMv3ImageProcessorPil(
@@ -80,6 +85,9 @@ class DocumentClassification:
         self.teacher_processor = teacher_processor
 
     def teacher_logits(self, teacher, batch):
+        if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
+            return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
+                           pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
         return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
 
     def student_logits(self, student, batch):
@@ -114,6 +122,8 @@ class DocumentClassification:
         model.save_pretrained(directory)
         if role == "teacher":
             self.teacher_processor.save_pretrained(directory)
+            if models.reads_text(model):
+                self.tokenizer.save_pretrained(directory)
         else:
             self.tokenizer.save_pretrained(directory)
             self.student_processor.save_pretrained(directory)

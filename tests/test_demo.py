@@ -140,3 +140,20 @@ def test_paired_bootstrap():
     assert demo_run.paired_bootstrap(a, b) == s  # seeded
     same = demo_run.paired_bootstrap(a, a)
     assert same["low"] == same["high"] == 0.0
+
+
+def test_demo_table_reports_every_row_and_the_spread():
+    import demo_run
+    run = dict(accuracy=0.5, macro_f1=0.4, parameters=1_000_000, labelled_pages=160, unlabeled_pages=0)
+    spread = dict(difference=0.05, low=0.02, high=0.08, resamples=2000, seeds=[42, 43])
+    results = {"test_pages": 800, "student_pages_per_second": 90.0, "timings_s": {"total": 600.0},
+               "teacher": dict(accuracy=0.7, macro_f1=0.6, parameters=2_000_000, labelled_pages=2048,
+                               pages_per_second=40.0, image_size=128),
+               "runs": {"alone (seed 42)": {**run, "name": "alone"}, "alone (seed 43)": {**run, "name": "alone"},
+                        "distilled (seed 42)": {**run, "name": "distilled"},
+                        "distilled_unlabeled (seed 42)": {**run, "name": "distilled_unlabeled",
+                                                          "unlabeled_pages": 1024, "accuracy": 0.6}},
+               "spread": {k: spread for k in ("distilled_unlabeled", "distilled", "teacher")}}
+    table = demo_run.demo_table(results)
+    assert "800 pages" in table and "| 2048 |" in table and "| 1024 |" in table
+    assert "0.500 (0.500, 0.500)" in table and "+5.0 points [+2.0, +8.0]" in table and "total 600" in table

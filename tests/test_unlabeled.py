@@ -85,12 +85,14 @@ def metrics(out_dir):
 
 @pytest.fixture(scope="module")
 def setup(tiny_demo, tmp_path_factory):
-    """A teacher trained for one epoch on the tiny corpus, and 16 unlabelled pages (with labels, to be ignored)."""
+    """A teacher that reads words, boxes and page (the demo's kind) trained for one epoch on the tiny corpus, and
+    16 unlabelled pages (generated with labels, which must be ignored)."""
     root = tmp_path_factory.mktemp("unlabeled")
     pool = str(root / "pool")
     demo.generate_pages(pool, {"train": ("unlabeled", 1)}, seed=3)
     common = [*FAST, "--dataset", tiny_demo, "--cache-dir", root / "cache"]
-    teacher = run_main("--mode", "teacher", *common, "--epochs", "1", "--output-dir", root / "t")
+    teacher = run_main("--mode", "teacher", *common, "--teacher", "demo-layoutlmv3", "--epochs", "1",
+                       "--output-dir", root / "t")
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     return root, [*common, "--teacher", root / "t" / "teacher", "--unlabeled", pool]
 
@@ -156,3 +158,12 @@ def test_sigkill_mid_epoch_then_resume_with_both_sources_ends_like_an_uninterrup
     a = torch.load(full / "latest_checkpoint.pth", weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_student_sizes_are_named_in_one_place():
+    import config
+    import models
+    assert set(config.STUDENT_SIZES) == set(models.STUDENT_SIZES) | {"full"}
+    for shapes in models.STUDENT_SIZES.values():
+        lm = shapes["layoutlmv3"]
+        assert 4 * lm["coordinate_size"] + 2 * lm["shape_size"] == lm["hidden_size"]
