@@ -27,7 +27,7 @@ import utils
 
 log = logging.getLogger("docdistill")
 
-# The teacher reads words, boxes and a 128-pixel page with 3 layers of 192 (LayoutLMv3 architecture,
+# The teacher reads words, boxes and a 128-pixel page with 4 layers of 128 (LayoutLMv3 architecture,
 # models.DEMO_READER_SHAPE) and trains on demo-teacher's 2,048 labelled pages. An image-only DiT-style teacher (demo-dit) was
 # tried first: trained from scratch it stays near chance for hundreds of steps and does not beat the student
 # alone within the demo's time budget.
@@ -196,7 +196,7 @@ def demo_table(results):
     lines = [f"test split: {results['test_pages']} pages (the same for every model)", "",
              "| model | labelled pages | unlabelled pages | test accuracy | macro F1 | parameters | pages/s |",
              "|---|---|---|---|---|---|---|",
-             f"| teacher (LayoutLMv3 architecture, 3x192, page at {teacher['image_size']} px) | "
+             f"| teacher (LayoutLMv3 architecture, 4x128, page at {teacher['image_size']} px) | "
              f"{teacher['labelled_pages']} | - | "
              f"{teacher['accuracy']:.3f} | {teacher['macro_f1']:.3f} | {teacher['parameters'] / 1e6:.2f}M | "
              f"{teacher['pages_per_second']:.0f} |"]

@@ -37,11 +37,10 @@ def demo_teacher_config(labels):
                       id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
 
 
-# The demo's teacher that reads words, boxes and page (LayoutLMv3 architecture): 3 layers of 192 and a 128-pixel
+# The demo's teacher that reads words, boxes and page (LayoutLMv3 architecture): 4 layers of 128 and a 128-pixel
 # page, against the demo student's 2 layers of 128 (--student-size small) and 64-pixel page.
 DEMO_READER_SIDE = 128
-DEMO_READER_SHAPE = dict(hidden_size=192, num_hidden_layers=3, num_attention_heads=3, intermediate_size=768,
-                         coordinate_size=36, shape_size=24)
+DEMO_READER_SHAPE = {**STUDENT_SIZES["small"]["layoutlmv3"], "num_hidden_layers": 4}
 
 
 def demo_reader_config(labels, vocab_size, pad_token_id):

@@ -126,11 +126,11 @@ def test_info_reports_unlabelled_pages(setup):
     assert "unlabeled (16)" in result.stdout and "[unlabeled]" in result.stdout
 
 
-def test_unlabelled_needs_distillation(setup):
-    root, args = setup
+def test_unlabelled_needs_distillation(tmp_path):
+    from config import UserError, parse_config
     for extra in (["--mode", "train", "--alpha", "0"], ["--mode", "teacher"]):
-        result = run_main(*args, *extra, "--output-dir", root / "refused")
-        assert result.returncode == 2 and "--unlabeled" in result.stderr.strip().splitlines()[-1]
+        with pytest.raises(UserError, match="--unlabeled"):
+            parse_config(["--unlabeled", "demo-unlabeled", "--output-dir", str(tmp_path), *extra])
 
 
 def test_sigkill_mid_epoch_then_resume_with_both_sources_ends_like_an_uninterrupted_run(setup, uninterrupted):
