@@ -15,6 +15,7 @@ MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
+STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 
 
 class UserError(Exception):
@@ -47,7 +48,8 @@ class Config:
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
                                 "and builtin:distilbert-base-uncased need no network",
                                 default="microsoft/layoutlmv3-base")
-    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights) or full "
+    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights), small (hidden "
+                              "128, 2 layers, 2 heads, intermediate 512; random weights; models.STUDENT_SIZES) or full "
                               "(config as is; starts from the pretrained weights when --student-config is a hub id "
                               "or a directory that has them, e.g. distilbert-base-uncased); text-recognition: the "
                               "CRNN's size, tiny (1.0M parameters) or full (2.6M)",
@@ -60,6 +62,14 @@ class Config:
                          "sub-folder per class, or 'demo' (the built-in generated corpus); for token-classification "
                          "a FUNSD folder (training_data/, testing_data/) or data with tokens, bboxes, ner_tags "
                          "(BIO) and image columns, as nielsr/funsd-layoutlmv3", default="dvgodoy/rvl_cdip_mini")
+    unlabeled: str = _help("unlabelled documents for distillation: any source --dataset accepts (its 'train' split, "
+                           "or its only split; labels, if present, are ignored; 'demo-unlabeled' = the demo's pool). "
+                           "They join the training split and are taught by the teacher alone: the CE is averaged over "
+                           "labelled documents, the KD term over all of them (see --unlabeled-weight); mode train "
+                           "with alpha > 0 only", default="")
+    unlabeled_weight: float = _help("weight of an unlabelled document's KD term relative to a labelled one's: "
+                                    "KD = (sum of labelled KL + w * sum of unlabelled KL) / all documents",
+                                    default=1.0)
     train_split: str = _help("split to train on", default="train")
     eval_split: str = _help("split used for validation each epoch and by --mode eval", default="validation")
     max_samples: int = _help("use at most this many documents per split (0 = all); for quick trials", default=0)
@@ -134,7 +144,7 @@ class Config:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio"):
+        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
@@ -147,10 +157,14 @@ class Config:
             problems.append(f"--student-height must be a multiple of 16, got {self.student_height}")
         if not 0 <= self.degrade_jpeg <= 95:
             problems.append(f"--degrade-jpeg must be in [0, 95], got {self.degrade_jpeg}")
+        if self.unlabeled and self.mode == "teacher":
+            problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
+        if self.unlabeled and self.mode == "train" and self.alpha == 0:
+            problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
-        if self.student_size not in ("tiny", "full"):
-            problems.append(f"--student-size must be tiny or full, got {self.student_size!r}")
+        if self.student_size not in STUDENT_SIZES:
+            problems.append(f"--student-size must be one of {', '.join(STUDENT_SIZES)}, got {self.student_size!r}")
         if self.on_bad_sample not in BAD_SAMPLE:
             problems.append(f"--on-bad-sample must be skip or fail, got {self.on_bad_sample!r}")
         for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
@@ -186,6 +200,7 @@ NUMERIC_BOUNDS = {
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
     "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
+    "unlabeled_weight": (0, None, False),
 }
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 import datacheck
 import utils
 from config import UserError
+from losses import IGNORE_INDEX  # also the label of a document without one (--unlabeled)
 
 log = logging.getLogger("docdistill")
 PREP_VERSION = "3"  # bump when the preprocessing output changes, so old caches are not reused
@@ -28,9 +29,9 @@ PREP_VERSION = "3"  # bump when the preprocessing output changes, so old caches 
 
 def load_source(name, cache_dir):
     """DatasetDict from a hub id, save_to_disk directory, parquet/JSON file(s), image folder, or 'demo'."""
-    if name == "demo":
-        import demo
-        return demo.generate_demo_dataset(os.path.join(cache_dir, "demo"))
+    import demo
+    if name in demo.CORPORA:  # the built-in generated corpora: demo, demo-teacher, demo-unlabeled
+        return demo.load_corpus(name, cache_dir)
     if os.path.exists(name) or glob.glob(name):
         try:
             return _load_local(name)
@@ -181,6 +182,24 @@ def load_documents(cfg):
     return datasets.DatasetDict(out), labels
 
 
+def load_unlabeled(cfg):
+    """The documents of --unlabeled (its 'train' split, or its only one), with their labels, if any, removed.
+
+    Each gets label IGNORE_INDEX: in training it adds only the distillation term (see losses.py).
+    """
+    data = load_source(cfg.unlabeled, cfg.cache_dir)
+    name = "train" if "train" in data else next(iter(data)) if len(data) == 1 else None
+    if name is None:
+        raise UserError(f"--unlabeled {cfg.unlabeled}: it has splits {', '.join(data)} and none is 'train': give "
+                        f"a source whose documents are all meant for training")
+    split = data[name].remove_columns([c for c in ("label", "category") if c in data[name].column_names])
+    split = select_samples(split, cfg.max_samples, cfg.seed)
+    if "ocr_words" not in split.column_names:
+        import ocr
+        split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled")
+    return split.add_column("label", [IGNORE_INDEX] * len(split))
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 def open_page(cell):
@@ -289,8 +308,12 @@ def cached_map(split, fn, features, cache_dir, key, desc):
     return datasets.Dataset.from_file(path).with_format("torch")  # arrays, not nested Python lists
 
 
-def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc):
-    """Tokenise words with boxes, resize pages for student and teacher; cached on disk by content key."""
+def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc,
+                              index_offset=0):
+    """Tokenise words with boxes, resize pages for student and teacher; cached on disk by content key.
+
+    index_offset shifts the `index` column (unlabelled documents are numbered after the labelled ones).
+    """
     st_h, st_w = student_spec["size"]
     te_h, te_w = teacher_spec["size"]
     features = datasets.Features({
@@ -322,7 +345,7 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
         mapping = enc["overflow_to_sample_mapping"]
         input_ids = [enc["input_ids"][first[d]] for d in range(len(indices))]
         return {
-            "index": indices, "label": batch["label"], "input_ids": input_ids,
+            "index": [i + index_offset for i in indices], "label": batch["label"], "input_ids": input_ids,
             "n_tokens": [len(ids) for ids in input_ids],
             "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
             "n_words": [len(w) for w in words],
@@ -333,7 +356,8 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
         }
 
     key = preprocess_key(split, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
-                         student=student_spec, teacher=teacher_spec)
+                         student=student_spec, teacher=teacher_spec,
+                         **({"index_offset": index_offset} if index_offset else {}))
     if isinstance(split.features.get("image"), datasets.Image):  # decoded one by one, so a bad file is caught
         split = split.cast_column("image", datasets.Image(decode=False))
     return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
@@ -374,6 +398,7 @@ class ClassificationCollator:
 
     def __call__(self, docs):
         longest = self.pad_to or max(len(d["input_ids"]) for d in docs)
+        labels = torch.tensor([int(d["label"]) for d in docs])
         input_ids = torch.full((len(docs), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
         bbox = torch.zeros((len(docs), longest, 4), dtype=torch.long)
@@ -388,14 +413,16 @@ class ClassificationCollator:
                                              self.student_spec),
             "teacher_pixel_values": normalize_pixels(
                 torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec),
-            "labels": torch.tensor([int(d["label"]) for d in docs]),
+            "labels": labels,
+            "labeled": labels != IGNORE_INDEX,  # unlabelled documents (--unlabeled) are taught by the teacher only
             "index": torch.tensor([int(d["index"]) for d in docs]),
         }
 
 
 def describe(split, prepared, labels):
     """Statistics `info` prints and training logs: sizes, class balance, words, truncation (usable documents)."""
-    counts = np.bincount(np.asarray(prepared["label"]), minlength=len(labels))
+    ids = np.asarray(prepared["label"])
+    counts = np.bincount(ids[ids != IGNORE_INDEX], minlength=len(labels))
     words = np.asarray(prepared["n_words"])
     return {
         "documents": len(prepared),

@@ -4,7 +4,7 @@ train    distil the frozen teacher into the student       -> OUTPUT_DIR/student_
 teacher  train or fine-tune the teacher on the dataset    -> OUTPUT_DIR/teacher_model.pth, teacher/
 eval     score a saved student (and its teacher agreement) -> OUTPUT_DIR/eval.json, confusion_matrix.png
 info     describe the data and both models
-demo     the whole job on the built-in corpus: teacher, baseline, distilled student, evaluation, table
+demo     the whole job on the built-in corpora: teacher, students alone and distilled (with unlabelled pages), table
 bench    speed, size and memory of teacher and student    -> OUTPUT_DIR/bench.json, bench.md
 predict  run a saved student on files, folders, globs     -> OUTPUT_DIR/predictions.jsonl (+ .csv)
 export   the student as ONNX (float32 and int8), checked  -> OUTPUT_DIR/onnx/
@@ -12,7 +12,6 @@ export   the student as ONNX (float32 and int8), checked  -> OUTPUT_DIR/onnx/
 train/teacher/info live in training_modes.py, eval in evaluate.py, bench in bench.py, predict in predict.py
 and export in export.py.
 """
-import dataclasses
 import errno
 import logging
 import os
@@ -22,7 +21,6 @@ import sys
 import torch
 from accelerate import PartialState
 
-import models
 import train
 import utils
 from config import UserError, parse_config
@@ -32,50 +30,12 @@ from training_modes import run_info, run_teacher, run_train
 log = logging.getLogger("docdistill")
 
 
-# The demo's teacher is a ViT trained from scratch on 640 pages: it needs many more optimizer steps than
-# the students (which start from the same random initialisation in both runs), and each step is cheap.
-DEMO_TEACHER = dict(epochs=30, lr=3e-4, batch_size=16)
 
 
 def run_demo(cfg):
-    """Teacher, no-distillation baseline, distilled student, evaluation on the test split, and the table."""
-    from tasks import build_task
-    root = cfg.output_dir
-    steps = [("teacher", dict(mode="teacher", output_dir=os.path.join(root, "teacher"), **DEMO_TEACHER)),
-             ("baseline", dict(mode="train", alpha=0.0, output_dir=os.path.join(root, "baseline"))),
-             ("distilled", dict(mode="train", output_dir=os.path.join(root, "distilled")))]
-    teacher_dir = os.path.join(root, "teacher", "teacher")
-    results = {}
-    for name, overrides in steps:
-        log.info("demo step: %s", name)
-        if name != "teacher":
-            overrides["teacher"] = teacher_dir
-        step_cfg = dataclasses.replace(cfg, **overrides)
-        task = build_task(step_cfg, train_teacher=name == "teacher")
-        {"teacher": run_teacher, "train": run_train}[step_cfg.mode](step_cfg, task)
-        if name != "teacher":
-            eval_cfg = dataclasses.replace(step_cfg, mode="eval", eval_split="test")
-            results[name] = run_eval(eval_cfg, build_task(eval_cfg))
-            results[name]["parameters"] = models.count_parameters(task.student)
-            results["teacher_parameters"] = models.count_parameters(task.teacher)
-    table = demo_table(results)
-    print("\n" + table)
-    utils.atomic_text(table + "\n", os.path.join(root, "demo_results.md"))
-    utils.atomic_json(results, os.path.join(root, "demo_results.json"))
-
-
-def demo_table(results):
-    base, dist = results["baseline"], results["distilled"]
-    rows = [("teacher (small DiT, image only)", base["teacher_accuracy"], None, results["teacher_parameters"]),
-            ("student, no distillation (alpha 0)", base["accuracy"], base["macro_f1"], base["parameters"]),
-            ("student, distilled (alpha 0.7, T 4)", dist["accuracy"], dist["macro_f1"], dist["parameters"])]
-    lines = [f"test split: {base['documents']} documents",
-             "| model | test accuracy | macro F1 | parameters |", "|---|---|---|---|"]
-    lines += [f"| {n} | {acc:.3f} | {'-' if f1 is None else f'{f1:.3f}'} | {p / 1e6:.2f}M |" for n, acc, f1, p in rows]
-    lines.append(f"\nteacher/student size ratio: {results['teacher_parameters'] / dist['parameters']:.2f}x; "
-                 f"distilled student agrees with the teacher on {dist['teacher_agreement']:.1%} of pages "
-                 f"(baseline {base['teacher_agreement']:.1%})")
-    return "\n".join(lines)
+    """Teacher, students alone / distilled / distilled with unlabelled pages, test scores and the table."""
+    import demo_run
+    return demo_run.run(cfg)
 
 
 def error_line(error, cfg):
@@ -100,7 +60,8 @@ def main(argv=None):
         # --output-dir is not created here: every write (utils.atomic_*) creates it, so bad input leaves none behind
         utils.seed_everything(cfg.seed)
         if cfg.mode == "demo":
-            return run_demo(cfg) or 0
+            run_demo(cfg)
+            return 0
         if cfg.mode == "bench":
             import bench
             return bench.run(cfg)

@@ -13,10 +13,18 @@ from config import UserError
 log = logging.getLogger("docdistill")
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-# LayoutLMv3-Tiny; 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
-TINY_LAYOUTLMV3 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                       coordinate_size=48, shape_size=32)
-TINY_DISTILBERT = dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
+# The named student sizes (--student-size), for each student architecture; 'full' keeps the config as is.
+# LayoutLMv3: 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
+STUDENT_SIZES = {
+    "tiny": {"layoutlmv3": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                                coordinate_size=48, shape_size=32),
+             "distilbert": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)},
+    "small": {"layoutlmv3": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                                 coordinate_size=24, shape_size=16),
+              "distilbert": dict(dim=128, n_layers=2, n_heads=2, hidden_dim=512)},
+}
+TINY_LAYOUTLMV3 = STUDENT_SIZES["tiny"]["layoutlmv3"]
+TINY_DISTILBERT = STUDENT_SIZES["tiny"]["distilbert"]
 
 
 DEMO_TEACHER_SHAPE = dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6,
@@ -29,6 +37,43 @@ def demo_teacher_config(labels):
                       use_absolute_position_embeddings=True, use_relative_position_bias=False,
                       layer_scale_init_value=0.1, drop_path_rate=0.1,
                       id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+
+
+# The demo's teacher that reads words, boxes and page (LayoutLMv3 architecture): 4 layers of 128 and a 128-pixel
+# page, against the demo student's 2 layers of 128 (--student-size small) and 64-pixel page.
+DEMO_READER_SIDE = 128
+DEMO_READER_SHAPE = {**STUDENT_SIZES["small"]["layoutlmv3"], "num_hidden_layers": 4}
+
+
+def demo_reader_config(labels, vocab_size, pad_token_id):
+    """LayoutLMv3 teacher for the demo: DEMO_READER_SHAPE, page at 128 px; random weights."""
+    config = builtin_configs()["builtin:layoutlmv3-base"]()
+    config.update({**DEMO_READER_SHAPE, "vocab_size": vocab_size, "pad_token_id": pad_token_id,
+                   "input_size": DEMO_READER_SIDE, "architectures": ["LayoutLMv3ForSequenceClassification"],
+                   "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}})
+    return config
+
+
+def reads_text(model):
+    """Whether a document teacher reads words and boxes (LayoutLMv3) besides the page, or only the page."""
+    return getattr(model, "module", model).config.model_type == "layoutlmv3"  # DDP-wrapped in --mode teacher
+
+
+def load_document_teacher(source, labels, trainable=False, vocab_size=None, pad_token_id=None):
+    """Teacher for one label per page + its image processor: an image classifier (load_image_classifier), or a
+    LayoutLMv3 sequence classifier that reads words, boxes and page ('demo-layoutlmv3' builds the demo's)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
+    side = DEMO_READER_SIDE
+    if source == "demo-layoutlmv3":
+        processor = LayoutLMv3ImageProcessorPil(apply_ocr=False, size={"height": side, "width": side})
+        return AutoModelForSequenceClassification.from_config(
+            demo_reader_config(labels, vocab_size, pad_token_id)), processor
+    if source != "demo-dit" and os.path.isdir(source) and load_pretrained_config(source).model_type == "layoutlmv3":
+        config = load_pretrained_config(source)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        return load_teacher(AutoModelForSequenceClassification, source, config, labels, trainable), processor
+    return load_image_classifier(source, labels, trainable)
 
 
 def has_weights(source):
@@ -142,7 +187,8 @@ def load_teacher(auto_class, source, config, labels, trainable=False):
 
 
 def build_student(auto_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
-    """The student, built from a (hub or local) config by an Auto* class, shrunk to the tiny shape unless 'full'.
+    """The student, built from a (hub or local) config by an Auto* class, shrunk to a STUDENT_SIZES shape unless
+    'full'.
 
     size 'full' with a source that has weights (a hub id, or a directory holding them) starts from those
     pretrained weights, with a fresh head; anything else starts from random weights.
@@ -151,9 +197,9 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
     """
     config = load_pretrained_config(config_source)
     pretrained = size == "full" and not config_source.startswith("builtin:") and has_weights(config_source)
-    if size == "tiny":
-        tiny = TINY_DISTILBERT if config.model_type == "distilbert" else TINY_LAYOUTLMV3
-        config.update(tiny)
+    if size in STUDENT_SIZES:
+        shapes = STUDENT_SIZES[size]
+        config.update(shapes["distilbert"] if config.model_type == "distilbert" else shapes["layoutlmv3"])
     if vocab_size is not None and not pretrained:
         config.vocab_size = vocab_size
     config.update(config_overrides)

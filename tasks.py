@@ -38,7 +38,9 @@ def load_tokenizer(source, cache_dir, train_split=None):
                                     and not os.path.exists(os.path.join(source, "tokenizer.json")))
     if source == "demo":
         import demo
-        source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer"))
+        # one directory per corpus: runs side by side (the demo's teacher and students) train on different ones
+        source = demo.train_demo_tokenizer(train_split, os.path.join(cache_dir, "demo-tokenizer",
+                                                                     train_split._fingerprint[:16]))
     try:  # a bare vocab.json + merges.txt folder does not say which tokenizer class it is for
         return LayoutLMv3TokenizerFast.from_pretrained(source) if bare_bpe else AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -47,8 +49,8 @@ def load_tokenizer(source, cache_dir, train_split=None):
 
 
 def distillation_loss(cfg, with_teacher):
-    """alpha * T^2 * KL + (1 - alpha) * CE; without a teacher, CE alone."""
-    return DistillationLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0)
+    """alpha * T^2 * KL + (1 - alpha) * CE; without a teacher, CE alone (unlabelled rows: KL only, losses.py)."""
+    return DistillationLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0, cfg.unlabeled_weight)
 
 
 class DocumentClassification:
@@ -62,8 +64,13 @@ class DocumentClassification:
         documents, self.labels = dataset.load_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
-        self.teacher, teacher_processor = models.load_image_classifier(cfg.teacher, self.labels,
-                                                                       trainable=train_teacher)
+        self.teacher, teacher_processor = models.load_document_teacher(
+            cfg.teacher, self.labels, trainable=train_teacher, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id)
+        if models.reads_text(self.teacher) and self.teacher.config.vocab_size != len(self.tokenizer):
+            raise UserError(f"the teacher {cfg.teacher!r} reads words with a {self.teacher.config.vocab_size}-token "
+                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
+                            f"tokenizer (--tokenizer {cfg.teacher})")
         # Teacher logits come in the teacher's label order; reorder them to the dataset's, by name.
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
         self.student_processor = LayoutLMv3ImageProcessorPil(
@@ -81,11 +88,21 @@ class DocumentClassification:
                                                   cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
             for name, split in documents.items()}
         self.documents = documents
+        if cfg.unlabeled:  # unlabelled documents join the training split, numbered after its documents
+            self.documents["unlabeled"] = dataset.load_unlabeled(cfg)
+            self.unlabeled = dataset.drop_bad_documents(dataset.preprocess_classification(
+                self.documents["unlabeled"], self.tokenizer, student_spec, teacher_spec, cfg.max_length,
+                cfg.cache_dir, desc="preprocess unlabeled", index_offset=len(documents[cfg.train_split])),
+                "unlabeled", cfg.on_bad_sample)
+            self.splits[cfg.train_split] = add_unlabeled(self.splits[cfg.train_split], self.unlabeled)
         self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
 
     def teacher_logits(self, teacher, batch):
+        if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
+            return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
+                           pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
         return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
 
     def student_logits(self, student, batch):
@@ -93,7 +110,9 @@ class DocumentClassification:
                        pixel_values=batch["pixel_values"]).logits
 
     def describe(self, name):
-        return dataset.describe(self.documents[name], self.splits[name], self.data_labels)
+        if name == "unlabeled":
+            return dataset.describe(self.documents[name], self.unlabeled, self.data_labels)
+        return dataset.describe(self.documents[name], labelled_part(self, name), self.data_labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
@@ -120,6 +139,8 @@ class DocumentClassification:
         model.save_pretrained(directory)
         if role == "teacher":
             self.teacher_processor.save_pretrained(directory)
+            if models.reads_text(model):
+                self.tokenizer.save_pretrained(directory)
         else:
             self.tokenizer.save_pretrained(directory)
             self.student_processor.save_pretrained(directory)
@@ -137,6 +158,9 @@ class TokenClassification:
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
+        if cfg.unlabeled:
+            raise UserError("--unlabeled is implemented for sequence-classification; token-classification does not "
+                            "take unlabelled documents yet")
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
@@ -215,6 +239,22 @@ def use_model_labels(task, model_labels):
     task.label_map = ids
 
 
+def add_unlabeled(labelled, unlabeled):
+    """The training split with the unlabelled documents after its own (the sampler shuffles them together)."""
+    import datasets
+    return datasets.concatenate_datasets([labelled.with_format(None), unlabeled.with_format(None)]).with_format("torch")
+
+
+def labelled_part(task, name):
+    """A split without the unlabelled documents that joined it (they come last)."""
+    split = task.splits[name]
+    if name == task.cfg.train_split and getattr(task, "unlabeled", None) is not None:
+        return split.select(range(len(split) - len(task.unlabeled)))
+    return split
+
+
+
+
 class RelabelledCollator:
     """A collator whose batches carry label ids in the model's order (IGNORE_INDEX and padding kept)."""
 
@@ -231,8 +271,6 @@ class RelabelledCollator:
 
 def relabelled(task, collator):
     return collator if task.label_map is None else RelabelledCollator(collator, task.label_map)
-
-
 
 
 def text_recognition(cfg, **kw):

@@ -26,8 +26,8 @@ from losses import IGNORE_INDEX
 log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
-               "train_split", "max_samples", "max_length", "batch_size", "grad_accum", "lr", "weight_decay",
-               "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
+               "lr", "weight_decay", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 

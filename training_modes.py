@@ -19,6 +19,9 @@ def run_train(cfg, task):
         log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens", name,
                  stats["documents"], stats["words_per_document"]["mean"], 100 * stats["truncated_share"],
                  cfg.max_length)
+    if cfg.unlabeled:
+        log.info("unlabeled (%s): %d documents join %s, taught by the teacher only (KD weight %g)", cfg.unlabeled,
+                 task.describe("unlabeled")["documents"], cfg.train_split, cfg.unlabeled_weight)
     teacher = task.teacher if cfg.alpha > 0 else None  # alpha 0: the teacher's outputs are not used, skip it
     best = train.fit(cfg, task, task.student, task.student_logits, teacher=teacher,
                      teacher_forward=task.teacher_logits, name="student")
@@ -38,7 +41,7 @@ def run_teacher(cfg, task):
 
 def report_skipped(task):
     """--on-bad-sample skip: how many unusable documents were left out, per split."""
-    skipped = {name: len(task.documents[name]) - len(task.splits[name]) for name in task.splits}
+    skipped = {name: task.describe(name).get("skipped", 0) for name in task.documents}
     if any(skipped.values()):
         log.warning("left out %d unusable documents (%s); the log above names the first of each split",
                     sum(skipped.values()), ", ".join(f"{name}: {n}" for name, n in skipped.items() if n))

@@ -100,3 +100,60 @@ def test_load_if_complete(corpus, monkeypatch):
             demo.generate_demo_dataset(path, seed=0, train_per_class=1, val_per_class=1, test_per_class=1)
     assert os.path.getmtime(meta) == mtime  # a failed rebuild leaves the old corpus in place
     assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".demo-tmp-")]
+
+
+def test_parallel_generation_equals_serial(tmp_path):
+    layout = {"train": ("unlabeled", 5)}  # 80 pages: two chunks, so two workers really share the work
+    serial = demo.generate_pages(str(tmp_path / "serial"), layout, seed=0, workers=1)
+    parallel = demo.generate_pages(str(tmp_path / "parallel"), layout, seed=0, workers=2)
+    assert raw(serial["train"]) == raw(parallel["train"])
+
+
+def test_demo_corpora_layout():
+    """The teacher sees far more labelled pages than the student; the test split gives a standard error < 1.8."""
+    per_class = {name: {split: n for split, (_, n) in layout.items()} for name, layout in demo.CORPORA.items()}
+    assert per_class["demo-teacher"]["train"] >= 10 * per_class["demo"]["train"]
+    assert per_class["demo-unlabeled"]["train"] >= 5 * per_class["demo"]["train"]
+    test_pages = per_class["demo"]["test"] * len(demo.RVLCDIP_LABELS)
+    assert test_pages >= 800 and 100 * (0.25 / test_pages) ** 0.5 < 1.8
+    streams = [stream for layout in demo.CORPORA.values() for split, (stream, _) in layout.items()]
+    # each split draws its own pages; only the validation pages are shared by student and teacher
+    assert sorted(streams) == sorted(["train", "validation", "test", "teacher", "validation", "unlabeled"])
+
+
+def test_streams_give_different_pages():
+    pages = {stream: demo.make_page(0, stream, 3) for stream in demo.STREAMS}
+    assert len({p["image"]["bytes"] for p in pages.values()}) == len(demo.STREAMS)
+    assert len({p["label"] for p in pages.values()}) == 1  # index 3 is the same class in every stream
+
+
+def test_paired_bootstrap():
+    import numpy as np
+
+    import demo_run
+    a = np.zeros(800, dtype=bool)
+    a[:400] = True
+    b = a.copy()
+    b[400:440] = True  # b is right on 40 more pages: +5 points
+    s = demo_run.paired_bootstrap(a, b)
+    assert s["difference"] == pytest.approx(0.05) and s["low"] < 0.05 < s["high"] and s["low"] > 0.03
+    assert demo_run.paired_bootstrap(a, b) == s  # seeded
+    same = demo_run.paired_bootstrap(a, a)
+    assert same["low"] == same["high"] == 0.0
+
+
+def test_demo_table_reports_every_row_and_the_spread():
+    import demo_run
+    run = dict(accuracy=0.5, macro_f1=0.4, parameters=1_000_000, labelled_pages=160, unlabeled_pages=0)
+    spread = dict(difference=0.05, low=0.02, high=0.08, resamples=2000, seeds=[42, 43])
+    results = {"test_pages": 800, "student_pages_per_second": 90.0, "timings_s": {"total": 600.0},
+               "teacher": dict(accuracy=0.7, macro_f1=0.6, parameters=2_000_000, labelled_pages=2048,
+                               pages_per_second=40.0, image_size=128),
+               "runs": {"alone (seed 42)": {**run, "name": "alone"}, "alone (seed 43)": {**run, "name": "alone"},
+                        "distilled (seed 42)": {**run, "name": "distilled"},
+                        "distilled_unlabeled (seed 42)": {**run, "name": "distilled_unlabeled",
+                                                          "unlabeled_pages": 1024, "accuracy": 0.6}},
+               "spread": {k: spread for k in ("distilled_unlabeled", "distilled", "teacher")}}
+    table = demo_run.demo_table(results)
+    assert "800 pages" in table and "| 2048 |" in table and "| 1024 |" in table
+    assert "0.500 (0.500, 0.500)" in table and "+5.0 points [+2.0, +8.0]" in table and "total 600" in table

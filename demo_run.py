@@ -1,0 +1,218 @@
+"""`--mode demo`: the whole job on the built-in generated corpora, in the conditions where distillation pays off.
+
+The teacher knows more than the student because it has seen far more labelled pages (demo-teacher: 128 per
+class, as DiT-large saw 320,000 RVL-CDIP pages) and reads a larger page image; the student gets a few labelled
+pages (demo: 10 per class) and a pool of unlabelled ones (demo-unlabeled: 64 per class, same distribution),
+which only the teacher's soft labels can teach. Steps (each a normal --mode teacher/train run in OUTPUT_DIR/<step>):
+
+    teacher                   --mode teacher on demo-teacher
+    alone                     student on the labelled pages, no teacher (alpha 0)
+    distilled                 student on the labelled pages, distilled (alpha, T as configured)
+    distilled_unlabeled       student on the labelled + unlabelled pages, distilled (--unlabeled demo-unlabeled)
+
+then every model is scored on the same test pages (demo: 50 per class), with a paired bootstrap interval of
+each student's accuracy minus the alone student's, and the table goes to OUTPUT_DIR/demo_results.md and .json.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+import models
+import train
+import utils
+
+log = logging.getLogger("docdistill")
+
+# The teacher reads words, boxes and a 128-pixel page with 4 layers of 128 (LayoutLMv3 architecture,
+# models.DEMO_READER_SHAPE) and trains on demo-teacher's 2,048 labelled pages. An image-only DiT-style teacher (demo-dit) was
+# tried first: trained from scratch it stays near chance for hundreds of steps and does not beat the student
+# alone within the demo's time budget.
+TEACHER = dict(dataset="demo-teacher", teacher="demo-layoutlmv3", epochs=2, lr=1e-3, batch_size=8)
+# The students: the small size (2 layers of 128, 1.0M parameters), the same 256 tokens, the page at 64 px.
+STUDENT = dict(student_size="small", max_length=256, student_image_size=64, lr=1e-3)
+# Epochs per student run: the labelled set is 13x smaller than labelled + unlabelled, so it gets more epochs
+# (the best epoch on validation is kept in every run).
+LABELLED_EPOCHS, UNLABELED_EPOCHS = 20, 4
+SEEDS = (42, 43)  # the two rows that matter (alone, distilled with unlabelled pages) run with both
+BOOTSTRAP = 2000  # paired resamples of the test pages
+
+
+def steps(cfg):
+    """(name, seed, Config overrides) of each student run."""
+    out = []
+    for seed in SEEDS:
+        out.append(("alone", seed, dict(alpha=0.0, epochs=LABELLED_EPOCHS)))
+        out.append(("distilled_unlabeled", seed, dict(unlabeled="demo-unlabeled", epochs=UNLABELED_EPOCHS)))
+    out.append(("distilled", SEEDS[0], dict(epochs=LABELLED_EPOCHS)))
+    return out
+
+
+def paired_bootstrap(correct_a, correct_b, resamples=BOOTSTRAP, seed=0):
+    """95% interval of mean(b) - mean(a) over the same pages, resampled together (seeded)."""
+    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    diffs = (b[idx] - a[idx]).mean(axis=1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": float(b.mean() - a.mean()), "low": float(low), "high": float(high),
+            "resamples": resamples}
+
+
+def predict_test(task, model, forward, cfg):
+    """Predictions on the test pages, and pages per second of the whole pass (batching included)."""
+    accelerator = train.make_accelerator(cfg)
+    loader = train.make_loader(task, "test", cfg, shuffle=False)
+    model = model.to(accelerator.device)
+    start = time.perf_counter()
+    logits, labels = train.predict(accelerator, loader, forward, model, desc="test")
+    seconds = time.perf_counter() - start
+    return logits.argmax(-1).numpy(), labels.numpy(), len(labels) / seconds
+
+
+def _worker_init():
+    """Each demo process uses one thread: two single-thread runs side by side use 2 cores better than one
+    run on two threads (small models), and do not oversubscribe a machine that other jobs share."""
+    import torch
+    torch.set_num_threads(1)
+    utils.setup_logging(True)
+
+
+def teacher_job(cfg):
+    import main
+    from tasks import build_task
+    start = time.perf_counter()
+    task = build_task(cfg, train_teacher=True)
+    main.run_teacher(cfg, task)
+    return {"seconds": time.perf_counter() - start, "labelled_pages": task.describe(cfg.train_split)["documents"]}
+
+
+def student_job(cfg, name):
+    """Train one student, then score it on the test pages; returns what the table needs (plain values)."""
+    import main
+    from tasks import build_task
+    start = time.perf_counter()
+    utils.seed_everything(cfg.seed)
+    task = build_task(cfg, train_teacher=cfg.alpha == 0)
+    main.run_train(cfg, task)
+    trained = time.perf_counter() - start
+    student = models.freeze(main.load_saved_student(task, os.path.join(cfg.output_dir, "student_model.pth")))
+    preds, labels, _ = predict_test(task, student, task.student_logits, cfg)
+    return {"name": name, "seed": cfg.seed, **task.metrics(preds, labels), "correct": (preds == labels).tolist(),
+            "parameters": models.count_parameters(student), "seconds": time.perf_counter() - start,
+            "train_seconds": trained, "labelled_pages": task.describe(cfg.train_split)["documents"],
+            "unlabeled_pages": task.describe("unlabeled")["documents"] if cfg.unlabeled else 0}
+
+
+def run(cfg):
+    import multiprocessing
+
+    import demo
+    import main
+    from tasks import build_task
+    root = cfg.output_dir
+    timings, started = {}, time.perf_counter()
+    teacher_dir = os.path.join(root, "teacher", "teacher")
+    start = time.perf_counter()
+    for name in demo.CORPORA:  # generated once, in parallel; later runs reuse them
+        demo.load_corpus(name, cfg.cache_dir)
+    timings["generate pages (cached between runs)"] = time.perf_counter() - start
+    # One tokenizer for teacher and students (the student reads the words as the teacher does), built from the
+    # teacher's pages, as a real student takes its teacher's tokenizer.
+    pages = demo.load_corpus("demo-teacher", cfg.cache_dir)["train"]
+    tokenizer = demo.train_demo_tokenizer(pages, os.path.join(cfg.cache_dir, "demo-tokenizer",
+                                                              pages._fingerprint[:16]))
+    teacher_cfg = dataclasses.replace(cfg, mode="teacher", output_dir=os.path.join(root, "teacher"),
+                                      tokenizer=tokenizer, **{**STUDENT, **TEACHER})
+
+    def student_cfg(name, seed, overrides):
+        # alone: the teacher is not used; an untrained one of the same kind keeps the same preprocessing
+        teacher = teacher_dir if overrides.get("alpha", cfg.alpha) > 0 else TEACHER["teacher"]
+        return dataclasses.replace(cfg, mode="train", teacher=teacher, seed=seed, tokenizer=tokenizer,
+                                   output_dir=os.path.join(root, f"{name}-seed{seed}"), **STUDENT, **overrides)
+    results = {"runs": {}, "timings_s": timings}
+    jobs = steps(cfg)
+    alone = [j for j in jobs if j[2].get("alpha") == 0]  # need no teacher: they run beside its training
+    taught = [j for j in jobs if j not in alone]
+    with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, maxtasksperchild=1) as pool:
+        start = time.perf_counter()
+        teacher = pool.apply_async(teacher_job, (teacher_cfg,))
+        pending = [pool.apply_async(student_job, (student_cfg(*j), j[0])) for j in alone]
+        teacher_info = teacher.get()  # the distilled students wait for the teacher
+        timings["teacher training (beside the alone students)"] = teacher_info["seconds"]
+        pending += [pool.apply_async(student_job, (student_cfg(*j), j[0])) for j in taught]
+        for job in pending:
+            out = job.get()
+            results["runs"][f"{out['name']} (seed {out['seed']})"] = out
+        timings["students: training and test, 2 at a time"] = time.perf_counter() - start
+    for out in results["runs"].values():
+        timings[f"{out['name']} (seed {out['seed']})"] = out["seconds"]
+
+    # The teacher on the same test pages, then the speed of teacher and student one after the other.
+    start = time.perf_counter()
+    _worker_init()
+    speed_cfg = student_cfg("distilled_unlabeled", SEEDS[0], {})
+    task = build_task(speed_cfg)
+    teacher = models.freeze(task.teacher)
+    preds, labels, teacher_speed = predict_test(task, teacher, task.teacher_logits, speed_cfg)
+    student = models.freeze(main.load_saved_student(task, os.path.join(speed_cfg.output_dir, "student_model.pth")))
+    _, _, student_speed = predict_test(task, student, task.student_logits, speed_cfg)
+    results["teacher"] = {**task.metrics(preds, labels), "pages_per_second": teacher_speed,
+                          "parameters": models.count_parameters(teacher), "correct": (preds == labels).tolist(),
+                          "labelled_pages": teacher_info["labelled_pages"], "image_size": int(teacher.config.input_size)}
+    results["student_pages_per_second"] = student_speed
+    results["test_pages"] = int(len(labels))
+    timings["teacher on the test pages, speed"] = time.perf_counter() - start
+
+    correct = {(r["name"], r["seed"]): np.asarray(r["correct"]) for r in results["runs"].values()}
+    alone_mean = np.mean([correct[("alone", s)] for s in SEEDS], axis=0)  # per page, averaged over the seeds
+    results["spread"] = {}
+    for name in ("distilled_unlabeled", "distilled", "teacher"):
+        seeds = [s for s in SEEDS if (name, s) in correct] if name != "teacher" else list(SEEDS)
+        mine = np.asarray(results["teacher"]["correct"]) if name == "teacher" else \
+            np.mean([correct[(name, s)] for s in seeds], axis=0)
+        base = alone_mean if len(seeds) == len(SEEDS) else correct[("alone", seeds[0])]
+        results["spread"][name] = {**paired_bootstrap(base, mine), "seeds": seeds}
+    timings["total"] = time.perf_counter() - started
+    table = demo_table(results)
+    print("\n" + table)
+    utils.atomic_text(table + "\n", os.path.join(root, "demo_results.md"))
+    utils.atomic_json(results, os.path.join(root, "demo_results.json"))
+    return results
+
+
+def demo_table(results):
+    """The comparison on the same test pages, as markdown."""
+    runs, teacher = results["runs"], results["teacher"]
+
+    def row(name):
+        found = [r for r in runs.values() if r["name"] == name]
+        accs = [r["accuracy"] for r in found]
+        acc = f"{np.mean(accs):.3f}" + (f" ({', '.join(f'{a:.3f}' for a in accs)})" if len(accs) > 1 else "")
+        return found[0], acc, np.mean([r["macro_f1"] for r in found])
+
+    lines = [f"test split: {results['test_pages']} pages (the same for every model)", "",
+             "| model | labelled pages | unlabelled pages | test accuracy | macro F1 | parameters | pages/s |",
+             "|---|---|---|---|---|---|---|",
+             f"| teacher (LayoutLMv3 architecture, 4x128, page at {teacher['image_size']} px) | "
+             f"{teacher['labelled_pages']} | - | "
+             f"{teacher['accuracy']:.3f} | {teacher['macro_f1']:.3f} | {teacher['parameters'] / 1e6:.2f}M | "
+             f"{teacher['pages_per_second']:.0f} |"]
+    titles = {"alone": "student alone (alpha 0)", "distilled": "student distilled, labelled pages only",
+              "distilled_unlabeled": "student distilled, labelled + unlabelled pages"}
+    for name, title in titles.items():
+        r, acc, f1 = row(name)
+        lines.append(f"| {title} (2x128, page at 64 px) | {r['labelled_pages']} | {r['unlabeled_pages'] or '-'} | {acc} | {f1:.3f} | "
+                     f"{r['parameters'] / 1e6:.2f}M | {results['student_pages_per_second']:.0f} |")
+    lines += ["", "Accuracy with two seeds is their mean (each seed in brackets). Difference to the student alone, "
+              f"paired bootstrap over the test pages ({BOOTSTRAP} resamples, 95% interval):", ""]
+    for name, title in (("distilled_unlabeled", titles["distilled_unlabeled"]), ("distilled", titles["distilled"]),
+                        ("teacher", "teacher")):
+        s = results["spread"][name]
+        lines.append(f"- {title}: {100 * s['difference']:+.1f} points [{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]"
+                     f" (seeds {', '.join(map(str, s['seeds']))})")
+    lines += ["", "Pages/s: one pass over the test pages, batch size as in training, one thread, one model after "
+              "the other.", "", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""--unlabeled: documents without labels add only the distillation term; cached, reported, resumed exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import demo
+from conftest import ROOT, run_main
+from losses import IGNORE_INDEX, DistillationLoss
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference(student, teacher, labels, labeled, T, alpha, w):
+    """Written out in float64: CE over labelled rows; KL over all rows, unlabelled ones weighted w, / all rows."""
+    s, t, y, lab = (np.asarray(x, np.float64) for x in (student, teacher, labels, labeled))
+    p_s, p_t = softmax(s / T), softmax(t / T)
+    kl = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+    kd = T * T * (kl[lab == 1].sum() + w * kl[lab == 0].sum()) / len(kl)
+    ys = y[lab == 1].astype(int)
+    ce = -np.log(softmax(s[lab == 1])[np.arange(len(ys)), ys]).mean()
+    return alpha * kd + (1 - alpha) * ce, kd, ce
+
+
+@pytest.mark.parametrize("w", [1.0, 0.5, 0.0])
+def test_unlabelled_rows_add_only_the_kd_term(w):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=g) * 2, torch.randn(6, 5, generator=g) * 2
+    labeled = torch.tensor([True, False, True, False, False, True])
+    labels = torch.where(labeled, torch.tensor([1, 0, 4, 0, 0, 2]), IGNORE_INDEX)
+    loss = DistillationLoss(temperature=2.0, alpha=0.6, unlabeled_weight=w)
+    out = loss(student, teacher, labels, labeled)
+    total, kd, ce = reference(student, teacher, labels, labeled, 2.0, 0.6, w)
+    assert out["total"].item() == pytest.approx(total, rel=1e-5)
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5) and out["ce"].item() == pytest.approx(ce, rel=1e-5)
+    # the gradient of an unlabelled row comes from the KL term alone: with alpha 0 it is exactly zero
+    s = student.clone().requires_grad_()
+    DistillationLoss(2.0, 0.0, w)(s, teacher, labels, labeled)["total"].backward()
+    assert torch.all(s.grad[~labeled] == 0) and torch.any(s.grad[labeled] != 0)
+
+
+def test_all_labelled_flag_changes_nothing_and_unlabelled_only_batch_has_no_ce():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    labels = torch.tensor([0, 2, 1, 1])
+    loss = DistillationLoss(4.0, 0.7)
+    plain, flagged = loss(student, teacher, labels), loss(student, teacher, labels, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(plain["total"], flagged["total"])
+    out = loss(student, teacher, torch.full((4,), IGNORE_INDEX), torch.zeros(4, dtype=torch.bool))
+    assert out["ce"].item() == 0 and out["kd"].item() > 0 and torch.isfinite(out["total"])
+
+
+def test_per_word_unlabelled_rows_use_their_word_positions_only():
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    labels = torch.tensor([[0, 2, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4])  # row 1: unlabelled, 3 words
+    positions = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    out = DistillationLoss(1.0, 0.5)(student, teacher, labels, torch.tensor([True, False]), positions)
+    rows = positions.reshape(-1)
+    _, kd, ce = reference(student.reshape(-1, 3)[rows], teacher.reshape(-1, 3)[rows],
+                          np.array([0, 2, 0, 0, 0]), np.array([1, 1, 0, 0, 0]), 1.0, 0.5, 1.0)
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5) and out["ce"].item() == pytest.approx(ce, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- real runs
+
+FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "4", "--student-image-size", "64",
+        "--student-size", "small", "--epochs", "2", "--save-every", "2"]
+TIMING = ("train_seconds", "train_docs_per_s")
+
+
+def metrics(out_dir):
+    with open(out_dir / "student_metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_demo, tmp_path_factory):
+    """A teacher that reads words, boxes and page (the demo's kind) trained for one epoch on the tiny corpus, and
+    16 unlabelled pages (generated with labels, which must be ignored)."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    pool = str(root / "pool")
+    demo.generate_pages(pool, {"train": ("unlabeled", 1)}, seed=3)
+    common = [*FAST, "--dataset", tiny_demo, "--cache-dir", root / "cache"]
+    teacher = run_main("--mode", "teacher", *common, "--teacher", "demo-layoutlmv3", "--epochs", "1",
+                       "--output-dir", root / "t")
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    return root, [*common, "--teacher", root / "t" / "teacher", "--unlabeled", pool]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    root, args = setup
+    result = run_main("--mode", "train", *args, "--output-dir", root / "full")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "full", result
+
+
+def test_train_with_unlabelled_pages(setup, uninterrupted):
+    root, _ = setup
+    out, result = uninterrupted
+    assert "unlabeled (" in result.stderr and "16 documents join train" in result.stderr
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["train_kd"] > 0 for r in rows)
+    # the teacher cache holds a row for each of the 32 labelled and 16 unlabelled pages, and none is blank
+    (path,) = [os.path.join(d, f) for d, _, fs in os.walk(root / "cache" / "teacher") for f in fs]
+    from safetensors.torch import load_file
+    logits = load_file(path)["logits"]
+    assert logits.shape[0] == 48 and bool((logits.abs().sum(-1) > 0).all())
+    assert json.load(open(out / "train_config.json"))["unlabeled"].endswith("pool")
+
+
+def test_info_reports_unlabelled_pages(setup):
+    root, args = setup
+    result = run_main("--mode", "info", *args, "--output-dir", root / "info")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unlabeled (16)" in result.stdout and "[unlabeled]" in result.stdout
+
+
+def test_unlabelled_needs_distillation(tmp_path):
+    from config import UserError, parse_config
+    for extra in (["--mode", "train", "--alpha", "0"], ["--mode", "teacher"]):
+        with pytest.raises(UserError, match="--unlabeled"):
+            parse_config(["--unlabeled", "demo-unlabeled", "--output-dir", str(tmp_path), *extra])
+
+
+def test_sigkill_mid_epoch_then_resume_with_both_sources_ends_like_an_uninterrupted_run(setup, uninterrupted):
+    root, args = setup
+    full, _ = uninterrupted
+    out = root / "killed"
+    ckpt = out / "latest_checkpoint.pth"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode", "train", *map(str, args),
+                             "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # kill it inside the second epoch
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            if state["epoch"] == 1 and state["step_in_epoch"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 12  # 48 pages, batch 4: 12 steps an epoch
+    resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(out) == metrics(full)
+    a = torch.load(full / "latest_checkpoint.pth", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_student_sizes_are_named_in_one_place():
+    import config
+    import models
+    assert set(config.STUDENT_SIZES) == set(models.STUDENT_SIZES) | {"full"}
+    for shapes in models.STUDENT_SIZES.values():
+        lm = shapes["layoutlmv3"]
+        assert 4 * lm["coordinate_size"] + 2 * lm["shape_size"] == lm["hidden_size"]
