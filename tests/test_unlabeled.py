@@ -38,13 +38,13 @@ def test_unlabelled_rows_add_only_the_kd_term(w):
     labeled = torch.tensor([True, False, True, False, False, True])
     labels = torch.where(labeled, torch.tensor([1, 0, 4, 0, 0, 2]), IGNORE_INDEX)
     loss = DistillationLoss(temperature=2.0, alpha=0.6, unlabeled_weight=w)
-    out = loss(student, teacher, labels, labeled)
+    out = loss(student, teacher, {"labels": labels, "labeled": labeled})
     total, kd, ce = reference(student, teacher, labels, labeled, 2.0, 0.6, w)
     assert out["total"].item() == pytest.approx(total, rel=1e-5)
     assert out["kd"].item() == pytest.approx(kd, rel=1e-5) and out["ce"].item() == pytest.approx(ce, rel=1e-5)
     # the gradient of an unlabelled row comes from the KL term alone: with alpha 0 it is exactly zero
     s = student.clone().requires_grad_()
-    DistillationLoss(2.0, 0.0, w)(s, teacher, labels, labeled)["total"].backward()
+    DistillationLoss(2.0, 0.0, w)(s, teacher, {"labels": labels, "labeled": labeled})["total"].backward()
     assert torch.all(s.grad[~labeled] == 0) and torch.any(s.grad[labeled] != 0)
 
 
@@ -53,9 +53,10 @@ def test_all_labelled_flag_changes_nothing_and_unlabelled_only_batch_has_no_ce()
     student, teacher = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     labels = torch.tensor([0, 2, 1, 1])
     loss = DistillationLoss(4.0, 0.7)
-    plain, flagged = loss(student, teacher, labels), loss(student, teacher, labels, torch.ones(4, dtype=torch.bool))
+    everyone = torch.ones(4, dtype=torch.bool)
+    plain, flagged = loss(student, teacher, labels), loss(student, teacher, {"labels": labels, "labeled": everyone})
     assert torch.equal(plain["total"], flagged["total"])
-    out = loss(student, teacher, torch.full((4,), IGNORE_INDEX), torch.zeros(4, dtype=torch.bool))
+    out = loss(student, teacher, {"labels": torch.full((4,), IGNORE_INDEX), "labeled": ~everyone})
     assert out["ce"].item() == 0 and out["kd"].item() > 0 and torch.isfinite(out["total"])
 
 
@@ -64,7 +65,8 @@ def test_per_word_unlabelled_rows_use_their_word_positions_only():
     student, teacher = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
     labels = torch.tensor([[0, 2, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4])  # row 1: unlabelled, 3 words
     positions = torch.tensor([[True, True, False, False], [True, True, True, False]])
-    out = DistillationLoss(1.0, 0.5)(student, teacher, labels, torch.tensor([True, False]), positions)
+    out = DistillationLoss(1.0, 0.5)(student, teacher, {"labels": labels, "labeled": torch.tensor([True, False]),
+                                                         "positions": positions})
     rows = positions.reshape(-1)
     _, kd, ce = reference(student.reshape(-1, 3)[rows], teacher.reshape(-1, 3)[rows],
                           np.array([0, 2, 0, 0, 0]), np.array([1, 1, 0, 0, 0]), 1.0, 0.5, 1.0)
