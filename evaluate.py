@@ -67,7 +67,7 @@ def load_saved_student(task, path):
                   f"{sorted(set(task.labels) - set(names)) or '-'}" if set(names) != set(task.labels)
                   else "the same names in another order")
         raise UserError(f"{path} was trained on {len(names)} classes and the dataset has {len(task.labels)} "
-                        f"({differ}): evaluate it on data with the classes it was trained on")
+                        f"({differ}): evaluate it on data whose classes it knows (a subset of them is fine)")
     return student
 
 

@@ -222,17 +222,15 @@ def use_model_labels(task, model_labels):
     """Work in a saved model's label space (eval of a model on data holding some of its classes).
 
     Classes are matched by name; task.labels become the model's, task.data_labels keep the dataset's and the
-    collator maps the dataset's label ids to the model's. A class the model does not know is refused by name.
+    collator maps the dataset's label ids to the model's. Data with a class the model does not know is left as it
+    is: evaluate.load_saved_student refuses it, naming the classes.
     """
     task.data_labels, task.label_map = task.labels, None
     if model_labels is None or list(model_labels) == task.labels:
         return
     model_norm = [models.normalize_label(n) for n in model_labels]
-    unknown = sorted(n for n in task.labels if models.normalize_label(n) not in model_norm)
-    if unknown:
-        raise UserError(f"{task.cfg.model or 'the student'} was trained on {len(model_labels)} classes and the "
-                        f"dataset has {len(task.labels)}, {len(unknown)} of which it does not know: {unknown}: "
-                        f"evaluate it on data whose classes it was trained on (a subset of them is fine)")
+    if any(models.normalize_label(n) not in model_norm for n in task.labels):
+        return  # refused by name when the model is loaded, after the check that it is a model of this task
     ids = [model_norm.index(models.normalize_label(n)) for n in task.labels]
     task.data_labels = [model_labels[i] for i in ids]  # the model's spelling of the dataset's classes
     task.labels = list(model_labels)
