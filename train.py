@@ -240,8 +240,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 if accelerator.is_main_process:
                     save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
             if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}",
-                                **{k: f"{v / sums['batches']:.3f}" for k, v in sums.items() if k not in COUNTS + ("total",)},
+                shown = {k: f"{v / sums['batches']:.3f}" for k, v in sums.items() if k not in COUNTS + ("total",)}
+                bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}", **shown,
                                 acc=f"{sums['correct'] / max(sums['seen'], 1):.3f}")
         bar.close()
         state.update(step_in_epoch=0, sums=None)
