@@ -40,9 +40,10 @@ class Config:
                       default="sequence-classification")
     teacher: str = _help("teacher: hub id or local directory of a Hugging Face model (a directory with only "
                          "config.json gives random weights); 'demo-dit' builds the small demo DiT; for "
-                         "token-classification a LayoutLMv3 model whose directory also holds its tokenizer; for text-recognition "
-                         "'ppocrv4' (PP-OCRv4's recogniser from rapidocr-onnxruntime), a CTC recogniser .onnx with "
-                         "its charset in the `character` metadata, or a JSONL of transcripts {key, text} from any engine",
+                         "token-classification a LayoutLMv3 model whose directory also holds its tokenizer; for "
+                         "text-recognition 'ppocrv4' (PP-OCRv4's recogniser from rapidocr-onnxruntime), a CTC "
+                         "recogniser .onnx with its charset in the `character` metadata, or a JSONL of transcripts "
+                         "{key, text} from any engine",
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "

@@ -1,6 +1,6 @@
 """Losses for distilling a CTC recogniser: returned as {total, <term>: ...} for the training loop.
 
-    total = (1 - alpha) * ctc + alpha * (kl + seq + feat)      (only the terms named in --kd-terms)
+    total = (1 - alpha) * ctc + alpha * (kl + seq)      (only the terms named in --kd-terms)
 
 ctc   CTC on the labels, crops with a transcript only (mean over crops of the loss / target length).
 kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, teacher folded onto the student's
@@ -8,8 +8,8 @@ kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, 
       teacher's best class is blank weigh --blank-weight (most steps are blank: unweighted, they drown the few
       that carry characters); a weighted mean over the real steps of all crops.
 seq   sequence-level KD: CTC on the teacher's greedy transcript (its folded distribution's best path), any crop.
-feat  MSE between the student's backbone / encoder features, through learned linear projections, and the
-      teacher's (a teacher that exposes features; PP-OCRv4 through onnx graph outputs is not wired yet).
+(Not built: a feature-MSE term on backbone / encoder features through learned projections, which needs the
+teacher's intermediate ONNX tensors as extra graph outputs.)
 Unlabelled crops (no transcript) only enter the teacher's terms.
 """
 import torch

@@ -156,7 +156,8 @@ def test_sequence_kd_is_ctc_on_teacher_transcript():
 
 def test_transcript_teacher_spells_its_transcripts(tmp_path):
     path = tmp_path / "other_engine.jsonl"
-    path.write_text(json.dumps({"key": "f/1", "text": "Tööl，1"}) + "\n" + json.dumps({"key": "f/2", "text": ""}) + "\n")
+    rows = [{"key": "f/1", "text": "Tööl，1"}, {"key": "f/2", "text": ""}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     teacher = ocr_teacher.TranscriptTeacher(str(path))
     logp = teacher.forward_keys(["f/1", "f/2"], 20)
     assert logp.shape == (2, 20, 96)
