@@ -7,7 +7,6 @@ the width twice and the height to 1: W / 4 time steps, each a vector of `channel
 import json
 import os
 
-import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 

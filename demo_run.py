@@ -14,7 +14,6 @@ then every model is scored on the same test pages (demo: 50 per class), with a p
 each student's accuracy minus the alone student's, and the table goes to OUTPUT_DIR/demo_results.md and .json.
 """
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -81,24 +80,25 @@ def _worker_init():
 
 
 def teacher_job(cfg):
-    import main
     from tasks import build_task
+    from training_modes import run_teacher
     start = time.perf_counter()
     task = build_task(cfg, train_teacher=True)
-    main.run_teacher(cfg, task)
+    run_teacher(cfg, task)
     return {"seconds": time.perf_counter() - start, "labelled_pages": task.describe(cfg.train_split)["documents"]}
 
 
 def student_job(cfg, name):
     """Train one student, then score it on the test pages; returns what the table needs (plain values)."""
-    import main
+    from evaluate import load_saved_student
     from tasks import build_task
+    from training_modes import run_train
     start = time.perf_counter()
     utils.seed_everything(cfg.seed)
     task = build_task(cfg, train_teacher=cfg.alpha == 0)
-    main.run_train(cfg, task)
+    run_train(cfg, task)
     trained = time.perf_counter() - start
-    student = models.freeze(main.load_saved_student(task, os.path.join(cfg.output_dir, "student_model.pth")))
+    student = models.freeze(load_saved_student(task, os.path.join(cfg.output_dir, "student_model.pth")))
     preds, labels, _ = predict_test(task, student, task.student_logits, cfg)
     return {"name": name, "seed": cfg.seed, **task.metrics(preds, labels), "correct": (preds == labels).tolist(),
             "parameters": models.count_parameters(student), "seconds": time.perf_counter() - start,
@@ -110,7 +110,7 @@ def run(cfg):
     import multiprocessing
 
     import demo
-    import main
+    from evaluate import load_saved_student
     from tasks import build_task
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
@@ -157,7 +157,7 @@ def run(cfg):
     task = build_task(speed_cfg)
     teacher = models.freeze(task.teacher)
     preds, labels, teacher_speed = predict_test(task, teacher, task.teacher_logits, speed_cfg)
-    student = models.freeze(main.load_saved_student(task, os.path.join(speed_cfg.output_dir, "student_model.pth")))
+    student = models.freeze(load_saved_student(task, os.path.join(speed_cfg.output_dir, "student_model.pth")))
     _, _, student_speed = predict_test(task, student, task.student_logits, speed_cfg)
     results["teacher"] = {**task.metrics(preds, labels), "pages_per_second": teacher_speed,
                           "parameters": models.count_parameters(teacher), "correct": (preds == labels).tolist(),

@@ -3,7 +3,6 @@ import logging
 import os
 import pickle
 
-import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, BeitConfig
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
