@@ -39,6 +39,16 @@ def saved_label_names(path):
         return None
 
 
+def read_student_file(path):
+    """A student_model.pth's {"state_dict", "config"}, loaded safely and its checksum verified."""
+    saved = utils.safe_torch_load(path)
+    if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
+        raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a student/ "
+                        f"directory written by --mode train)")
+    utils.verify_checksum(saved, path)
+    return saved
+
+
 def load_saved_student(task, path):
     """A student from a student_model.pth (weights + config) or a save_pretrained directory, checked to fit."""
     if hasattr(task, "load_student"):  # a task whose student is not a transformers model
@@ -47,11 +57,7 @@ def load_saved_student(task, path):
     if os.path.isdir(path):
         found = models.load_pretrained_config(path).model_type
     else:
-        saved = utils.safe_torch_load(path)
-        if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
-            raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a student/ "
-                            f"directory written by --mode train)")
-        utils.verify_checksum(saved, path)
+        saved = read_student_file(path)
         found = json.loads(saved["config"]).get("model_type")
     if found != expected:
         raise UserError(f"{path} holds a {found} model, not a {expected} student: give the student_model.pth or "

@@ -35,6 +35,8 @@ from tqdm import tqdm
 import dataset
 import utils
 from config import UserError
+from evaluate import read_student_file
+from wordtags import pad_ids
 
 log = logging.getLogger("docdistill")
 PDF_MAGIC = b"%PDF"
@@ -122,11 +124,7 @@ def load_model(path):
     if os.path.isdir(path):
         model = models.from_pretrained(auto, path)
     else:
-        saved = utils.safe_torch_load(path)
-        if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
-            raise UserError(f"{path} is not a docdistill student (expected student_model.pth or a student/ "
-                            f"directory written by --mode train)")
-        utils.verify_checksum(saved, path)
+        saved = read_student_file(path)
         model = models.load_student_weights(auto.from_config(type(config).from_dict(json.loads(saved["config"]))),
                                             saved["state_dict"], path)
     return model.eval(), directory, config
@@ -236,16 +234,6 @@ def group_entities(words):
         boxes = np.asarray([w["box"] for w in members])
         entity["box"] = [int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())]
     return entities
-
-
-def pad_ids(sequences, pad_id):
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.as_tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
 
 
 PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": WordPredictor}
