@@ -11,6 +11,8 @@ The float32 model is checked against PyTorch on real preprocessed documents: the
 --mode predict does) or else the first documents of --eval-split of --dataset, as one padded batch and one by
 one. Above TOLERANCE (max absolute difference of the logits) the export is refused and nothing is written. The
 int8 model is approximate by design: its difference and its top-1 agreement with PyTorch are reported.
+A text-recognition student (CRNN) is exported with dynamic batch and width axes and checked on --input crops
+(required for it).
 """
 import json
 import logging

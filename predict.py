@@ -10,6 +10,7 @@ OUTPUT_DIR/predictions.jsonl, one line per page:
 
     page classification:  file, page, label, probability, top_k [{label, probability}], words, truncated
     word tagging:         file, page, words [{text, box, tag, probability}], entities [{type, text, box, words}]
+    text recognition:     file, page, text, confidence   (each image is one crop; no OCR: see CropPredictor)
 
 plus predictions.csv (page classification) and predict_summary.json (counts and where the time went). A file
 that cannot be read is reported on one line ("failed: FILE: why") and counted; the others are still predicted.

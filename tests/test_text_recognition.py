@@ -336,6 +336,14 @@ def test_predict_and_export_crops(tmp_path, capsys):
     for row in rows:
         assert row["page"] == 1 and isinstance(row["text"], str) and 0.0 <= row["confidence"] <= 1.0
     assert json.loads((out / "predict_summary.json").read_text())["task"] == "text-recognition"
+    # student_model.pth beside student/ (as --mode train writes it) predicts the same
+    model = crnn.CRNN.from_pretrained(str(student))
+    torch.save({"state_dict": model.state_dict(), "config": json.dumps(model.config.to_dict())},
+               tmp_path / "student_model.pth")
+    assert main.main(["--mode", "predict", "--model", str(tmp_path / "student_model.pth"), "--input", str(crops),
+                      "--output-dir", str(tmp_path / "pth"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert [json.loads(line)["text"] for line in open(tmp_path / "pth" / "predictions.jsonl")] == \
+        [r["text"] for r in rows]
 
     # export needs crops to check on; with them, the float32 file matches PyTorch and predict runs it
     assert main.main(["--mode", "export", "--model", str(student), "--output-dir", str(tmp_path / "e")]) == 2
