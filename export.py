@@ -11,6 +11,8 @@ The float32 model is checked against PyTorch on real preprocessed documents: the
 --mode predict does) or else the first documents of --eval-split of --dataset, as one padded batch and one by
 one. Above TOLERANCE (max absolute difference of the logits) the export is refused and nothing is written. The
 int8 model is approximate by design: its difference and its top-1 agreement with PyTorch are reported.
+A text-recognition student (CRNN) is exported with dynamic batch and width axes and checked on --input crops
+(required for it).
 """
 import json
 import logging
@@ -66,6 +68,8 @@ class OrtModel:
 
 def input_names(config):
     """The student's inputs: words, boxes and page (LayoutLMv3) or words only (a text model)."""
+    if config.model_type == "crnn-ctc":  # text recognition: grey crops [B, 1, H, W]
+        return ["pixel_values"]
     if config.model_type == "layoutlmv3":
         return ["input_ids", "attention_mask", "bbox", "pixel_values"]
     return ["input_ids", "attention_mask"]
@@ -88,6 +92,8 @@ def export_onnx(model, names, sample, path):
     if "pixel_values" in names:
         axes["pixel_values"] = {0: "batch"}
     axes["logits"] = {0: "batch", 1: "sequence"} if token_level else {0: "batch"}
+    if names == ["pixel_values"]:  # the CRNN: any crop width, logits per time step
+        axes = {"pixel_values": {0: "batch", 3: "width"}, "logits": {0: "batch", 1: "steps"}}
     wrapper = Logits(model, names).eval()
     torch.onnx.export(wrapper, tuple(sample[n] for n in names), path, input_names=names, output_names=["logits"],
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False)
@@ -101,9 +107,11 @@ def max_difference(model, onnx_model, batches):
     for batch in batches:
         reference = model(**batch).logits.float()
         got = onnx_model(**batch).logits.float()
-        if reference.dim() == 3:  # token logits: only the real tokens count
+        if reference.dim() == 3 and "attention_mask" in batch:  # token logits: only the real tokens count
             keep = batch["attention_mask"].bool()
             reference, got = reference[keep], got[keep]
+        elif reference.dim() == 3:  # CTC logits per time step: all of them
+            reference, got = reference.flatten(0, 1), got.flatten(0, 1)
         if not torch.isfinite(got).all():
             return float("inf"), 0.0
         worst = max(worst, float((reference - got).abs().max()))
@@ -114,8 +122,8 @@ def max_difference(model, onnx_model, batches):
 
 def sample_batches(cfg, model, directory, config, names):
     """Real preprocessed documents: one padded batch of up to PARITY_DOCUMENTS, and each of them alone."""
+    import predict
     if cfg.input:
-        import predict
         files, _ = predict.expand_inputs(cfg.input)
         predictor = predict.predictor_for(predict.task_of(config, cfg.task))(directory, config, cfg)
         import ocr
@@ -123,7 +131,9 @@ def sample_batches(cfg, model, directory, config, names):
         for path in files:
             try:
                 for page in predict.read_pages(path, cfg.pdf_dpi):
-                    items.append(predictor.encode(page, ocr.cached_page_ocr(page, os.path.join(cfg.cache_dir, "ocr"))))
+                    words = ocr.cached_page_ocr(page, os.path.join(cfg.cache_dir, "ocr")) if predictor.needs_ocr \
+                        else None
+                    items.append(predictor.encode(page, words))
                     if len(items) >= PARITY_DOCUMENTS:
                         break
             except Exception as e:  # noqa: BLE001 - unreadable inputs are skipped here; predict reports them
@@ -133,6 +143,8 @@ def sample_batches(cfg, model, directory, config, names):
         if not items:
             raise UserError(f"--input {' '.join(cfg.input)}: no readable page to check the export on")
         collate = predictor.collate
+    elif predict.task_of(config, "") == "text-recognition":
+        raise UserError("--mode export of a text-recognition student needs --input: a few crop images to check it on")
     else:
         from evaluate import saved_label_names
         from tasks import build_task
@@ -152,7 +164,8 @@ def run(cfg):
     model, directory, config = predict.load_model(path)
     names = input_names(config)
     batches = sample_batches(cfg, model, directory, config, names)
-    log.info("checking the export on %d real documents (%s)", batches[0]["input_ids"].shape[0],
+    documents = int(batches[0][names[0]].shape[0])
+    log.info("checking the export on %d real documents (%s)", documents,
              "--input" if cfg.input else f"{cfg.dataset} {cfg.eval_split}")
     out_dir = os.path.join(cfg.output_dir, "onnx")
     report = {}
@@ -175,7 +188,7 @@ def run(cfg):
         int8_difference, int8_agreement = max_difference(model, OrtModel(int8), batches)
         print(f"onnx int8: max abs difference to PyTorch {int8_difference:.3e}, top-1 agreement {int8_agreement:.3f}")
         report.update({"model": path, "opset": OPSET, "inputs": names, "tolerance": TOLERANCE,
-                       "documents_checked": int(batches[0]["input_ids"].shape[0]),
+                       "documents_checked": documents,
                        "float32": {"max_abs_difference": difference, "top1_agreement": agreement,
                                    "size_mb": os.path.getsize(fp32) / 1e6},
                        "int8": {"max_abs_difference": int8_difference, "top1_agreement": int8_agreement,

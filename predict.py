@@ -10,6 +10,7 @@ OUTPUT_DIR/predictions.jsonl, one line per page:
 
     page classification:  file, page, label, probability, top_k [{label, probability}], words, truncated
     word tagging:         file, page, words [{text, box, tag, probability}], entities [{type, text, box, words}]
+    text recognition:     file, page, text, confidence   (each image is one crop; no OCR: see CropPredictor)
 
 plus predictions.csv (page classification) and predict_summary.json (counts and where the time went). A file
 that cannot be read is reported on one line ("failed: FILE: why") and counted; the others are still predicted.
@@ -26,6 +27,7 @@ import logging
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -94,7 +96,10 @@ def read_pages(path, dpi):
 # ----------------------------------------------------------------------------- the student
 
 def task_of(config, default):
-    arch = (config.architectures or [""])[0]
+    import crnn
+    if getattr(config, "model_type", None) == crnn.CRNNConfig.model_type:
+        return "text-recognition"
+    arch = (getattr(config, "architectures", None) or [""])[0]
     if arch.endswith("ForTokenClassification"):
         return "token-classification"
     if arch.endswith("ForSequenceClassification"):
@@ -115,6 +120,11 @@ def load_model(path):
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise UserError(f"{path}: no config.json in {directory}: give the student/ directory written by --mode "
                         f"train (or student_model.pth beside it), or the model.onnx written by --mode export")
+    with open(os.path.join(directory, "config.json")) as f:
+        raw = json.load(f)
+    import crnn
+    if raw.get("model_type") == crnn.CRNNConfig.model_type:
+        return load_crnn(path, directory, crnn.CRNNConfig.from_dict(raw))
     config = AutoConfig.from_pretrained(directory)
     auto = AutoModelForTokenClassification if task_of(config, "") == "token-classification" \
         else AutoModelForSequenceClassification
@@ -128,6 +138,32 @@ def load_model(path):
         model = models.load_student_weights(auto.from_config(type(config).from_dict(json.loads(saved["config"]))),
                                             saved["state_dict"], path)
     return model.eval(), directory, config
+
+
+class CTCModel(torch.nn.Module):
+    """The CRNN text recogniser behind the interface of a transformers model: model(pixel_values=...).logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.crnn = model
+
+    def forward(self, pixel_values):
+        return types.SimpleNamespace(logits=self.crnn(pixel_values))
+
+
+def load_crnn(path, directory, config):
+    """A text-recognition student: student/ (safetensors + config), student_model.pth beside it, or its ONNX."""
+    import crnn
+    import models
+    if path.endswith(".onnx"):
+        from export import OrtModel
+        return OrtModel(path), directory, config
+    if os.path.isdir(path):
+        return CTCModel(crnn.CRNN.from_pretrained(path)).eval(), directory, config
+    saved = read_student_file(path)
+    model = models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(json.loads(saved["config"]))),
+                                        saved["state_dict"], path)
+    return CTCModel(model).eval(), directory, config
 
 
 def load_tokenizer(directory):
@@ -236,7 +272,49 @@ def group_entities(words):
     return entities
 
 
-PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": WordPredictor}
+class CropPredictor:
+    """Text recognition (CRNN student): each image is one crop -> its text, CTC-greedy decoded.
+
+    The crop is prepared as the student's eval crops are (textrec): turned upright when printed sideways, resized
+    to the teacher's height 48 (width capped at --max-text-width), grey, resized to the saved height and half that
+    width, normalised and padded on the right; no synthetic degradation (--degrade-*) is applied. confidence: the
+    mean over the non-blank time steps of the best class's probability (over all steps when the text is empty).
+    """
+    needs_ocr = False
+
+    def __init__(self, directory, config, cfg):
+        self.chars, self.height, self.max_width = config.chars, config.height, cfg.max_text_width
+
+    def encode(self, page, ocr):
+        import textrec
+        crop = page.transpose(Image.Transpose.ROTATE_90) if page.height > 1.5 * page.width else page
+        crop = textrec.resize_for_teacher(crop, self.max_width)
+        grey = crop.convert("L").resize((-(-crop.width // 2), self.height), Image.BILINEAR)
+        return {"pixels": textrec.normalise(grey), "steps": textrec.padded_width(crop.width) // textrec.STEP}
+
+    def collate(self, items):
+        import textrec
+        padded = max(i["steps"] for i in items) * textrec.STEP // 2
+        pixels = np.zeros((len(items), 1, self.height, padded), np.float32)
+        for k, item in enumerate(items):
+            pixels[k, 0, :, :item["pixels"].shape[1]] = item["pixels"]
+        return {"pixel_values": torch.from_numpy(pixels)}
+
+    def rows(self, logits, items):
+        import textrec
+        out = []
+        for step_logits, item in zip(logits, items):
+            probs = softmax(step_logits[:item["steps"]])
+            best = probs.argmax(-1)
+            ids = textrec.ctc_greedy(best.tolist())
+            chosen = probs.max(-1)[best != textrec.BLANK] if ids else probs.max(-1)
+            out.append({"text": "".join(self.chars[i - 1] for i in ids if 0 < i <= len(self.chars)),
+                        "confidence": float(chosen.mean()) if len(chosen) else 0.0})
+        return out
+
+
+PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": WordPredictor,
+              "text-recognition": CropPredictor}
 
 
 def predictor_for(task_name):

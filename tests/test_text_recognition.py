@@ -309,3 +309,53 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
     info = run_main("--mode", "info", *common)
     assert info.returncode == 0, info.stderr[-3000:]
     assert "OnnxRecognizer" in info.stdout and "CRNN" in info.stdout and '"unlabelled": 2' in info.stdout
+
+
+# ----------------------------------------------------------------------------------- predict and export
+
+def test_predict_and_export_crops(tmp_path, capsys):
+    """An untrained CRNN student: --mode predict writes one row per crop; --mode export matches PyTorch."""
+    import crnn
+    import main
+    torch.manual_seed(0)
+    student = tmp_path / "student"
+    crnn.build(textrec.STUDENT_CHARS, 32, "tiny").eval().save_pretrained(str(student))
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for k, word in enumerate(["total", "A-12", "x", "a line wider than the 320 px padding"]):
+        image = Image.new("RGB", (16 + 9 * len(word), 24), "white")
+        ImageDraw.Draw(image).text((6, 6), word, fill="black")
+        image.save(crops / f"{k}.png")
+    Image.new("RGB", (20, 60), "white").save(crops / "4-sideways.png")  # taller than wide: turned upright
+
+    out = tmp_path / "predict"
+    assert main.main(["--mode", "predict", "--model", str(student), "--input", str(crops), "--output-dir", str(out),
+                      "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [os.path.basename(r["file"]) for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4-sideways.png"]
+    for row in rows:
+        assert row["page"] == 1 and isinstance(row["text"], str) and 0.0 <= row["confidence"] <= 1.0
+    assert json.loads((out / "predict_summary.json").read_text())["task"] == "text-recognition"
+    # student_model.pth beside student/ (as --mode train writes it) predicts the same
+    model = crnn.CRNN.from_pretrained(str(student))
+    torch.save({"state_dict": model.state_dict(), "config": json.dumps(model.config.to_dict())},
+               tmp_path / "student_model.pth")
+    assert main.main(["--mode", "predict", "--model", str(tmp_path / "student_model.pth"), "--input", str(crops),
+                      "--output-dir", str(tmp_path / "pth"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert [json.loads(line)["text"] for line in open(tmp_path / "pth" / "predictions.jsonl")] == \
+        [r["text"] for r in rows]
+
+    # export needs crops to check on; with them, the float32 file matches PyTorch and predict runs it
+    assert main.main(["--mode", "export", "--model", str(student), "--output-dir", str(tmp_path / "e")]) == 2
+    assert main.main(["--mode", "export", "--model", str(student), "--input", str(crops),
+                      "--output-dir", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "onnx" / "export.json").read_text())
+    assert report["inputs"] == ["pixel_values"] and report["documents_checked"] == 5
+    assert report["float32"]["max_abs_difference"] <= 1e-3 and report["int8"]["size_mb"] > 0
+    onnx_out = tmp_path / "predict-onnx"
+    assert main.main(["--mode", "predict", "--model", str(tmp_path / "e" / "onnx" / "model.onnx"),
+                      "--input", str(crops), "--output-dir", str(onnx_out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    again = [json.loads(line) for line in open(onnx_out / "predictions.jsonl")]
+    assert [r["text"] for r in again] == [r["text"] for r in rows]
+    assert all(abs(a["confidence"] - b["confidence"]) < 1e-4 for a, b in zip(again, rows))
+    capsys.readouterr()
