@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine (Python 3.10+):
-#   make demo   set-up, then the whole job on the built-in corpus (teacher, baseline, distilled student, table)
+#   make demo   set-up, then the whole job on the built-in corpora (teacher, students alone and distilled, table)
 #   make test   set-up, then the test suite
 PYTHON ?= python3
 VENV ?= .venv
