@@ -86,15 +86,18 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
         image = _decode(decoder, cell)
         h.update(f"{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
-    path = os.path.join(cache_dir, h.hexdigest() + ".json")
+    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image or _decode(decoder, cell))
+
+
+def _ocr_stored_at(path, get_image):
+    """The OCR result stored at `path`, or OCR of get_image() written there (only decoded when needed)."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-
-    image = image or _decode(decoder, cell)
+    image = get_image()
     result = {**ocr_page(image), "width": image.width, "height": image.height}
     # write to a temp file and rename so a crash or a concurrent run never leaves a half-written entry
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(result, f)
     os.replace(tmp, path)
@@ -107,16 +110,7 @@ def cached_page_ocr(image: Image.Image, cache_dir: str) -> dict:
     h = hashlib.sha256(CACHE_VERSION)
     h.update(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
-    path = os.path.join(cache_dir, h.hexdigest() + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    result = {**ocr_page(image), "width": image.width, "height": image.height}
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)
-    return result
+    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image)
 
 
 class BadImage(Exception):

@@ -1,8 +1,11 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -23,3 +26,27 @@ def tiny_demo(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "demo"
     demo.generate_demo_dataset(str(path), train_per_class=2, val_per_class=1, test_per_class=1, seed=3)
     return str(path)
+
+
+def kill_inside_second_epoch(args, out):
+    """Start `main.py --mode train ARGS --output-dir OUT`, SIGKILL it once its checkpoint is inside the second
+    epoch (read at any moment: writes are atomic), and return that checkpoint."""
+    ckpt = out / "latest_checkpoint.pth"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode", "train", *map(str, args),
+                             "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            if state["epoch"] == 1 and state["step_in_epoch"] > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return torch.load(ckpt, weights_only=True)
+
+
+def final_checkpoints(run_a, run_b):
+    """The latest_checkpoint.pth of two run directories, both loaded."""
+    return [torch.load(run / "latest_checkpoint.pth", weights_only=True) for run in (run_a, run_b)]

@@ -18,7 +18,7 @@ import models
 import train
 import utils
 from config import UserError, parse_config
-from conftest import ROOT, run_main
+from conftest import ROOT, final_checkpoints, kill_inside_second_epoch, run_main
 from demo import RVLCDIP_LABELS
 
 # Batch 4 on 32 pages: 8 steps an epoch, a checkpoint every 2. The demo teacher is random but seeded.
@@ -54,27 +54,14 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(common, un
     root, args = common
     out = root / "killed"
     ckpt = out / "latest_checkpoint.pth"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode", "train", *map(str, args),
-                             "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:  # kill it inside the second epoch
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)  # readable at any moment: writes are atomic
-            if state["epoch"] == 1 and state["step_in_epoch"] > 0:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = kill_inside_second_epoch(args, out)
     assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] <= 8
 
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch 2, step {saved['step_in_epoch']}" in resumed.stderr
     assert metrics(out) == metrics(uninterrupted)  # losses, accuracies, lr: exactly equal, not just close
-    a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
+    a, b = final_checkpoints(uninterrupted, out)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
@@ -178,8 +165,7 @@ def test_overwrite_replaces_a_finished_run(common, uninterrupted, tmp_path):
     result = run_main("--mode", "train", *args, "--output-dir", out, "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(out) == metrics(uninterrupted)  # the same seed and flags: the same run, old rows gone
-    a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
-    b = torch.load(out / "latest_checkpoint.pth", weights_only=True)
+    a, b = final_checkpoints(uninterrupted, out)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -208,8 +194,7 @@ def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_r
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(out) == metrics(uninterrupted)
-    a = torch.load(uninterrupted / "latest_checkpoint.pth", weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
+    a, b = final_checkpoints(uninterrupted, out)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

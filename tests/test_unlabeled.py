@@ -1,17 +1,13 @@
 """--unlabeled: documents without labels add only the distillation term; cached, reported, resumed exactly."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import demo
-from conftest import ROOT, run_main
+from conftest import final_checkpoints, kill_inside_second_epoch, run_main
 from losses import IGNORE_INDEX, DistillationLoss
 
 
@@ -140,25 +136,12 @@ def test_sigkill_mid_epoch_then_resume_with_both_sources_ends_like_an_uninterrup
     full, _ = uninterrupted
     out = root / "killed"
     ckpt = out / "latest_checkpoint.pth"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--mode", "train", *map(str, args),
-                             "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:  # kill it inside the second epoch
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)
-            if state["epoch"] == 1 and state["step_in_epoch"] > 0:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = kill_inside_second_epoch(args, out)
     assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 12  # 48 pages, batch 4: 12 steps an epoch
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(out) == metrics(full)
-    a = torch.load(full / "latest_checkpoint.pth", weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
+    a, b = final_checkpoints(full, out)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
