@@ -19,7 +19,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) main.py --preset demo --mode demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs $(VENV)

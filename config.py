@@ -39,7 +39,10 @@ class Config:
                       "text-recognition (a transcript per word or line crop, CTC)",
                       default="sequence-classification")
     teacher: str = _help("teacher: hub id or local directory of a Hugging Face model (a directory with only "
-                         "config.json gives random weights); 'demo-dit' builds the small demo DiT; for "
+                         "config.json gives random weights); 'demo-dit' builds the small demo DiT; 'demo-layoutlmv3' a "
+                         "4x128 LayoutLMv3 from random weights, 'demo-minilm' a LayoutLMv3 with MiniLM-L6's "
+                         "pretrained text weights (needs --tokenizer minilm), both reading words, boxes and a "
+                         "128-px page; for "
                          "token-classification a LayoutLMv3 model whose directory also holds its tokenizer; for "
                          "text-recognition 'ppocrv4' (PP-OCRv4's recogniser from rapidocr-onnxruntime), a CTC "
                          "recogniser .onnx with its charset in the `character` metadata, or a JSONL of transcripts "
@@ -58,7 +61,7 @@ class Config:
     student_image_size: int = _help("image side the student's visual patch embedding sees (224 in LayoutLMv3; "
                                     "the demo uses 112 to fit 2 CPU cores)", default=224)
     tokenizer: str = _help("student tokenizer: hub id or local directory ('demo' = the one built from the demo "
-                           "corpus)", default="microsoft/layoutlmv3-base")
+                           "corpus, 'minilm' = MiniLM-L6's uncased WordPiece with word boxes)", default="microsoft/layoutlmv3-base")
     dataset: str = _help("hub id, save_to_disk directory, parquet/JSON file(s), folder of images with one "
                          "sub-folder per class, or 'demo' (the built-in generated corpus); for token-classification "
                          "a FUNSD folder (training_data/, testing_data/) or data with tokens, bboxes, ner_tags "

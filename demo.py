@@ -30,7 +30,7 @@ STREAMS = SPLITS + ("teacher", "unlabeled")
 # demo-unlabeled: the student's unlabelled pool, same distribution; its labels are never read by training.
 CORPORA = {
     "demo": {"train": ("train", 10), "validation": ("validation", 10), "test": ("test", 50)},
-    "demo-teacher": {"train": ("teacher", 128), "validation": ("validation", 10)},
+    "demo-teacher": {"train": ("teacher", 64), "validation": ("validation", 10)},
     "demo-unlabeled": {"train": ("unlabeled", 64)},
 }
 FORMAT_VERSION = 1  # bump whenever generation changes, so corpora already on disk get rebuilt

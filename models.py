@@ -53,6 +53,25 @@ def demo_reader_config(labels, vocab_size, pad_token_id):
     return config
 
 
+def demo_minilm_teacher(labels):
+    """LayoutLMv3 classifier with MiniLM-L6's pretrained text weights and pooler (minilm.py), reading words and
+    boxes; no page image: 65 page tokens from random weights slowed its fine-tuning down (README, the demo)."""
+    import minilm
+    from transformers import LayoutLMv3ForSequenceClassification
+    config = minilm.layoutlmv3_config(builtin_configs()["builtin:layoutlmv3-base"]())
+    config.update({"visual_embed": False, "architectures": ["LayoutLMv3ForSequenceClassification"],
+                   "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}})
+    model = LayoutLMv3ForSequenceClassification(config)
+    minilm.copy_text_weights(model.layoutlmv3)
+    minilm.copy_pooler(model.classifier)
+    return model
+
+
+def reads_page(model):
+    """Whether a document teacher reads the page image (every one but a LayoutLMv3 built without visual_embed)."""
+    return getattr(getattr(model, "module", model).config, "visual_embed", True)
+
+
 def reads_text(model):
     """Whether a document teacher reads words and boxes (LayoutLMv3) besides the page, or only the page."""
     return getattr(model, "module", model).config.model_type == "layoutlmv3"  # DDP-wrapped in --mode teacher
@@ -64,10 +83,12 @@ def load_document_teacher(source, labels, trainable=False, vocab_size=None, pad_
     from transformers import AutoModelForSequenceClassification
     from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
     side = DEMO_READER_SIDE
-    if source == "demo-layoutlmv3":
+    if source in ("demo-layoutlmv3", "demo-minilm"):
         processor = LayoutLMv3ImageProcessorPil(apply_ocr=False, size={"height": side, "width": side})
-        return AutoModelForSequenceClassification.from_config(
-            demo_reader_config(labels, vocab_size, pad_token_id)), processor
+        if source == "demo-layoutlmv3":
+            return AutoModelForSequenceClassification.from_config(
+                demo_reader_config(labels, vocab_size, pad_token_id)), processor
+        return demo_minilm_teacher(labels), processor
     if source != "demo-dit" and os.path.isdir(source) and load_pretrained_config(source).model_type == "layoutlmv3":
         config = load_pretrained_config(source)
         processor = AutoImageProcessor.from_pretrained(source, backend="pil")

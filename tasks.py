@@ -32,8 +32,12 @@ log = logging.getLogger("docdistill")
 
 
 def load_tokenizer(source, cache_dir, train_split=None):
-    """Hub id or directory; 'demo' trains a byte-level BPE on the demo corpus (LayoutLMv3's tokenizer type)."""
+    """Hub id or directory; 'demo' trains a byte-level BPE on the demo corpus (LayoutLMv3's tokenizer type),
+    'minilm' is MiniLM-L6's WordPiece with word boxes (the tokenizer of the demo-minilm teacher)."""
     from transformers import LayoutLMv3TokenizerFast
+    if source == "minilm":
+        import minilm
+        source = minilm.save_tokenizer(os.path.join(cache_dir, "minilm-tokenizer"))
     bare_bpe = source == "demo" or (os.path.isdir(source) and os.path.exists(os.path.join(source, "merges.txt"))
                                     and not os.path.exists(os.path.join(source, "tokenizer.json")))
     if source == "demo":
@@ -101,8 +105,9 @@ class DocumentClassification:
 
     def teacher_logits(self, teacher, batch):
         if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
+            page = {"pixel_values": batch["teacher_pixel_values"]} if models.reads_page(teacher) else {}
             return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
-                           pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
+                           **page).logits[:, self.teacher_order]
         return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
 
     def student_logits(self, student, batch):

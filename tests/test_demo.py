@@ -112,7 +112,7 @@ def test_parallel_generation_equals_serial(tmp_path):
 def test_demo_corpora_layout():
     """The teacher sees far more labelled pages than the student; the test split gives a standard error < 1.8."""
     per_class = {name: {split: n for split, (_, n) in layout.items()} for name, layout in demo.CORPORA.items()}
-    assert per_class["demo-teacher"]["train"] >= 10 * per_class["demo"]["train"]
+    assert per_class["demo-teacher"]["train"] >= 6 * per_class["demo"]["train"]
     assert per_class["demo-unlabeled"]["train"] >= 5 * per_class["demo"]["train"]
     test_pages = per_class["demo"]["test"] * len(demo.RVLCDIP_LABELS)
     assert test_pages >= 800 and 100 * (0.25 / test_pages) ** 0.5 < 1.8
@@ -144,11 +144,12 @@ def test_paired_bootstrap():
 
 def test_demo_table_reports_every_row_and_the_spread():
     import demo_run
-    run = dict(accuracy=0.5, macro_f1=0.4, parameters=1_000_000, labelled_pages=160, unlabeled_pages=0)
+    run = dict(accuracy=0.5, macro_f1=0.4, parameters=1_000_000, labelled_pages=160, unlabeled_pages=0,
+               pages_per_second=90.0)
     spread = dict(difference=0.05, low=0.02, high=0.08, resamples=2000, seeds=[42, 43])
-    results = {"test_pages": 800, "student_pages_per_second": 90.0, "timings_s": {"total": 600.0},
+    results = {"test_pages": 800, "timings_s": {"total": 600.0},
                "teacher": dict(accuracy=0.7, macro_f1=0.6, parameters=2_000_000, labelled_pages=2048,
-                               pages_per_second=40.0, image_size=128),
+                               pages_per_second=40.0, reads="words and boxes", shape="6x384"),
                "runs": {"alone (seed 42)": {**run, "name": "alone"}, "alone (seed 43)": {**run, "name": "alone"},
                         "distilled (seed 42)": {**run, "name": "distilled"},
                         "distilled_unlabeled (seed 42)": {**run, "name": "distilled_unlabeled",
@@ -156,4 +157,5 @@ def test_demo_table_reports_every_row_and_the_spread():
                "spread": {k: spread for k in ("distilled_unlabeled", "distilled", "teacher")}}
     table = demo_run.demo_table(results)
     assert "800 pages" in table and "| 2048 |" in table and "| 1024 |" in table
+    assert "| 90 |" in table and "| 40 |" in table and "6x384" in table
     assert "0.500 (0.500, 0.500)" in table and "+5.0 points [+2.0, +8.0]" in table and "total 600" in table
