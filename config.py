@@ -16,6 +16,7 @@ TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 class UserError(Exception):
@@ -84,8 +85,10 @@ class Config:
                             default=1)
     lr: float = _help("peak learning rate of AdamW", default=3e-4)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
-    warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly before "
-                                "linear decay to 0", default=0.1)
+    scheduler: str = _help("learning-rate schedule after the warm-up (transformers' get_scheduler): linear (decay to "
+                           "0), cosine (half a cosine down to 0) or constant (stay at --lr)", default="linear")
+    warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly from 0 to "
+                                "--lr before --scheduler takes over", default=0.1)
     alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
                          "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
                          default=0.7)
@@ -162,6 +165,8 @@ class Config:
             problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
         if self.unlabeled and self.mode == "train" and self.alpha == 0:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in STUDENT_SIZES:
@@ -258,7 +263,8 @@ def build_parser():
             if f.type is list:  # several values after one flag
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
-            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE}.get(f.name)
+            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
+                       "scheduler": SCHEDULERS}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 import models
+import recipe
 import teacher_cache
 import utils
 from config import UserError
@@ -27,7 +27,7 @@ log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
-               "lr", "weight_decay", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
@@ -264,7 +264,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = recipe.make_scheduler(cfg, optimizer, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
