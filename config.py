@@ -89,6 +89,12 @@ class Config:
                            "0), cosine (half a cosine down to 0) or constant (stay at --lr)", default="linear")
     warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly from 0 to "
                                 "--lr before --scheduler takes over", default=0.1)
+    early_stopping_patience: int = _help("stop training after this many epochs in a row without a validation "
+                                         "improvement (of the task's metric) larger than --early-stopping-min-delta; "
+                                         "the best epoch's model is the one kept (0 = off, train all --epochs)",
+                                         default=0)
+    early_stopping_min_delta: float = _help("smallest rise of the validation metric that counts as an improvement "
+                                            "for --early-stopping-patience", default=0.0)
     alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
                          "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
                          default=0.7)
@@ -148,7 +154,8 @@ class Config:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight"):
+        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight",
+                     "early_stopping_min_delta"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
@@ -206,7 +213,8 @@ NUMERIC_BOUNDS = {
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
     "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
-    "unlabeled_weight": (0, None, False),
+    "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
+    "early_stopping_min_delta": (0, None, False),
 }
 
 

@@ -27,7 +27,8 @@ log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
-               "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs",
+               "early_stopping_patience", "early_stopping_min_delta", "group_by_length", "kd_terms", "blank_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
@@ -278,7 +279,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
                 cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
 
-    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
+    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
+             "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
     ckpt_path = checkpoint_path(out_dir, name)
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
     history = []  # this run's metrics rows; the file is rewritten whole at each epoch end
@@ -293,8 +295,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         state = {k: checkpoint[k] for k in state}
         history = [row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]]  # rest: redone
         last_good = good_checkpoint(cfg.checkpoint, state)
-        log.info("resumed from %s at epoch %d, step %d", cfg.checkpoint, state["epoch"] + 1,
-                 state["step_in_epoch"])
+        log.info("resumed from %s at epoch %d, step %d%s", cfg.checkpoint, state["epoch"] + 1,
+                 state["step_in_epoch"], state["stop_reason"] and f"; it had stopped ({state['stop_reason']})")
 
     def check_saveable(outputs_finite):
         problem = why_not_saveable(model, optimizer, outputs_finite)
@@ -303,6 +305,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
 
     with utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
+            if state["stop_reason"]:  # stopped early, in this run or in the one it resumes
+                break
             model.train()
             train_loader.set_epoch(epoch)
             loader = train_loader
@@ -371,12 +375,19 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                    **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
             improved = row[f"val_{task.metric_name}"] > state["best"]
             state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
+            state["stop_reason"] = recipe.early_stopping(state["early_stopping"], row[f"val_{task.metric_name}"],
+                                                         cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+            if state["stop_reason"]:
+                row["stop_reason"] = state["stop_reason"]
             state["epoch"] = epoch + 1
             check_saveable(bool(torch.isfinite(logits.float()).all()))
             if accelerator.is_main_process:
                 log.info("epoch %d: loss %.4f (%s), train acc %.4f, val %s %.4f%s", epoch + 1, row["train_loss"],
                          ", ".join(f"{k} {row[f'train_{k}']:.4f}" for k in terms), row["train_accuracy"],
                          task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
+                if state["stop_reason"]:
+                    log.info("%s: stopped after epoch %d of %d, the best epoch's model is kept", state["stop_reason"],
+                             epoch + 1, cfg.epochs)
                 history.append(row)
                 utils.write_jsonl(history, metrics_path)
                 if improved:
