@@ -1,6 +1,6 @@
-"""One plain config object: defaults, presets and command-line overrides.
+"""One plain config object: defaults, presets, a config file and command-line overrides.
 
-Precedence: dataclass defaults < preset < flags given on the command line.
+Precedence: dataclass defaults < preset < --config file < flags given on the command line.
 Every field is a flag (`--batch-size` for `batch_size`) and its help text lives next to it.
 """
 import argparse
@@ -10,6 +10,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
+
+import yaml
 
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
@@ -36,6 +38,10 @@ class Config:
     preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd", "funsd-words",
                                                                 "sroie-lines"]) +
                         "; flags given explicitly still win", default="rvlcdip")
+    config: str = _help("JSON or YAML (.yaml/.yml) file of settings, keys named like the flags (batch_size or "
+                        "batch-size); the *_config.json every training run writes is one, so --config "
+                        "runs/x/train_config.json repeats that run; flags given on the command line win, and the "
+                        "file wins over --preset", default="")
     task: str = _help("sequence-classification (one label per page), token-classification (one per word) or "
                       "text-recognition (a transcript per word or line crop, CTC)",
                       default="sequence-classification")
@@ -278,9 +284,58 @@ def build_parser():
     return parser
 
 
+def read_config_file(path):
+    """The settings in a --config file (JSON, or YAML by its extension), checked against Config's fields."""
+    is_yaml = path.endswith((".yaml", ".yml"))
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f) if is_yaml else json.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from e
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: json.JSONDecodeError, or not UTF-8
+        raise UserError(f"--config {path} is not valid {'YAML' if is_yaml else 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from e
+    if not isinstance(settings, dict):
+        raise UserError(f"--config {path} must hold a mapping of settings (flag names to values)")
+    settings = {str(key).replace("-", "_"): value for key, value in settings.items()}
+    types = {f.name: f.type for f in fields(Config)}
+    unknown = sorted(set(settings) - set(types))
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+                        f"(the keys are the flags' names, see --help)")
+    for key, value in settings.items():
+        settings[key] = as_type(value, types[key])
+        if settings[key] is None:
+            raise UserError(f"--config {path}: {key} must be {TYPE_NAMES[types[key]]}, got {value!r}")
+        if key == "preset" and value not in PRESETS:
+            raise UserError(f"--config {path}: preset must be one of {', '.join(PRESETS)}, got {value!r}")
+    return settings
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list of strings"}
+
+
+def as_type(value, kind):
+    """A value read from a config file as a Config field of type `kind`, or None where it does not fit.
+
+    An int is a fine float, and so is a string such as "3e-4" (YAML 1.1, PyYAML's, reads 3e-4 as a string).
+    """
+    if isinstance(value, bool) or kind is bool:  # bool is an int in Python, but not a number here
+        return value if isinstance(value, bool) and kind is bool else None
+    if kind is list:
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    if kind is float and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:  # a string that is no number
+            return None
+    return value if isinstance(value, kind) else None
+
+
 def parse_config(argv=None):
-    """Defaults, then the preset, then whatever was given on the command line."""
+    """Defaults, then the preset, then the --config file, then whatever was given on the command line."""
     given = vars(build_parser().parse_args(argv))
-    preset = given.get("preset", Config.preset)
-    values = {**PRESETS[preset], **given}
+    from_file = read_config_file(given["config"]) if given.get("config") else {}
+    preset = given.get("preset", from_file.get("preset", Config.preset))
+    values = {**PRESETS[preset], **from_file, **given}
     return Config(**values).validate()

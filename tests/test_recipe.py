@@ -1,12 +1,13 @@
 """The training recipe: --scheduler, early stopping, --config files."""
 import json
+import re
 
 import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import recipe
-from config import Config
+from config import Config, UserError, parse_config
 from conftest import run_main
 
 
@@ -73,24 +74,84 @@ TINY = ["--preset", "demo", "--alpha", "0", "--student-size", "small", "--max-le
 
 @pytest.fixture(scope="module")
 def stopped_run(tiny_demo, tmp_path_factory):
-    """A tiny run that stops early: no epoch can beat the first by more than 1, so patience 1 ends it at epoch 2."""
+    """A tiny run that stops early: no epoch can beat the first by more than 1, so patience 1 ends it at epoch 2.
+
+    Its early-stopping settings come from a YAML --config file, the rest from the command line.
+    """
     root = tmp_path_factory.mktemp("recipe")
-    args = [*TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache", "--output-dir", root / "run"]
-    result = run_main("--mode", "train", *args, "--early-stopping-patience", "1", "--early-stopping-min-delta", "1")
+    (root / "recipe.yaml").write_text("early-stopping-patience: 1\nearly_stopping_min_delta: 1\nscheduler: cosine\n")
+    result = run_main("--mode", "train", *TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache",
+                      "--output-dir", root / "run", "--config", root / "recipe.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run", args, result
+    return root / "run", result
 
 
-def test_early_stopping_end_to_end_and_resume(stopped_run):
-    out, args, result = stopped_run
+def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_run):
+    out, result = stopped_run
     assert "stopped after epoch 2 of 3" in result.stderr
     rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2] and "stop_reason" not in rows[0]
     assert rows[1]["stop_reason"].startswith("early stopping: no validation improvement")
     ckpt = torch.load(out / "latest_checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["stop_reason"] == rows[1]["stop_reason"]
-    resumed = run_main("--mode", "train", *args, "--early-stopping-patience", "1", "--early-stopping-min-delta", "1",
-                       "--checkpoint", out / "latest_checkpoint.pth")
+    written = json.load(open(out / "train_config.json"))
+    assert (written["scheduler"], written["early_stopping_patience"], written["max_samples"]) == ("cosine", 1, 8)
+    # the written config alone repeats the run's settings: the checkpoint's fingerprint matches
+    resumed = run_main("--config", out / "train_config.json", "--checkpoint", out / "latest_checkpoint.pth")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "it had stopped (early stopping" in resumed.stderr and "epoch 3/3" not in resumed.stderr
     assert len(open(out / "student_metrics.jsonl").readlines()) == 2
+
+
+def test_config_file_round_trip(tmp_path):
+    cfg = parse_config(["--preset", "demo", "--mode", "teacher", "--lr", "1e-4", "--scheduler", "cosine",
+                        "--input", "a.png", "b.pdf", "--no-group-by-length", "--early-stopping-patience", "2"])
+    path = tmp_path / "teacher_config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert parse_config(["--config", str(path)]).to_dict() == {**cfg.to_dict(), "config": str(path)}
+
+
+def test_config_file_precedence(tmp_path):
+    """defaults < preset < config file < command line; YAML keys may be spelled like the flags."""
+    path = tmp_path / "settings.yaml"
+    path.write_text("preset: demo\nbatch-size: 4\nlr: 1\nwarmup_ratio: 0\ntemperature: 2e-1\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.02"])
+    assert (cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.temperature) == (0.02, 4, 0.0, 0.2)  # command line, file
+    assert (cfg.student_image_size, cfg.alpha) == (112, 0.7)  # the file's preset, then the defaults
+    assert parse_config(["--config", str(path), "--preset", "rvlcdip"]).student_image_size == 224
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"batch_size": 4, "bach_size": 8}', "unknown setting bach_size (the keys are the flags' names"),
+    ('{"epochs": "3"}', "epochs must be an integer, got '3'"),
+    ('{"lr": true}', "lr must be a number, got True"),
+    ('{"lr": "fast"}', "lr must be a number, got 'fast'"),
+    ('{"preset": "nope"}', "preset must be one of"),
+    ('[1, 2]', "must hold a mapping"),
+    ('{"lr": ', "is not valid JSON"),
+    ('lr: [1', "is not valid YAML"),
+])
+def test_bad_config_file_is_one_line_error(tmp_path, capsys, text, message):
+    import main
+    path = tmp_path / ("bad.yaml" if "YAML" in message else "bad.json")
+    path.write_text(text)
+    assert main.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {path}") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--early-stopping-patience", "-1"], "--early-stopping-patience must be >= 0, got -1"),
+    (["--early-stopping-min-delta", "-0.1"], "--early-stopping-min-delta must be >= 0, got -0.1"),
+    (["--early-stopping-min-delta", "inf"], "--early-stopping-min-delta must be a finite number, got inf"),
+])
+def test_recipe_flag_bounds(flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_config(flags)
+
+
+def test_config_file_values_are_validated_like_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"scheduler": "step"}')
+    with pytest.raises(UserError, match="--scheduler must be one of linear, cosine, constant, got 'step'"):
+        parse_config(["--config", str(path)])
