@@ -19,6 +19,7 @@ KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
+TRACKERS = ("none", "tensorboard")
 
 
 class UserError(Exception):
@@ -125,6 +126,9 @@ class Config:
                                  "the student's crop", default=0.0)
     degrade_jpeg: int = _help("text-recognition: JPEG quality the student's crop is compressed at (0 = none)",
                               default=0)
+    report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
+                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
+                           "learning rate, every epoch's metrics; local files only)", default="none")
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
@@ -180,6 +184,8 @@ class Config:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.report_to not in TRACKERS:
+            problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in STUDENT_SIZES:
@@ -278,7 +284,7 @@ def build_parser():
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
-                       "scheduler": SCHEDULERS}.get(f.name)
+                       "scheduler": SCHEDULERS, "report_to": TRACKERS}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -1,5 +1,7 @@
-"""The training recipe around the loop in train.py: learning-rate schedule and early stopping."""
+"""The training recipe around the loop in train.py: learning-rate schedule, early stopping, experiment tracking."""
+import json
 import math
+import os
 
 from transformers import get_scheduler
 
@@ -32,3 +34,18 @@ def early_stopping(state, value, patience, min_delta):
 
 def early_stopping_start():
     return {"reference": -math.inf, "waited": 0}
+
+
+def tracking_dir(cfg):
+    """Where --report-to's files go (Accelerate's project_dir; each tracker writes under it in a folder per run)."""
+    return os.path.join(cfg.output_dir, "tracking")
+
+
+def start_tracking(accelerator, cfg, name):
+    """--report-to: start the tracker's run `name` with the resolved config (lists as JSON: trackers take scalars).
+
+    Afterwards accelerator.log() writes to it; without a tracker it does nothing.
+    """
+    if cfg.report_to != "none":
+        accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
+                                                for k, v in cfg.to_dict().items()})

@@ -62,10 +62,13 @@ class EpochShuffle(Sampler):
         return self.n
 
 
-def make_accelerator(cfg):
+def make_accelerator(cfg, track=False):
+    """With track, the --report-to tracker too (training only)."""
     if cfg.amp == "fp16" and not torch.cuda.is_available():
         raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU or --amp no")
-    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum)
+    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=cfg.report_to if track and cfg.report_to != "none" else None,
+                       project_dir=recipe.tracking_dir(cfg))
 
 
 def make_loader(task, split, cfg, shuffle):
@@ -253,10 +256,11 @@ def stop_requested(accelerator, sigterm):
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
     """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name.
 
-    Nothing in --output-dir is written before the first save; only weights that pass why_not_saveable() are saved.
+    Nothing in --output-dir is written before the first save but --report-to's files; only weights that pass
+    why_not_saveable() are saved.
     SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises Stopped.
     """
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, track=True)
     out_dir = cfg.output_dir
     criterion = task.make_loss(cfg, with_teacher=teacher is not None)  # -> {"total", and named terms}
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
@@ -303,6 +307,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         if problem:
             raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
+    recipe.start_tracking(accelerator, cfg, name)
     with utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
             if state["stop_reason"]:  # stopped early, in this run or in the one it resumes
@@ -316,6 +321,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                        total=len(train_loader), disable=not accelerator.is_main_process)
             for step, batch in enumerate(bar, start=state["step_in_epoch"]):
+                lr = scheduler.get_last_lr()[0]  # this step's
                 teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
                 with accelerator.accumulate(model):
                     logits = forward(model, batch)
@@ -336,8 +342,11 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 sums["seen"] += int(keep.sum())
                 sums["batches"] += 1
                 sums["docs"] += len(batch["labels"])
-                for k, value in losses.items():
-                    sums[k] = sums.get(k, 0.0) + value.item()
+                loss_values = {k: value.item() for k, value in losses.items()}
+                for k, value in loss_values.items():
+                    sums[k] = sums.get(k, 0.0) + value
+                accelerator.log({**{f"train/{k}": v for k, v in loss_values.items()}, "train/lr": lr},
+                                step=epoch * len(train_loader) + step + 1)
                 # Only right after an optimizer step: no half-accumulated gradients need saving.
                 if accelerator.sync_gradients:
                     stopping = stop_requested(accelerator, sigterm)
@@ -389,6 +398,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                     log.info("%s: stopped after epoch %d of %d, the best epoch's model is kept", state["stop_reason"],
                              epoch + 1, cfg.epochs)
                 history.append(row)
+                accelerator.log({f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "metric_name")},
+                                step=(epoch + 1) * len(train_loader))
                 utils.write_jsonl(history, metrics_path)
                 if improved:
                     save_best(task, accelerator.unwrap_model(model), out_dir, name)
@@ -399,6 +410,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 raise stopped_by_sigterm(ckpt_path, state)
             clock = time.perf_counter()
 
+    accelerator.end_training()
     if accelerator.is_main_process:
         utils.plot_curves(history, os.path.join(out_dir, f"{name}_curves.png"))
     return state["best"]

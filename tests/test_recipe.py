@@ -1,6 +1,8 @@
 """The training recipe: --scheduler, early stopping, --config files."""
+import glob
 import json
 import re
+import struct
 
 import pytest
 import torch
@@ -76,10 +78,11 @@ TINY = ["--preset", "demo", "--alpha", "0", "--student-size", "small", "--max-le
 def stopped_run(tiny_demo, tmp_path_factory):
     """A tiny run that stops early: no epoch can beat the first by more than 1, so patience 1 ends it at epoch 2.
 
-    Its early-stopping settings come from a YAML --config file, the rest from the command line.
+    Its early-stopping settings and tracker come from a YAML --config file, the rest from the command line.
     """
     root = tmp_path_factory.mktemp("recipe")
-    (root / "recipe.yaml").write_text("early-stopping-patience: 1\nearly_stopping_min_delta: 1\nscheduler: cosine\n")
+    (root / "recipe.yaml").write_text("early-stopping-patience: 1\nearly_stopping_min_delta: 1\nscheduler: cosine\n"
+                                      "report-to: tensorboard\n")
     result = run_main("--mode", "train", *TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache",
                       "--output-dir", root / "run", "--config", root / "recipe.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,3 +158,32 @@ def test_config_file_values_are_validated_like_flags(tmp_path):
     path.write_text('{"scheduler": "step"}')
     with pytest.raises(UserError, match="--scheduler must be one of linear, cosine, constant, got 'step'"):
         parse_config(["--config", str(path)])
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [(step, value)]} from the TensorBoard event files in run_dir (TFRecord: length, CRC, event, CRC)."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in glob.glob(f"{run_dir}/events.out.tfevents.*"):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            size, = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + size])
+            at += 12 + size + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_tracker_writes_config_steps_and_epochs(stopped_run):
+    out, _ = stopped_run
+    scalars = tensorboard_scalars(out / "tracking" / "student")
+    assert [step for step, _ in scalars["train/total"]] == [1, 2]  # one step per epoch: 8 documents, batch 8
+    assert [step for step, _ in scalars["epoch/val_accuracy"]] == [1, 2]
+    assert {"train/ce", "train/kd", "train/lr", "epoch/train_loss", "epoch/val_macro_f1"} <= set(scalars)
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [value for _, value in scalars["epoch/train_loss"]] == pytest.approx([r["train_loss"] for r in rows])
+    # each step's own rate: 3 steps in all, so no warm-up (10% of 3 rounds to 0), cosine from the peak, 3e-4
+    assert [value for _, value in scalars["train/lr"]] == pytest.approx([3e-4, 3e-4 * 0.75])
+    hparams = glob.glob(str(out / "tracking" / "student" / "*" / "hparams.yml"))  # one per start (and resume)
+    assert hparams and all("early_stopping_patience: 1" in open(path).read() for path in hparams)
