@@ -126,6 +126,14 @@ class Config:
                                  "the student's crop", default=0.0)
     degrade_jpeg: int = _help("text-recognition: JPEG quality the student's crop is compressed at (0 = none)",
                               default=0)
+    lora_r: int = _help("--mode teacher: rank of LoRA adapters (peft) on --lora-target-modules; the teacher's own "
+                        "weights stay frozen, the adapters and its classification head train, and the saved teacher "
+                        "has the adapters merged in (0 = off: the whole teacher trains)", default=0)
+    lora_alpha: float = _help("LoRA scaling: the adapters' output is multiplied by lora_alpha / lora_r", default=16.0)
+    lora_dropout: float = _help("dropout on the LoRA adapters' input", default=0.05)
+    lora_target_modules: str = _help("comma-separated names of the linear layers that get LoRA adapters (default by "
+                                     "architecture, the attention's query and value: q_proj,v_proj for DiT/BEiT and "
+                                     "ViT, query,value for LayoutLMv3, q_lin,v_lin for DistilBERT)", default="")
     report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
                            "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
                            "learning rate, every epoch's metrics; local files only)", default="none")
@@ -165,7 +173,7 @@ class Config:
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight",
-                     "early_stopping_min_delta"):
+                     "early_stopping_min_delta", "lora_alpha", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
@@ -184,6 +192,8 @@ class Config:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.lora_r and self.mode != "teacher":
+            problems.append("--lora-r is for --mode teacher: the student trains in full")
         if self.report_to not in TRACKERS:
             problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.amp not in ("no", "bf16", "fp16"):
@@ -226,7 +236,8 @@ NUMERIC_BOUNDS = {
     "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
-    "early_stopping_min_delta": (0, None, False),
+    "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
+    "lora_dropout": (0, 1, False),
 }
 
 

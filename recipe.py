@@ -1,9 +1,17 @@
-"""The training recipe around the loop in train.py: learning-rate schedule, early stopping, experiment tracking."""
+"""The training recipe around the loop in train.py: learning-rate schedule, early stopping, experiment tracking,
+LoRA."""
+import copy
 import json
+import logging
 import math
 import os
 
 from transformers import get_scheduler
+
+import models
+from config import UserError
+
+log = logging.getLogger("docdistill")
 
 # --scheduler -> transformers' schedule name; every one starts with a linear warm-up of --warmup-ratio
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -49,3 +57,35 @@ def start_tracking(accelerator, cfg, name):
     if cfg.report_to != "none":
         accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
                                                 for k, v in cfg.to_dict().items()})
+
+
+# --lora-target-modules when not given, by config.model_type: the attention's query and value projections
+LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value", "distilbert": "q_lin,v_lin"}
+HEADS = ("pre_classifier", "classifier")  # the classification head's modules: trained in full (modules_to_save)
+
+
+def with_lora(cfg, model):
+    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full."""
+    if not cfg.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+    targets = cfg.lora_target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "
+                        f"layers, e.g. --lora-target-modules query,value")
+    heads = [name for name in HEADS if hasattr(model, name)]
+    total = models.count_parameters(model)
+    try:
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets.split(","), modules_to_save=heads))
+    except ValueError as e:  # target modules not found in the model
+        raise UserError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from e
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %s, %s trained in full: %.3fM parameters trainable, %.2f%% of the model's %.2fM",
+             cfg.lora_r, targets, "+".join(heads) or "no head", trainable / 1e6, 100 * trainable / total, total / 1e6)
+    return model
+
+
+def merged(model):
+    """A plain copy of a LoRA model, adapters merged into its weights (what is saved); any other model as it is."""
+    return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model

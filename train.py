@@ -28,7 +28,8 @@ log = logging.getLogger("docdistill")
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
                "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs",
-               "early_stopping_patience", "early_stopping_min_delta", "group_by_length", "kd_terms", "blank_weight",
+               "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target_modules", "group_by_length", "kd_terms", "blank_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
@@ -208,7 +209,11 @@ def load_checkpoint(path, cfg, name):
 
 
 def save_best(task, model, out_dir, name):
-    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory."""
+    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory.
+
+    A LoRA model is saved with its adapters merged in: a plain model of its architecture.
+    """
+    model = recipe.merged(model)
     best = {"state_dict": model.state_dict(), "config": model.config.to_json_string()}
     utils.atomic_torch_save(utils.with_checksum(best), os.path.join(out_dir, f"{name}_model.pth"))
     utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))
@@ -266,7 +271,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)  # with LoRA: the adapters and the head
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
     scheduler = recipe.make_scheduler(cfg, optimizer, total_steps)

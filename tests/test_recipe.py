@@ -187,3 +187,53 @@ def test_tensorboard_tracker_writes_config_steps_and_epochs(stopped_run):
     assert [value for _, value in scalars["train/lr"]] == pytest.approx([3e-4, 3e-4 * 0.75])
     hparams = glob.glob(str(out / "tracking" / "student" / "*" / "hparams.yml"))  # one per start (and resume)
     assert hparams and all("early_stopping_patience: 1" in open(path).read() for path in hparams)
+
+
+def tiny_beit(labels=3):
+    from transformers import BeitConfig, BeitForImageClassification
+    torch.manual_seed(0)
+    return BeitForImageClassification(BeitConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
+                                                 num_labels=labels))
+
+
+def test_lora_trains_only_the_adapters_and_the_head_and_saves_a_plain_model(tmp_path):
+    from transformers import AutoModelForImageClassification
+    model = recipe.with_lora(Config(mode="teacher", lora_r=4), tiny_beit())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):  # LoRA's B starts at 0: A gets a gradient from the second step on
+        torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+    assert any("classifier.modules_to_save" in k for k in changed)
+    assert all("lora_" in k or "modules_to_save" in k for k in changed)
+
+    model.eval()
+    plain = recipe.merged(model)  # what save_best writes
+    assert type(plain).__name__ == "BeitForImageClassification" and hasattr(model, "merge_and_unload")  # a copy
+    plain.save_pretrained(tmp_path / "teacher")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "teacher").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits, atol=1e-5)
+
+
+def test_lora_default_targets_per_architecture_and_errors():
+    from transformers import (DistilBertConfig, DistilBertForTokenClassification, LayoutLMv3Config,
+                              LayoutLMv3ForSequenceClassification)
+    cfg = Config(mode="teacher", lora_r=2)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    for model, head in ((LayoutLMv3ForSequenceClassification(LayoutLMv3Config(**small)), "classifier"),
+                        (DistilBertForTokenClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2,
+                                                                           hidden_dim=32)), "classifier")):
+        names = [n for n, p in recipe.with_lora(cfg, model).named_parameters() if p.requires_grad]
+        assert any("lora_A" in n for n in names) and any(f"{head}.modules_to_save" in n for n in names)
+    with pytest.raises(UserError, match="--lora-target-modules nope: .*"):
+        recipe.with_lora(Config(mode="teacher", lora_r=2, lora_target_modules="nope"), tiny_beit())
+    with pytest.raises(UserError, match="--lora-r is for --mode teacher"):
+        parse_config(["--mode", "train", "--lora-r", "4"])
