@@ -1,17 +1,49 @@
-"""The training recipe around the loop in train.py: learning-rate schedule, early stopping, experiment tracking,
-LoRA."""
+"""The training recipe around the loop in train.py: data order, learning-rate schedule, early stopping, experiment
+tracking, LoRA."""
 import copy
 import json
 import logging
 import math
 import os
 
+import torch
+from torch.utils.data import Sampler
 from transformers import get_scheduler
 
 import models
 from config import UserError
 
 log = logging.getLogger("docdistill")
+
+
+class EpochShuffle(Sampler):
+    """A fresh order each epoch, a pure function of (seed, epoch): resumable and the same on every process.
+
+    With lengths given, documents of similar length share a batch (sorted within megabatches of 50 batches,
+    then the batch order is shuffled), so dynamic padding pads little.
+    """
+
+    def __init__(self, n, seed, batch_size, lengths=None):
+        self.n, self.seed, self.batch_size, self.lengths, self.epoch = n, seed, batch_size, lengths, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        mega = self.batch_size * 50
+        batches = []
+        for start in range(0, self.n, mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        return iter([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]])
+
+    def __len__(self):
+        return self.n
+
 
 # --scheduler -> transformers' schedule name; every one starts with a linear warm-up of --warmup-ratio
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import models
@@ -34,35 +34,6 @@ RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_ima
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
 
-class EpochShuffle(Sampler):
-    """A fresh order each epoch, a pure function of (seed, epoch): resumable and the same on every process.
-
-    With lengths given, documents of similar length share a batch (sorted within megabatches of 50 batches,
-    then the batch order is shuffled), so dynamic padding pads little.
-    """
-
-    def __init__(self, n, seed, batch_size, lengths=None):
-        self.n, self.seed, self.batch_size, self.lengths, self.epoch = n, seed, batch_size, lengths, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        if self.lengths is None:
-            return iter(order)
-        mega = self.batch_size * 50
-        batches = []
-        for start in range(0, self.n, mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
-            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        return iter([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]])
-
-    def __len__(self):
-        return self.n
-
-
 def make_accelerator(cfg, track=False):
     """With track, the --report-to tracker too (training only)."""
     if cfg.amp == "fp16" and not torch.cuda.is_available():
@@ -77,7 +48,7 @@ def make_loader(task, split, cfg, shuffle):
     lengths = None
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
-    sampler = EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
     # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
     # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
