@@ -1,6 +1,7 @@
 """The training recipe: --scheduler, early stopping, --config files."""
 import glob
 import json
+import logging
 import re
 import struct
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+import models
 import recipe
 from config import Config, UserError, parse_config
-from conftest import run_main
 
 
 def lrs(scheduler, steps):
@@ -83,15 +84,30 @@ def stopped_run(tiny_demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     (root / "recipe.yaml").write_text("early-stopping-patience: 1\nearly_stopping_min_delta: 1\nscheduler: cosine\n"
                                       "report-to: tensorboard\n")
-    result = run_main("--mode", "train", *TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache",
-                      "--output-dir", root / "run", "--config", root / "recipe.yaml")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run", result
+    code, log = run_logged("--mode", "train", *TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache",
+                           "--output-dir", root / "run", "--config", root / "recipe.yaml")
+    assert code == 0, log
+    return root / "run", log
+
+
+def run_logged(*argv):
+    """main.main(argv) in this process (no second start-up of torch and transformers): exit code and log text."""
+    import main
+    lines, handler, logger = [], logging.Handler(), logging.getLogger("docdistill")
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return main.main([str(a) for a in argv]), "\n".join(lines)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_run):
-    out, result = stopped_run
-    assert "stopped after epoch 2 of 3" in result.stderr
+    out, log = stopped_run
+    assert "stopped after epoch 2 of 3" in log
     rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2] and "stop_reason" not in rows[0]
     assert rows[1]["stop_reason"].startswith("early stopping: no validation improvement")
@@ -100,10 +116,11 @@ def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_ru
     written = json.load(open(out / "train_config.json"))
     assert (written["scheduler"], written["early_stopping_patience"], written["max_samples"]) == ("cosine", 1, 8)
     # the written config alone repeats the run's settings: the checkpoint's fingerprint matches
-    resumed = run_main("--config", out / "train_config.json", "--checkpoint", out / "latest_checkpoint.pth")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "it had stopped (early stopping" in resumed.stderr and "epoch 3/3" not in resumed.stderr
+    code, log = run_logged("--config", out / "train_config.json", "--checkpoint", out / "latest_checkpoint.pth")
+    assert code == 0, log
+    assert "it had stopped (early stopping" in log
     assert len(open(out / "student_metrics.jsonl").readlines()) == 2
+    assert torch.load(out / "latest_checkpoint.pth", weights_only=True)["epoch"] == 2  # no third epoch
 
 
 def test_config_file_round_trip(tmp_path):
@@ -215,6 +232,10 @@ def test_lora_trains_only_the_adapters_and_the_head_and_saves_a_plain_model(tmp_
     assert all("lora_" in k or "modules_to_save" in k for k in changed)
 
     model.eval()
+    resumed = recipe.with_lora(Config(mode="teacher", lora_r=4), tiny_beit())  # what a resume loads the checkpoint in
+    models.load_student_weights(resumed, model.state_dict(), "checkpoint")  # strict: every tensor, nothing else
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
     plain = recipe.merged(model)  # what save_best writes
     assert type(plain).__name__ == "BeitForImageClassification" and hasattr(model, "merge_and_unload")  # a copy
     plain.save_pretrained(tmp_path / "teacher")
