@@ -215,6 +215,12 @@ class Config:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def to_file(self):
+        """The settings as a --config file that repeats this run. How the run was started is left out (the file it
+        read, the checkpoint it resumed, --overwrite): repeating it must not resume the finished run or replace it
+        without being asked to."""
+        return {**self.to_dict(), "config": "", "checkpoint": "", "overwrite": False}
+
     def fingerprint(self, keys):
         """Short hash of the settings that must not change across a resume."""
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)

@@ -158,7 +158,7 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, 
         **state,
     }
     utils.atomic_torch_save(utils.with_checksum(checkpoint), path)
-    utils.atomic_json(cfg.to_dict(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
+    utils.atomic_json(cfg.to_file(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
 
 
 def load_checkpoint(path, cfg, name):

@@ -124,11 +124,15 @@ def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_ru
 
 
 def test_config_file_round_trip(tmp_path):
+    checkpoint = tmp_path / "teacher_checkpoint.pth"
+    checkpoint.write_bytes(b"")
     cfg = parse_config(["--preset", "demo", "--mode", "teacher", "--lr", "1e-4", "--scheduler", "cosine",
-                        "--input", "a.png", "b.pdf", "--no-group-by-length", "--early-stopping-patience", "2"])
+                        "--input", "a.png", "b.pdf", "--no-group-by-length", "--early-stopping-patience", "2",
+                        "--checkpoint", str(checkpoint), "--overwrite"])
     path = tmp_path / "teacher_config.json"
-    path.write_text(json.dumps(cfg.to_dict()))
-    assert parse_config(["--config", str(path)]).to_dict() == {**cfg.to_dict(), "config": str(path)}
+    path.write_text(json.dumps(cfg.to_file()))  # as training writes it
+    again = parse_config(["--config", str(path)]).to_dict()
+    assert again == {**cfg.to_dict(), "config": str(path), "checkpoint": "", "overwrite": False}
 
 
 def test_config_file_precedence(tmp_path):
