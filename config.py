@@ -133,7 +133,7 @@ class Config:
     lora_dropout: float = _help("dropout on the LoRA adapters' input", default=0.05)
     lora_target_modules: str = _help("comma-separated names of the linear layers that get LoRA adapters (default by "
                                      "architecture, the attention's query and value: q_proj,v_proj for DiT/BEiT and "
-                                     "ViT, query,value for LayoutLMv3, q_lin,v_lin for DistilBERT)", default="")
+                                     "ViT, query,value for LayoutLMv3)", default="")
     report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
                            "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
                            "learning rate, every epoch's metrics; local files only)", default="none")

@@ -92,8 +92,7 @@ def start_tracking(accelerator, cfg, name):
 
 
 # --lora-target-modules when not given, by config.model_type: the attention's query and value projections
-LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value",
-                "distilbert": "q_lin,v_lin"}
+LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value"}
 HEADS = ("pre_classifier", "classifier")  # the classification head's modules: trained in full (modules_to_save)
 
 

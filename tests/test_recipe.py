@@ -249,15 +249,19 @@ def test_lora_trains_only_the_adapters_and_the_head_and_saves_a_plain_model(tmp_
 
 
 def test_lora_default_targets_per_architecture_and_errors():
-    from transformers import (DistilBertConfig, DistilBertForTokenClassification, LayoutLMv3Config,
-                              LayoutLMv3ForSequenceClassification)
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, LayoutLMv3Config,
+                              LayoutLMv3ForSequenceClassification, LayoutLMv3ForTokenClassification, ViTConfig,
+                              ViTForImageClassification)
     cfg = Config(mode="teacher", lora_r=2)
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    for model, head in ((LayoutLMv3ForSequenceClassification(LayoutLMv3Config(**small)), "classifier"),
-                        (DistilBertForTokenClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2,
-                                                                           hidden_dim=32)), "classifier")):
+    for model in (LayoutLMv3ForSequenceClassification(LayoutLMv3Config(**small)),
+                  LayoutLMv3ForTokenClassification(LayoutLMv3Config(**small)),
+                  ViTForImageClassification(ViTConfig(**small, image_size=32))):
         names = [n for n, p in recipe.with_lora(cfg, model).named_parameters() if p.requires_grad]
-        assert any("lora_A" in n for n in names) and any(f"{head}.modules_to_save" in n for n in names)
+        assert any("lora_A" in n for n in names) and any("classifier.modules_to_save" in n for n in names)
+    with pytest.raises(UserError, match="no default --lora-target-modules for a distilbert model"):
+        recipe.with_lora(cfg, DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2,
+                                                                                   hidden_dim=32)))
     with pytest.raises(UserError, match="--lora-target-modules nope: .*"):
         recipe.with_lora(Config(mode="teacher", lora_r=2, lora_target_modules="nope"), tiny_beit())
     with pytest.raises(UserError, match="--lora-r is for --mode teacher"):
