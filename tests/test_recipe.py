@@ -266,3 +266,22 @@ def test_lora_default_targets_per_architecture_and_errors():
         recipe.with_lora(Config(mode="teacher", lora_r=2, lora_target_modules="nope"), tiny_beit())
     with pytest.raises(UserError, match="--lora-r is for --mode teacher"):
         parse_config(["--mode", "train", "--lora-r", "4"])
+
+
+def test_lora_teacher_run_saves_a_merged_teacher_and_resumes(tiny_demo, tmp_path):
+    from transformers import AutoModelForImageClassification, BeitImageProcessor
+    source = tmp_path / "tiny-dit"
+    tiny_beit().save_pretrained(source)
+    BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(source)
+    args = ["--mode", "teacher", *TINY, "--epochs", "2", "--teacher", source, "--lora-r", "4", "--dataset", tiny_demo,
+            "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "t"]
+    code, log = run_logged(*args)
+    assert code == 0, log
+    assert "LoRA rank 4 on q_proj,v_proj, classifier trained in full: 0.0" in log
+    checkpoint = torch.load(tmp_path / "t" / "teacher_checkpoint.pth", weights_only=True)
+    assert any("lora_A" in k for k in checkpoint["model"]) and checkpoint["epoch"] == 2
+    best = torch.load(tmp_path / "t" / "teacher_model.pth", weights_only=True)["state_dict"]
+    assert not any("lora" in k or "modules_to_save" in k for k in best)  # merged: a plain BEiT
+    assert set(best) == set(AutoModelForImageClassification.from_pretrained(tmp_path / "t" / "teacher").state_dict())
+    code, log = run_logged(*args, "--checkpoint", tmp_path / "t" / "teacher_checkpoint.pth")
+    assert code == 0 and "resumed from" in log, log
