@@ -93,7 +93,7 @@ def start_tracking(accelerator, cfg, name):
 
 # --lora-target-modules when not given, by config.model_type: the attention's query and value projections
 LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value"}
-HEADS = ("pre_classifier", "classifier")  # the classification head's modules: trained in full (modules_to_save)
+HEAD = "classifier"  # the classification head of all of them: trained in full (peft's modules_to_save)
 
 
 def with_lora(cfg, model):
@@ -105,7 +105,7 @@ def with_lora(cfg, model):
     if not targets:
         raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "
                         f"layers, e.g. --lora-target-modules query,value")
-    heads = [name for name in HEADS if hasattr(model, name)]
+    heads = [HEAD] if hasattr(model, HEAD) else []
     total = models.count_parameters(model)
     try:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
