@@ -1,4 +1,4 @@
-"""The training recipe: --scheduler, early stopping, --config files."""
+"""The training recipe: --scheduler, early stopping, --config files, --report-to tensorboard, LoRA for the teacher."""
 import glob
 import json
 import logging
