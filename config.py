@@ -1,6 +1,6 @@
-"""One plain config object: defaults, presets and command-line overrides.
+"""One plain config object: defaults, presets, a config file and command-line overrides.
 
-Precedence: dataclass defaults < preset < flags given on the command line.
+Precedence: dataclass defaults < preset < --config file < flags given on the command line.
 Every field is a flag (`--batch-size` for `batch_size`) and its help text lives next to it.
 """
 import argparse
@@ -11,11 +11,15 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+import yaml
+
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
+SCHEDULERS = ("linear", "cosine", "constant")
+TRACKERS = ("none", "tensorboard")
 
 
 class UserError(Exception):
@@ -35,6 +39,10 @@ class Config:
     preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd", "funsd-words",
                                                                 "sroie-lines"]) +
                         "; flags given explicitly still win", default="rvlcdip")
+    config: str = _help("JSON or YAML (.yaml/.yml) file of settings, keys named like the flags (batch_size or "
+                        "batch-size); the *_config.json every training run writes is one, so --config "
+                        "runs/x/train_config.json repeats that run; flags given on the command line win, and the "
+                        "file wins over --preset", default="")
     task: str = _help("sequence-classification (one label per page), token-classification (one per word) or "
                       "text-recognition (a transcript per word or line crop, CTC)",
                       default="sequence-classification")
@@ -87,8 +95,16 @@ class Config:
                             default=1)
     lr: float = _help("peak learning rate of AdamW", default=3e-4)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
-    warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly before "
-                                "linear decay to 0", default=0.1)
+    scheduler: str = _help("learning-rate schedule after the warm-up (transformers' get_scheduler): linear (decay to "
+                           "0), cosine (half a cosine down to 0) or constant (stay at --lr)", default="linear")
+    warmup_ratio: float = _help("share of optimizer steps spent warming the learning rate up linearly from 0 to "
+                                "--lr before --scheduler takes over", default=0.1)
+    early_stopping_patience: int = _help("stop training after this many epochs in a row without a validation "
+                                         "improvement (of the task's metric) larger than --early-stopping-min-delta; "
+                                         "the best epoch's model is the one kept (0 = off, train all --epochs)",
+                                         default=0)
+    early_stopping_min_delta: float = _help("smallest rise of the validation metric that counts as an improvement "
+                                            "for --early-stopping-patience", default=0.0)
     alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
                          "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
                          default=0.7)
@@ -113,6 +129,17 @@ class Config:
                                  "the student's crop", default=0.0)
     degrade_jpeg: int = _help("text-recognition: JPEG quality the student's crop is compressed at (0 = none)",
                               default=0)
+    lora_r: int = _help("--mode teacher: rank of LoRA adapters (peft) on --lora-target-modules; the teacher's own "
+                        "weights stay frozen, the adapters and its classification head train, and the saved teacher "
+                        "has the adapters merged in (0 = off: the whole teacher trains)", default=0)
+    lora_alpha: float = _help("LoRA scaling: the adapters' output is multiplied by lora_alpha / lora_r", default=16.0)
+    lora_dropout: float = _help("dropout on the LoRA adapters' input", default=0.05)
+    lora_target_modules: str = _help("comma-separated names of the linear layers that get LoRA adapters (default by "
+                                     "architecture, the attention's query and value: q_proj,v_proj for DiT/BEiT and "
+                                     "ViT, query,value for LayoutLMv3)", default="")
+    report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
+                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
+                           "learning rate, every epoch's metrics; local files only)", default="none")
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
@@ -148,7 +175,8 @@ class Config:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight"):
+        for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight",
+                     "early_stopping_min_delta", "lora_alpha", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
@@ -165,6 +193,12 @@ class Config:
             problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
         if self.unlabeled and self.mode == "train" and self.alpha == 0:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
+        if self.scheduler not in SCHEDULERS:
+            problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.lora_r and self.mode != "teacher":
+            problems.append("--lora-r is for --mode teacher: the student trains in full")
+        if self.report_to not in TRACKERS:
+            problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in STUDENT_SIZES:
@@ -183,6 +217,12 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def to_file(self):
+        """The settings as a --config file that repeats this run. How the run was started is left out (the file it
+        read, the checkpoint it resumed, --overwrite): repeating it must not resume the finished run or replace it
+        without being asked to."""
+        return {**self.to_dict(), "config": "", "checkpoint": "", "overwrite": False}
 
     def fingerprint(self, keys):
         """Short hash of the settings that must not change across a resume."""
@@ -204,7 +244,9 @@ NUMERIC_BOUNDS = {
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
     "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
-    "unlabeled_weight": (0, None, False),
+    "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
+    "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
+    "lora_dropout": (0, 1, False),
 }
 
 
@@ -261,15 +303,65 @@ def build_parser():
             if f.type is list:  # several values after one flag
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
-            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE}.get(f.name)
+            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
+                       "scheduler": SCHEDULERS, "report_to": TRACKERS}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser
 
 
+def read_config_file(path):
+    """The settings in a --config file (JSON, or YAML by its extension), checked against Config's fields."""
+    is_yaml = path.endswith((".yaml", ".yml"))
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f) if is_yaml else json.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from e
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: json.JSONDecodeError, or not UTF-8
+        raise UserError(f"--config {path} is not valid {'YAML' if is_yaml else 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from e
+    if not isinstance(settings, dict):
+        raise UserError(f"--config {path} must hold a mapping of settings (flag names to values)")
+    settings = {str(key).replace("-", "_"): value for key, value in settings.items()}
+    types = {f.name: f.type for f in fields(Config)}
+    unknown = sorted(set(settings) - set(types))
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+                        f"(the keys are the flags' names, see --help)")
+    for key, value in settings.items():
+        settings[key] = as_type(value, types[key])
+        if settings[key] is None:
+            raise UserError(f"--config {path}: {key} must be {TYPE_NAMES[types[key]]}, got {value!r}")
+        if key == "preset" and value not in PRESETS:
+            raise UserError(f"--config {path}: preset must be one of {', '.join(PRESETS)}, got {value!r}")
+    return settings
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list of strings"}
+
+
+def as_type(value, kind):
+    """A value read from a config file as a Config field of type `kind`, or None where it does not fit.
+
+    An int is a fine float, and so is a string such as "3e-4" (YAML 1.1, PyYAML's, reads 3e-4 as a string).
+    """
+    if isinstance(value, bool) or kind is bool:  # bool is an int in Python, but not a number here
+        return value if isinstance(value, bool) and kind is bool else None
+    if kind is list:
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    if kind is float and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:  # a string that is no number
+            return None
+    return value if isinstance(value, kind) else None
+
+
 def parse_config(argv=None):
-    """Defaults, then the preset, then whatever was given on the command line."""
+    """Defaults, then the preset, then the --config file, then whatever was given on the command line."""
     given = vars(build_parser().parse_args(argv))
-    preset = given.get("preset", Config.preset)
-    values = {**PRESETS[preset], **given}
+    from_file = read_config_file(given["config"]) if given.get("config") else {}
+    preset = given.get("preset", from_file.get("preset", Config.preset))
+    values = {**PRESETS[preset], **from_file, **given}
     return Config(**values).validate()

@@ -95,7 +95,9 @@ def build(student_dir, eval_path=None):
              f"{config.get('hidden_size', config.get('dim', '?'))} hidden, "
              f"{config.get('num_hidden_layers', config.get('n_layers', '?'))} layers |",
              f"| schedule | {train.get('epochs', '?')} epochs, batch {train.get('batch_size', '?')}, lr "
-             f"{train.get('lr', '?')}, max length {train.get('max_length', '?')} tokens, seed {train.get('seed', '?')} |"]
+             f"{train.get('lr', '?')} ({train.get('scheduler', 'linear')} schedule, warm-up "
+             f"{train.get('warmup_ratio', '?')}), max length {train.get('max_length', '?')} tokens, seed "
+             f"{train.get('seed', '?')} |"]
     if best:
         lines.append(f"| best validation {metric} | {best[f'val_{metric}']:.4f} (epoch {best['epoch']} of "
                      f"{len(history)}) |")

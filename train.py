@@ -13,11 +13,11 @@ import time
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 import models
+import recipe
 import teacher_cache
 import utils
 from config import UserError
@@ -27,44 +27,20 @@ log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
-               "lr", "weight_decay", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs",
+               "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target_modules", "group_by_length", "kd_terms", "blank_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
 
-class EpochShuffle(Sampler):
-    """A fresh order each epoch, a pure function of (seed, epoch): resumable and the same on every process.
-
-    With lengths given, documents of similar length share a batch (sorted within megabatches of 50 batches,
-    then the batch order is shuffled), so dynamic padding pads little.
-    """
-
-    def __init__(self, n, seed, batch_size, lengths=None):
-        self.n, self.seed, self.batch_size, self.lengths, self.epoch = n, seed, batch_size, lengths, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        if self.lengths is None:
-            return iter(order)
-        mega = self.batch_size * 50
-        batches = []
-        for start in range(0, self.n, mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
-            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        return iter([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]])
-
-    def __len__(self):
-        return self.n
-
-
-def make_accelerator(cfg):
+def make_accelerator(cfg, track=False):
+    """With track, the --report-to tracker too (training only)."""
     if cfg.amp == "fp16" and not torch.cuda.is_available():
         raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU or --amp no")
-    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum)
+    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=cfg.report_to if track and cfg.report_to != "none" else None,
+                       project_dir=recipe.tracking_dir(cfg))
 
 
 def make_loader(task, split, cfg, shuffle):
@@ -72,7 +48,7 @@ def make_loader(task, split, cfg, shuffle):
     lengths = None
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
-    sampler = EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
     # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
     # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
@@ -182,7 +158,7 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, 
         **state,
     }
     utils.atomic_torch_save(utils.with_checksum(checkpoint), path)
-    utils.atomic_json(cfg.to_dict(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
+    utils.atomic_json(cfg.to_file(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
 
 
 def load_checkpoint(path, cfg, name):
@@ -204,7 +180,11 @@ def load_checkpoint(path, cfg, name):
 
 
 def save_best(task, model, out_dir, name):
-    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory."""
+    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory.
+
+    A LoRA model is saved with its adapters merged in: a plain model of its architecture.
+    """
+    model = recipe.merged(model)
     best = {"state_dict": model.state_dict(), "config": model.config.to_json_string()}
     utils.atomic_torch_save(utils.with_checksum(best), os.path.join(out_dir, f"{name}_model.pth"))
     utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))
@@ -252,19 +232,21 @@ def stop_requested(accelerator, sigterm):
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
     """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name.
 
-    Nothing in --output-dir is written before the first save; only weights that pass why_not_saveable() are saved.
+    Nothing in --output-dir is written before the first save but --report-to's files; only weights that pass
+    why_not_saveable() are saved.
     SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises Stopped.
     """
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, track=True)
     out_dir = cfg.output_dir
     criterion = task.make_loss(cfg, with_teacher=teacher is not None)  # -> {"total", and named terms}
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)  # with LoRA: the adapters and the head
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = recipe.make_scheduler(cfg, optimizer, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
@@ -278,7 +260,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
                 cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
 
-    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
+    state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
+             "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
     ckpt_path = checkpoint_path(out_dir, name)
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
     history = []  # this run's metrics rows; the file is rewritten whole at each epoch end
@@ -293,16 +276,19 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         state = {k: checkpoint[k] for k in state}
         history = [row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]]  # rest: redone
         last_good = good_checkpoint(cfg.checkpoint, state)
-        log.info("resumed from %s at epoch %d, step %d", cfg.checkpoint, state["epoch"] + 1,
-                 state["step_in_epoch"])
+        log.info("resumed from %s at epoch %d, step %d%s", cfg.checkpoint, state["epoch"] + 1,
+                 state["step_in_epoch"], state["stop_reason"] and f"; it had stopped ({state['stop_reason']})")
 
     def check_saveable(outputs_finite):
         problem = why_not_saveable(model, optimizer, outputs_finite)
         if problem:
             raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
+    recipe.start_tracking(accelerator, cfg, name)
     with utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
+            if state["stop_reason"]:  # stopped early, in this run or in the one it resumes
+                break
             model.train()
             train_loader.set_epoch(epoch)
             loader = train_loader
@@ -312,6 +298,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             bar = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", initial=state["step_in_epoch"],
                        total=len(train_loader), disable=not accelerator.is_main_process)
             for step, batch in enumerate(bar, start=state["step_in_epoch"]):
+                lr = scheduler.get_last_lr()[0]  # this step's
                 teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
                 with accelerator.accumulate(model):
                     logits = forward(model, batch)
@@ -332,8 +319,11 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 sums["seen"] += int(keep.sum())
                 sums["batches"] += 1
                 sums["docs"] += len(batch["labels"])
-                for k, value in losses.items():
-                    sums[k] = sums.get(k, 0.0) + value.item()
+                loss_values = {k: value.item() for k, value in losses.items()}
+                for k, value in loss_values.items():
+                    sums[k] = sums.get(k, 0.0) + value
+                accelerator.log({**{f"train/{k}": v for k, v in loss_values.items()}, "train/lr": lr},
+                                step=epoch * len(train_loader) + step + 1)
                 # Only right after an optimizer step: no half-accumulated gradients need saving.
                 if accelerator.sync_gradients:
                     stopping = stop_requested(accelerator, sigterm)
@@ -371,13 +361,22 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                    **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
             improved = row[f"val_{task.metric_name}"] > state["best"]
             state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
+            state["stop_reason"] = recipe.early_stopping(state["early_stopping"], row[f"val_{task.metric_name}"],
+                                                         cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+            if state["stop_reason"]:
+                row["stop_reason"] = state["stop_reason"]
             state["epoch"] = epoch + 1
             check_saveable(bool(torch.isfinite(logits.float()).all()))
             if accelerator.is_main_process:
                 log.info("epoch %d: loss %.4f (%s), train acc %.4f, val %s %.4f%s", epoch + 1, row["train_loss"],
                          ", ".join(f"{k} {row[f'train_{k}']:.4f}" for k in terms), row["train_accuracy"],
                          task.metric_name, row[f"val_{task.metric_name}"], " (best)" if improved else "")
+                if state["stop_reason"]:
+                    log.info("%s: stopped after epoch %d of %d, the best epoch's model is kept", state["stop_reason"],
+                             epoch + 1, cfg.epochs)
                 history.append(row)
+                accelerator.log({f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "metric_name")},
+                                step=(epoch + 1) * len(train_loader))
                 utils.write_jsonl(history, metrics_path)
                 if improved:
                     save_best(task, accelerator.unwrap_model(model), out_dir, name)
@@ -388,6 +387,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 raise stopped_by_sigterm(ckpt_path, state)
             clock = time.perf_counter()
 
+    accelerator.end_training()
     if accelerator.is_main_process:
         utils.plot_curves(history, os.path.join(out_dir, f"{name}_curves.png"))
     return state["best"]

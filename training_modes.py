@@ -7,6 +7,7 @@ from accelerate import PartialState
 
 import model_card
 import models
+import recipe
 import train
 import utils
 
@@ -33,7 +34,7 @@ def run_train(cfg, task):
 
 
 def run_teacher(cfg, task):
-    best = train.fit(cfg, task, task.teacher, task.teacher_logits, name="teacher")
+    best = train.fit(cfg, task, recipe.with_lora(cfg, task.teacher), task.teacher_logits, name="teacher")
     log.info("best validation %s of the teacher: %.4f; saved in %s (use it with --teacher %s)", task.metric_name,
              best, os.path.join(cfg.output_dir, "teacher"), os.path.join(cfg.output_dir, "teacher"))
     report_skipped(task)

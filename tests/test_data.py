@@ -66,7 +66,7 @@ def test_collator_pads_to_longest_in_batch_only():
 
 
 def test_length_grouped_order_is_a_seeded_permutation():
-    from train import EpochShuffle
+    from recipe import EpochShuffle
     lengths = list(np.random.default_rng(0).integers(5, 500, 200))
     sampler = EpochShuffle(200, seed=7, batch_size=8, lengths=lengths)
     sampler.set_epoch(3)

@@ -1,0 +1,123 @@
+"""The training recipe around the loop in train.py: data order, learning-rate schedule, early stopping, experiment
+tracking, LoRA."""
+import copy
+import json
+import logging
+import math
+import os
+
+import torch
+from torch.utils.data import Sampler
+from transformers import get_scheduler
+
+import models
+from config import UserError
+
+log = logging.getLogger("docdistill")
+
+
+class EpochShuffle(Sampler):
+    """A fresh order each epoch, a pure function of (seed, epoch): resumable and the same on every process.
+
+    With lengths given, documents of similar length share a batch (sorted within megabatches of 50 batches,
+    then the batch order is shuffled), so dynamic padding pads little.
+    """
+
+    def __init__(self, n, seed, batch_size, lengths=None):
+        self.n, self.seed, self.batch_size, self.lengths, self.epoch = n, seed, batch_size, lengths, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        mega = self.batch_size * 50
+        batches = []
+        for start in range(0, self.n, mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        return iter([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]])
+
+    def __len__(self):
+        return self.n
+
+
+# --scheduler -> transformers' schedule name; every one starts with a linear warm-up of --warmup-ratio
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def make_scheduler(cfg, optimizer, total_steps):
+    """--scheduler with a linear warm-up over the first --warmup-ratio of `total_steps` optimizer steps."""
+    return get_scheduler(SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def early_stopping(state, value, patience, min_delta):
+    """Count the epoch whose validation metric is `value`; return why training stops now, or "".
+
+    An epoch counts as an improvement when it beats the reference (the best value that was itself an improvement)
+    by more than min_delta; after `patience` epochs in a row without one, training stops. patience 0 = never.
+    `state` ({"reference", "waited"}) is updated in place and saved in the checkpoint, so a resume goes on counting.
+    """
+    if value > state["reference"] + min_delta:
+        state.update(reference=value, waited=0)
+        return ""
+    state["waited"] += 1
+    if patience and state["waited"] >= patience:
+        return (f"early stopping: no validation improvement over {state['reference']:.4f} by more than {min_delta} "
+                f"in {patience} epoch{'s' if patience > 1 else ''}")
+    return ""
+
+
+def early_stopping_start():
+    return {"reference": -math.inf, "waited": 0}
+
+
+def tracking_dir(cfg):
+    """Where --report-to's files go (Accelerate's project_dir; each tracker writes under it in a folder per run)."""
+    return os.path.join(cfg.output_dir, "tracking")
+
+
+def start_tracking(accelerator, cfg, name):
+    """--report-to: start the tracker's run `name` with the resolved config (lists as JSON: trackers take scalars).
+
+    Afterwards accelerator.log() writes to it; without a tracker it does nothing.
+    """
+    if cfg.report_to != "none":
+        accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
+                                                for k, v in cfg.to_dict().items()})
+
+
+# --lora-target-modules when not given, by config.model_type: the attention's query and value projections
+LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value"}
+HEAD = "classifier"  # the classification head of all of them: trained in full (peft's modules_to_save)
+
+
+def with_lora(cfg, model):
+    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full."""
+    if not cfg.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+    targets = cfg.lora_target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "
+                        f"layers, e.g. --lora-target-modules query,value")
+    heads = [HEAD] if hasattr(model, HEAD) else []
+    total = models.count_parameters(model)
+    try:
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets.split(","), modules_to_save=heads))
+    except ValueError as e:  # target modules not found in the model
+        raise UserError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from e
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %s, %s trained in full: %.3fM parameters trainable, %.2f%% of the model's %.2fM",
+             cfg.lora_r, targets, "+".join(heads) or "no head", trainable / 1e6, 100 * trainable / total, total / 1e6)
+    return model
+
+
+def merged(model):
+    """A plain copy of a LoRA model, adapters merged into its weights (what is saved); any other model as it is."""
+    return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -1,0 +1,287 @@
+"""The training recipe: --scheduler, early stopping, --config files, --report-to tensorboard, LoRA for the teacher."""
+import glob
+import json
+import logging
+import re
+import struct
+
+import pytest
+import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+import models
+import recipe
+from config import Config, UserError, parse_config
+
+
+def lrs(scheduler, steps):
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return values
+
+
+def optimizer():
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+
+
+@pytest.mark.parametrize("name, reference", [("cosine", get_cosine_schedule_with_warmup),
+                                             ("linear", get_linear_schedule_with_warmup)])
+def test_scheduler_matches_transformers(name, reference):
+    ours = lrs(recipe.make_scheduler(Config(scheduler=name, warmup_ratio=0.2), optimizer(), 50), 50)
+    theirs = lrs(reference(optimizer(), num_warmup_steps=10, num_training_steps=50), 50)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[0] == 0 and ours[10] == pytest.approx(1e-3) and ours[-1] < 3e-5
+
+
+def test_constant_scheduler_warms_up_then_stays():
+    values = lrs(recipe.make_scheduler(Config(scheduler="constant", warmup_ratio=0.1), optimizer(), 40), 40)
+    assert values[:4] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4])
+    assert values[4:] == pytest.approx([1e-3] * 36)
+
+
+def test_cosine_midpoint_is_half_the_peak():
+    values = lrs(recipe.make_scheduler(Config(scheduler="cosine", warmup_ratio=0.0), optimizer(), 100), 100)
+    assert values[50] == pytest.approx(5e-4)
+
+
+def run_early_stopping(values, patience, min_delta):
+    """The epoch (1-based) at which training stops on this validation sequence, and why; (None, "") if it never does."""
+    state = recipe.early_stopping_start()
+    for epoch, value in enumerate(values, start=1):
+        reason = recipe.early_stopping(state, value, patience, min_delta)
+        if reason:
+            return epoch, reason
+    return None, ""
+
+
+@pytest.mark.parametrize("values, patience, min_delta, stop", [
+    ([0.1, 0.2, 0.3, 0.3, 0.3], 2, 0.0, 5),        # two epochs in a row without a rise
+    ([0.1, 0.2, 0.2, 0.3, 0.3, 0.3], 2, 0.0, 6),   # a rise resets the count
+    ([0.1, 0.2, 0.15, 0.18, 0.19], 3, 0.0, 5),     # below the best is no improvement, however it moves
+    ([0.5, 0.505, 0.51, 0.514], 2, 0.01, 3),       # rises of at most min_delta do not count...
+    ([0.5, 0.505, 0.509, 0.5101], 3, 0.01, None),  # ...but measured from the last real improvement, they add up
+    ([0.1, 0.1, 0.1, 0.1], 0, 0.0, None),          # patience 0: off
+])
+def test_early_stopping_stops_at_the_right_epoch(values, patience, min_delta, stop):
+    epoch, reason = run_early_stopping(values, patience, min_delta)
+    assert epoch == stop
+    assert (f"in {patience} epoch" in reason) == (stop is not None)
+
+
+TINY = ["--preset", "demo", "--alpha", "0", "--student-size", "small", "--max-length", "16", "--batch-size", "8",
+        "--max-samples", "8", "--student-image-size", "32", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_demo, tmp_path_factory):
+    """A tiny run that stops early: no epoch can beat the first by more than 1, so patience 1 ends it at epoch 2.
+
+    Its early-stopping settings and tracker come from a YAML --config file, the rest from the command line.
+    """
+    root = tmp_path_factory.mktemp("recipe")
+    (root / "recipe.yaml").write_text("early-stopping-patience: 1\nearly_stopping_min_delta: 1\nscheduler: cosine\n"
+                                      "report-to: tensorboard\n")
+    code, log = run_logged("--mode", "train", *TINY, "--dataset", tiny_demo, "--cache-dir", root / "cache",
+                           "--output-dir", root / "run", "--config", root / "recipe.yaml")
+    assert code == 0, log
+    return root / "run", log
+
+
+def run_logged(*argv):
+    """main.main(argv) in this process (no second start-up of torch and transformers): exit code and log text."""
+    import main
+    lines, handler, logger = [], logging.Handler(), logging.getLogger("docdistill")
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return main.main([str(a) for a in argv]), "\n".join(lines)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_run):
+    out, log = stopped_run
+    assert "stopped after epoch 2 of 3" in log
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and "stop_reason" not in rows[0]
+    assert rows[1]["stop_reason"].startswith("early stopping: no validation improvement")
+    ckpt = torch.load(out / "latest_checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["stop_reason"] == rows[1]["stop_reason"]
+    written = json.load(open(out / "train_config.json"))
+    assert (written["scheduler"], written["early_stopping_patience"], written["max_samples"]) == ("cosine", 1, 8)
+    # the written config alone repeats the run's settings: the checkpoint's fingerprint matches
+    code, log = run_logged("--config", out / "train_config.json", "--checkpoint", out / "latest_checkpoint.pth")
+    assert code == 0, log
+    assert "it had stopped (early stopping" in log
+    assert len(open(out / "student_metrics.jsonl").readlines()) == 2
+    assert torch.load(out / "latest_checkpoint.pth", weights_only=True)["epoch"] == 2  # no third epoch
+
+
+def test_config_file_round_trip(tmp_path):
+    checkpoint = tmp_path / "teacher_checkpoint.pth"
+    checkpoint.write_bytes(b"")
+    cfg = parse_config(["--preset", "demo", "--mode", "teacher", "--lr", "1e-4", "--scheduler", "cosine",
+                        "--input", "a.png", "b.pdf", "--no-group-by-length", "--early-stopping-patience", "2",
+                        "--checkpoint", str(checkpoint), "--overwrite"])
+    path = tmp_path / "teacher_config.json"
+    path.write_text(json.dumps(cfg.to_file()))  # as training writes it
+    again = parse_config(["--config", str(path)]).to_dict()
+    assert again == {**cfg.to_dict(), "config": str(path), "checkpoint": "", "overwrite": False}
+
+
+def test_config_file_precedence(tmp_path):
+    """defaults < preset < config file < command line; YAML keys may be spelled like the flags."""
+    path = tmp_path / "settings.yaml"
+    path.write_text("preset: demo\nbatch-size: 4\nlr: 1\nwarmup_ratio: 0\ntemperature: 2e-1\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.02"])
+    assert (cfg.lr, cfg.batch_size, cfg.warmup_ratio, cfg.temperature) == (0.02, 4, 0.0, 0.2)  # command line, file
+    assert (cfg.student_image_size, cfg.alpha) == (112, 0.7)  # the file's preset, then the defaults
+    assert parse_config(["--config", str(path), "--preset", "rvlcdip"]).student_image_size == 224
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"batch_size": 4, "bach_size": 8}', "unknown setting bach_size (the keys are the flags' names"),
+    ('{"epochs": "3"}', "epochs must be an integer, got '3'"),
+    ('{"lr": true}', "lr must be a number, got True"),
+    ('{"lr": "fast"}', "lr must be a number, got 'fast'"),
+    ('{"preset": "nope"}', "preset must be one of"),
+    ('[1, 2]', "must hold a mapping"),
+    ('{"lr": ', "is not valid JSON"),
+    ('lr: [1', "is not valid YAML"),
+])
+def test_bad_config_file_is_one_line_error(tmp_path, capsys, text, message):
+    import main
+    path = tmp_path / ("bad.yaml" if "YAML" in message else "bad.json")
+    path.write_text(text)
+    assert main.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {path}") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--early-stopping-patience", "-1"], "--early-stopping-patience must be >= 0, got -1"),
+    (["--early-stopping-min-delta", "-0.1"], "--early-stopping-min-delta must be >= 0, got -0.1"),
+    (["--early-stopping-min-delta", "inf"], "--early-stopping-min-delta must be a finite number, got inf"),
+])
+def test_recipe_flag_bounds(flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_config(flags)
+
+
+def test_config_file_values_are_validated_like_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"scheduler": "step"}')
+    with pytest.raises(UserError, match="--scheduler must be one of linear, cosine, constant, got 'step'"):
+        parse_config(["--config", str(path)])
+
+
+def tensorboard_scalars(run_dir):
+    """{tag: [(step, value)]} from the TensorBoard event files in run_dir (TFRecord: length, CRC, event, CRC)."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in glob.glob(f"{run_dir}/events.out.tfevents.*"):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            size, = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + size])
+            at += 12 + size + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_tracker_writes_config_steps_and_epochs(stopped_run):
+    out, _ = stopped_run
+    scalars = tensorboard_scalars(out / "tracking" / "student")
+    assert [step for step, _ in scalars["train/total"]] == [1, 2]  # one step per epoch: 8 documents, batch 8
+    assert [step for step, _ in scalars["epoch/val_accuracy"]] == [1, 2]
+    assert {"train/ce", "train/kd", "train/lr", "epoch/train_loss", "epoch/val_macro_f1"} <= set(scalars)
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [value for _, value in scalars["epoch/train_loss"]] == pytest.approx([r["train_loss"] for r in rows])
+    # each step's own rate: 3 steps in all, so no warm-up (10% of 3 rounds to 0), cosine from the peak, 3e-4
+    assert [value for _, value in scalars["train/lr"]] == pytest.approx([3e-4, 3e-4 * 0.75])
+    hparams = glob.glob(str(out / "tracking" / "student" / "*" / "hparams.yml"))  # one per start (and resume)
+    assert hparams and all("early_stopping_patience: 1" in open(path).read() for path in hparams)
+
+
+def tiny_beit(labels=3):
+    from transformers import BeitConfig, BeitForImageClassification
+    torch.manual_seed(0)
+    return BeitForImageClassification(BeitConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
+                                                 num_labels=labels))
+
+
+def test_lora_trains_only_the_adapters_and_the_head_and_saves_a_plain_model(tmp_path):
+    from transformers import AutoModelForImageClassification
+    model = recipe.with_lora(Config(mode="teacher", lora_r=4), tiny_beit())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):  # LoRA's B starts at 0: A gets a gradient from the second step on
+        torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+    assert any("classifier.modules_to_save" in k for k in changed)
+    assert all("lora_" in k or "modules_to_save" in k for k in changed)
+
+    model.eval()
+    resumed = recipe.with_lora(Config(mode="teacher", lora_r=4), tiny_beit())  # what a resume loads the checkpoint in
+    models.load_student_weights(resumed, model.state_dict(), "checkpoint")  # strict: every tensor, nothing else
+    with torch.no_grad():
+        assert torch.equal(resumed.eval()(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+    plain = recipe.merged(model)  # what save_best writes
+    assert type(plain).__name__ == "BeitForImageClassification" and hasattr(model, "merge_and_unload")  # a copy
+    plain.save_pretrained(tmp_path / "teacher")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "teacher").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits, atol=1e-5)
+
+
+def test_lora_default_targets_per_architecture_and_errors():
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, LayoutLMv3Config,
+                              LayoutLMv3ForSequenceClassification, LayoutLMv3ForTokenClassification, ViTConfig,
+                              ViTForImageClassification)
+    cfg = Config(mode="teacher", lora_r=2)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    for model in (LayoutLMv3ForSequenceClassification(LayoutLMv3Config(**small)),
+                  LayoutLMv3ForTokenClassification(LayoutLMv3Config(**small)),
+                  ViTForImageClassification(ViTConfig(**small, image_size=32))):
+        names = [n for n, p in recipe.with_lora(cfg, model).named_parameters() if p.requires_grad]
+        assert any("lora_A" in n for n in names) and any("classifier.modules_to_save" in n for n in names)
+    with pytest.raises(UserError, match="no default --lora-target-modules for a distilbert model"):
+        recipe.with_lora(cfg, DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2,
+                                                                                   hidden_dim=32)))
+    with pytest.raises(UserError, match="--lora-target-modules nope: .*"):
+        recipe.with_lora(Config(mode="teacher", lora_r=2, lora_target_modules="nope"), tiny_beit())
+    with pytest.raises(UserError, match="--lora-r is for --mode teacher"):
+        parse_config(["--mode", "train", "--lora-r", "4"])
+
+
+def test_lora_teacher_run_saves_a_merged_teacher_and_resumes(tiny_demo, tmp_path):
+    from transformers import AutoModelForImageClassification, BeitImageProcessor
+    source = tmp_path / "tiny-dit"
+    tiny_beit().save_pretrained(source)
+    BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(source)
+    args = ["--mode", "teacher", *TINY, "--epochs", "2", "--teacher", source, "--lora-r", "4", "--dataset", tiny_demo,
+            "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "t"]
+    code, log = run_logged(*args)
+    assert code == 0, log
+    assert "LoRA rank 4 on q_proj,v_proj, classifier trained in full: 0.0" in log
+    checkpoint = torch.load(tmp_path / "t" / "teacher_checkpoint.pth", weights_only=True)
+    assert any("lora_A" in k for k in checkpoint["model"]) and checkpoint["epoch"] == 2
+    best = torch.load(tmp_path / "t" / "teacher_model.pth", weights_only=True)["state_dict"]
+    assert not any("lora" in k or "modules_to_save" in k for k in best)  # merged: a plain BEiT
+    assert set(best) == set(AutoModelForImageClassification.from_pretrained(tmp_path / "t" / "teacher").state_dict())
+    code, log = run_logged(*args, "--checkpoint", tmp_path / "t" / "teacher_checkpoint.pth")
+    assert code == 0 and "resumed from" in log, log
