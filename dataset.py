@@ -182,18 +182,23 @@ def load_documents(cfg):
     return datasets.DatasetDict(out), labels
 
 
+def unlabeled_split(data, cfg):
+    """The split of --unlabeled's source (DatasetDict) that joins training: 'train', or its only split; at most
+    cfg.max_samples documents."""
+    name = "train" if "train" in data else next(iter(data)) if len(data) == 1 else None
+    if name is None:
+        raise UserError(f"--unlabeled {cfg.unlabeled}: it has splits {', '.join(data)} and none is 'train': give "
+                        f"a source whose documents are all meant for training")
+    return select_samples(data[name], cfg.max_samples, cfg.seed)
+
+
 def load_unlabeled(cfg):
     """The documents of --unlabeled (its 'train' split, or its only one), with their labels, if any, removed.
 
     Each gets label IGNORE_INDEX: in training it adds only the distillation term (see losses.py).
     """
-    data = load_source(cfg.unlabeled, cfg.cache_dir)
-    name = "train" if "train" in data else next(iter(data)) if len(data) == 1 else None
-    if name is None:
-        raise UserError(f"--unlabeled {cfg.unlabeled}: it has splits {', '.join(data)} and none is 'train': give "
-                        f"a source whose documents are all meant for training")
-    split = data[name].remove_columns([c for c in ("label", "category") if c in data[name].column_names])
-    split = select_samples(split, cfg.max_samples, cfg.seed)
+    split = unlabeled_split(load_source(cfg.unlabeled, cfg.cache_dir), cfg)
+    split = split.remove_columns([c for c in ("label", "category") if c in split.column_names])
     if "ocr_words" not in split.column_names:
         import ocr
         split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled")

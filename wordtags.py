@@ -26,12 +26,13 @@ PREP_VERSION = "2"  # bump when the preprocessed forms change, so old caches are
 
 
 def features(tags):
-    """Raw forms; boxes are not cast to 4 numbers, so a form with a bad box is reported, not a cast error."""
+    """Raw forms; boxes are not cast to 4 numbers, so a form with a bad box is reported, not a cast error.
+    tags None: unlabelled forms, whose ner_tags are all IGNORE_INDEX (untag)."""
     return datasets.Features({
         "id": datasets.Value("string"), "image": datasets.Image(),
         "words": datasets.Sequence(datasets.Value("string")),
         "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-        "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tags)),
+        "ner_tags": datasets.Sequence(datasets.ClassLabel(names=tags) if tags else datasets.Value("int64")),
         "problem": datasets.Value("string"),  # why the form cannot be used (found while loading), "" when it can
     })
 
@@ -135,13 +136,30 @@ def funsd_form(annotation_path, image_path):
             "ner_tags": [FUNSD_TAGS.index(t) for t in tags], "problem": ""}
 
 
-def from_hub_layout(data):
-    """The hub's token-classification layout (nielsr/funsd-layoutlmv3: tokens, bboxes 0-1000, ner_tags, image)."""
+def from_hub_layout(data, tagged=True):
+    """The hub's token-classification layout (nielsr/funsd-layoutlmv3: tokens, bboxes 0-1000, ner_tags, image).
+
+    tagged False (--unlabeled): ner_tags may be absent; whatever is there is replaced by IGNORE_INDEX."""
     first = next(iter(data.values()))
-    missing = {"tokens", "bboxes", "ner_tags", "image"} - set(first.column_names)
+    required = ["tokens", "bboxes", "ner_tags", "image"] if tagged else ["tokens", "bboxes", "image"]
+    missing = set(required) - set(first.column_names)
     if missing:
-        raise UserError(f"token-classification data needs the columns tokens, bboxes, ner_tags and image "
+        raise UserError(f"token-classification data needs the columns {', '.join(required)} "
                         f"(missing {', '.join(sorted(missing))}), or the original FUNSD folder layout")
+    tags = hub_tags(first) if tagged else None
+    out = {}
+    for name, split in data.items():
+        if "id" not in split.column_names:
+            split = split.add_column("id", [str(i) for i in range(len(split))])
+        split = split.rename_columns({"tokens": "words", "bboxes": "boxes"})
+        split = split.add_column("problem", [""] * len(split))  # forms are checked while preprocessing
+        split = split if tagged else untag(split)
+        out[name] = split.select_columns(list(features(tags))).cast(features(tags))
+    return datasets.DatasetDict(out), tags
+
+
+def hub_tags(first):
+    """The BIO tag names of the hub layout's ner_tags (a sequence of ClassLabel)."""
     tag_feature = getattr(first.features["ner_tags"], "feature", None)
     if not isinstance(tag_feature, datasets.ClassLabel):
         raise UserError("ner_tags must be a sequence of ClassLabel with the BIO tag names (O, B-X, I-X): cast it "
@@ -150,26 +168,36 @@ def from_hub_layout(data):
     bad = [t for t in tags if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
     if bad:
         raise UserError(f"ner_tags must be BIO tags (O, B-X, I-X); got {bad}")
-    out = {}
-    for name, split in data.items():
-        if "id" not in split.column_names:
-            split = split.add_column("id", [str(i) for i in range(len(split))])
-        split = split.rename_columns({"tokens": "words", "bboxes": "boxes"})
-        split = split.add_column("problem", [""] * len(split))  # forms are checked while preprocessing
-        out[name] = split.select_columns(list(features(tags))).cast(features(tags))
-    return datasets.DatasetDict(out), tags
+    return tags
+
+
+def untag(split):
+    """The forms with every word's tag IGNORE_INDEX: unlabelled, so their tags (if any) are never read."""
+    split = split.remove_columns([c for c in ("ner_tags",) if c in split.column_names])
+    return split.add_column("ner_tags", [[IGNORE_INDEX] * len(words) for words in split["words"]],
+                            feature=datasets.Sequence(datasets.Value("int64")))
+
+
+def load_word_source(source, cache_dir, tagged=True):
+    """Raw forms (DatasetDict) and the tag names (None where not tagged) from a FUNSD folder or the hub layout."""
+    root = funsd_root(source) if os.path.isdir(source) else None
+    if root:
+        return load_funsd_folder(root), FUNSD_TAGS if tagged else None
+    return from_hub_layout(dataset.load_source(source, cache_dir), tagged)
 
 
 def load_word_documents(cfg):
     """Raw forms (DatasetDict) and the tag names, with a validation split and at most cfg.max_samples each."""
-    root = funsd_root(cfg.dataset) if os.path.isdir(cfg.dataset) else None
-    if root:
-        data, tags = load_funsd_folder(root), FUNSD_TAGS
-    else:
-        data, tags = from_hub_layout(dataset.load_source(cfg.dataset, cfg.cache_dir))
+    data, tags = load_word_source(cfg.dataset, cfg.cache_dir)
     data = dataset.ensure_splits(data, cfg)
     return datasets.DatasetDict({name: dataset.select_samples(split, cfg.max_samples, cfg.seed)
                                  for name, split in data.items()}), tags
+
+
+def load_unlabeled_words(cfg):
+    """The forms of --unlabeled (its 'train' split, or its only one), every tag IGNORE_INDEX: in training they
+    add only the distillation term, over their words (see losses.py and WordCollator)."""
+    return untag(dataset.unlabeled_split(load_word_source(cfg.unlabeled, cfg.cache_dir, tagged=False)[0], cfg))
 
 
 # ----------------------------------------------------------------------------- alignment and preprocessing
@@ -193,8 +221,10 @@ def first_subtokens(word_ids, n_words):
     return positions
 
 
-def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_length, cache_dir, desc):
-    """Tokenise every form for the student (words) and the teacher (words, boxes, page); cached on disk."""
+def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_length, cache_dir, desc, index_offset=0):
+    """Tokenise every form for the student (words) and the teacher (words, boxes, page); cached on disk.
+
+    index_offset shifts the `index` column (unlabelled forms are numbered after the labelled ones)."""
     height, width = teacher_spec["size"]
     features = datasets.Features({
         "index": datasets.Value("int64"), "ner_tags": datasets.Sequence(datasets.Value("int16")),
@@ -224,7 +254,7 @@ def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_leng
         pos = [first_subtokens(student.word_ids(i), len(w)) for i, w in enumerate(words)]
         teacher_pos = [first_subtokens(teacher.word_ids(i), len(w)) for i, w in enumerate(words)]
         return {
-            "index": indices, "ner_tags": tags, "input_ids": student["input_ids"], "word_pos": pos,
+            "index": [i + index_offset for i in indices], "ner_tags": tags, "input_ids": student["input_ids"], "word_pos": pos,
             "teacher_input_ids": teacher["input_ids"], "bbox": teacher["bbox"], "teacher_word_pos": teacher_pos,
             "teacher_pixels": [dataset.resize_page(page, teacher_spec) for page in pages],
             "n_words": [len(w) for w in words],
@@ -236,7 +266,8 @@ def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_leng
     key = dataset.preprocess_key(split, task="words", words_version=PREP_VERSION,
                                  tokenizer=dataset.tokenizer_fingerprint(tokenizer),
                                  teacher_tokenizer=dataset.tokenizer_fingerprint(teacher_tokenizer),
-                                 max_length=max_length, teacher=teacher_spec)
+                                 max_length=max_length, teacher=teacher_spec,
+                                 **({"index_offset": index_offset} if index_offset else {}))
     split = split.cast_column("image", datasets.Image(decode=False))  # opened one by one, so a bad file is caught
     return dataset.cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
 
@@ -258,7 +289,9 @@ class WordCollator:
     """Pads both token sequences and the word axis to the batch's longest.
 
     labels [B, W] are IGNORE_INDEX at padding words and at words either model has no token for, so those
-    words are in neither the loss nor the metrics.
+    words are in neither the loss nor the metrics. positions [B, W] are the other words, the ones both models
+    read; labeled [B] is False for an unlabelled form (--unlabeled: every tag IGNORE_INDEX), which the loss
+    then teaches at its positions by the KD term alone.
     """
 
     def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec):
@@ -272,12 +305,13 @@ class WordCollator:
         labels = torch.full((len(docs), n_words), IGNORE_INDEX, dtype=torch.long)
         word_pos = torch.zeros((len(docs), n_words), dtype=torch.long)
         teacher_word_pos = torch.zeros((len(docs), n_words), dtype=torch.long)
+        positions = torch.zeros((len(docs), n_words), dtype=torch.bool)
         for i, d in enumerate(docs):
             bbox[i, :len(d["bbox"])] = torch.as_tensor(d["bbox"])
             pos, teacher_pos = torch.as_tensor(d["word_pos"]).long(), torch.as_tensor(d["teacher_word_pos"]).long()
             n = len(pos)
-            labels[i, :n] = torch.where((pos >= 0) & (teacher_pos >= 0), torch.as_tensor(d["ner_tags"]).long(),
-                                        IGNORE_INDEX)
+            positions[i, :n] = (pos >= 0) & (teacher_pos >= 0)
+            labels[i, :n] = torch.where(positions[i, :n], torch.as_tensor(d["ner_tags"]).long(), IGNORE_INDEX)
             word_pos[i, :n] = pos.clamp(min=0)  # dropped words read position 0; their label masks them
             teacher_word_pos[i, :n] = teacher_pos.clamp(min=0)
         return {
@@ -286,7 +320,9 @@ class WordCollator:
             "teacher_word_pos": teacher_word_pos,
             "pixel_values": dataset.normalize_pixels(torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]),
                                                      self.teacher_spec),
-            "labels": labels, "index": torch.tensor([int(d["index"]) for d in docs]),
+            "labels": labels, "positions": positions,
+            "labeled": torch.tensor([not bool((torch.as_tensor(d["ner_tags"]) == IGNORE_INDEX).any()) for d in docs]),
+            "index": torch.tensor([int(d["index"]) for d in docs]),
         }
 
 
@@ -318,8 +354,8 @@ def tag_metrics(preds, labels, tags):
 def describe(split, prepared, tags):
     """Statistics `info` prints and training logs: forms, tags, words, and the words no model can score."""
     usable = prepared.with_format(None)
-    counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in usable["ner_tags"]]),
-                         minlength=len(tags))
+    ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in usable["ner_tags"]])
+    counts = np.bincount(ids[ids != IGNORE_INDEX], minlength=len(tags))  # unlabelled forms: no tags
     words = np.asarray(usable["n_words"])
     dropped = np.asarray(usable["dropped_words"])
     return {

@@ -152,3 +152,85 @@ def test_student_sizes_are_named_in_one_place():
     for shapes in models.STUDENT_SIZES.values():
         lm = shapes["layoutlmv3"]
         assert 4 * lm["coordinate_size"] + 2 * lm["shape_size"] == lm["hidden_size"]
+
+
+# ----------------------------------------------------------------------------- token classification (word tags)
+
+def word_batch():
+    """A labelled form and an unlabelled one (every tag IGNORE_INDEX) as WordCollator batches them. Word 3 of
+    the labelled form and word 1 of the unlabelled one have no teacher token (truncated); the unlabelled form's
+    word 3 is padding."""
+    import wordtags
+    pixels = np.zeros((3, 4, 4), np.uint8)
+    docs = [dict(index=0, ner_tags=[1, 2, 0, 3], input_ids=[2, 5, 6, 7, 8, 9, 3], word_pos=[1, 2, 4, 5],
+                 teacher_input_ids=[0, 5, 6, 7, 2], bbox=[[0, 0, 0, 0]] + [[1, 2, 3, 4]] * 3 + [[0, 0, 0, 0]],
+                 teacher_word_pos=[1, 2, 3, -1], teacher_pixels=pixels),
+            dict(index=7, ner_tags=[IGNORE_INDEX] * 3, input_ids=[2, 5, 6, 7, 3], word_pos=[1, 2, 3],
+                 teacher_input_ids=[0, 9, 10, 2], bbox=[[0, 0, 0, 0]] + [[5, 6, 7, 8]] * 2 + [[0, 0, 0, 0]],
+                 teacher_word_pos=[1, -1, 2], teacher_pixels=pixels)]
+    spec = {"size": [4, 4], "resample": 2, "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}
+    return wordtags.WordCollator(0, 1, spec)(docs)
+
+
+def test_unlabelled_form_adds_only_the_kd_term_over_its_real_words():
+    import wordtags
+    batch = word_batch()
+    assert batch["labeled"].tolist() == [True, False]
+    assert batch["positions"].tolist() == [[True, True, True, False], [True, False, True, False]]
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 4
+    g = torch.Generator().manual_seed(3)
+    C, T, alpha, w = 7, 2.0, 0.6, 0.5
+    student_tokens = torch.randn(2, 7, C, generator=g) * 2
+    teacher_tokens = torch.randn(2, 5, C, generator=g) * 2
+
+    def loss(s, t, weight=w, a=alpha):
+        return DistillationLoss(T, a, weight)(wordtags.at_words(s, batch["word_pos"]),
+                                              wordtags.at_words(t, batch["teacher_word_pos"]), batch)
+
+    out = loss(student_tokens, teacher_tokens)
+    # by hand, in float64: (form, student position, teacher position, tag or None for unlabelled) of every word
+    # both models read; the unlabelled form's KL weighted w, the KD averaged over all 5 words, the CE over 3
+    words = [(0, 1, 1, 1), (0, 2, 2, 2), (0, 4, 3, 0), (1, 1, 1, None), (1, 3, 2, None)]
+    kl_sum = ce_sum = 0.0
+    for b, s_pos, t_pos, tag in words:
+        s, t = student_tokens[b, s_pos].double(), teacher_tokens[b, t_pos].double()
+        p_t, log_p_s = torch.softmax(t / T, -1), torch.log_softmax(s / T, -1)
+        kl = float((p_t * (torch.log(p_t) - log_p_s)).sum())
+        kl_sum += kl if tag is not None else w * kl
+        ce_sum += float(-torch.log_softmax(s, -1)[tag]) if tag is not None else 0.0
+    kd, ce = T * T * kl_sum / len(words), ce_sum / 3
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5) and out["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert out["total"].item() == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-5)
+    # the unlabelled form's dropped word, padding and later sub-tokens do not count
+    noisy_student, noisy_teacher = student_tokens.clone(), teacher_tokens.clone()
+    noisy_student[1, [0, 2, 4]] = 1e3
+    noisy_teacher[1, 3:] = -1e3
+    assert loss(noisy_student, noisy_teacher)["total"].item() == pytest.approx(out["total"].item(), rel=1e-6)
+    # with alpha 1 (KD alone) the unlabelled form's gradient is at its two words only; with weight 0 it is none
+    for weight, expected in ((w, [1, 3]), (0.0, [])):
+        s = student_tokens.clone().requires_grad_()
+        loss(s, teacher_tokens, weight, 1.0)["total"].backward()
+        assert [p for p in range(7) if s.grad[1, p].abs().sum() > 0] == expected
+
+
+@pytest.mark.parametrize("with_tags", [True, False])
+def test_untagged_hub_layout_forms(tmp_path, with_tags):
+    """An unlabelled source in the hub layout: its tags, present (any numbers) or absent, become IGNORE_INDEX."""
+    import wordtags
+    rows = unlabelled_forms(tmp_path, 2, with_tags)
+    data, tags = wordtags.from_hub_layout(rows, tagged=False)
+    assert tags is None and data["train"]["ner_tags"] == [[IGNORE_INDEX] * len(w) for w in data["train"]["words"]]
+
+
+def unlabelled_forms(tmp_path, n, with_tags=True):
+    """n forms in the hub layout (one split), drawn like test_token_classification's, tagged 99 (no such tag)."""
+    import datasets
+    import wordtags
+    from test_token_classification import write_funsd
+    folder = wordtags.load_funsd_folder(write_funsd(tmp_path / "pool-source", forms_per_split=n))["train"]
+    columns = {"id": [f"u{i}" for i in range(n)], "tokens": folder["words"], "bboxes": folder["boxes"],
+               "image": folder["image"]}
+    if with_tags:
+        columns["ner_tags"] = [[99] * len(w) for w in folder["words"]]
+    return datasets.DatasetDict(train=datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image()))
+
