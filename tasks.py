@@ -86,19 +86,9 @@ class DocumentClassification:
         models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
         teacher_spec = dataset.image_spec(teacher_processor)
-        self.splits = {
-            name: dataset.drop_bad_documents(
-                dataset.preprocess_classification(split, self.tokenizer, student_spec, teacher_spec, cfg.max_length,
-                                                  cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
-            for name, split in documents.items()}
         self.documents = documents
-        if cfg.unlabeled:  # unlabelled documents join the training split, numbered after its documents
-            self.documents["unlabeled"] = dataset.load_unlabeled(cfg)
-            self.unlabeled = dataset.drop_bad_documents(dataset.preprocess_classification(
-                self.documents["unlabeled"], self.tokenizer, student_spec, teacher_spec, cfg.max_length,
-                cfg.cache_dir, desc="preprocess unlabeled", index_offset=len(documents[cfg.train_split])),
-                "unlabeled", cfg.on_bad_sample)
-            self.splits[cfg.train_split] = add_unlabeled(self.splits[cfg.train_split], self.unlabeled)
+        prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
+            split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
@@ -115,9 +105,7 @@ class DocumentClassification:
                        pixel_values=batch["pixel_values"]).logits
 
     def describe(self, name):
-        if name == "unlabeled":
-            return dataset.describe(self.documents[name], self.unlabeled, self.data_labels)
-        return dataset.describe(self.documents[name], labelled_part(self, name), self.data_labels)
+        return dataset.describe(self.documents[name], prepared_part(self, name), self.data_labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
@@ -163,9 +151,6 @@ class TokenClassification:
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
-        if cfg.unlabeled:
-            raise UserError("--unlabeled is implemented for sequence-classification; token-classification does not "
-                            "take unlabelled documents yet")
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
@@ -185,11 +170,8 @@ class TokenClassification:
             vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
         models.check_max_length(cfg.max_length, self.student.config, "student")
         spec = dataset.image_spec(self.teacher_processor)
-        self.splits = {
-            name: dataset.drop_bad_documents(
-                wordtags.preprocess_words(split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length,
-                                          cfg.cache_dir, desc=f"preprocess {name}"), name, cfg.on_bad_sample)
-            for name, split in self.documents.items()}
+        prepare_splits(self, wordtags.load_unlabeled_words, lambda split, **kw: wordtags.preprocess_words(
+            split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, wordtags.WordCollator(self.tokenizer.pad_token_id,
                                                                self.teacher_tokenizer.pad_token_id, spec))
 
@@ -203,7 +185,7 @@ class TokenClassification:
         return wordtags.at_words(logits, batch["word_pos"])
 
     def describe(self, name):
-        return wordtags.describe(self.documents[name], self.splits[name], self.data_labels)
+        return wordtags.describe(self.documents[name], prepared_part(self, name), self.data_labels)
 
     def show(self, index):
         sample = self.documents[self.cfg.train_split][index]
@@ -242,16 +224,40 @@ def use_model_labels(task, model_labels):
     task.label_map = ids
 
 
+def prepare_splits(task, load_unlabeled, preprocess):
+    """task.splits: every split of task.documents preprocessed, unusable documents handled by --on-bad-sample.
+
+    With --unlabeled, load_unlabeled(cfg)'s documents (task.documents["unlabeled"], prepared: task.unlabeled)
+    join the training split, numbered after its documents, so the teacher-logit cache holds a row for each.
+    preprocess(split, desc=..., index_offset=...) -> the split preprocessed (cached), every row kept.
+    """
+    cfg = task.cfg
+
+    def prepare(split, name, index_offset=0):
+        return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset),
+                                          name, cfg.on_bad_sample)
+
+    task.splits = {name: prepare(split, name) for name, split in task.documents.items()}
+    task.unlabeled = None
+    if cfg.unlabeled:
+        task.documents["unlabeled"] = load_unlabeled(cfg)
+        task.unlabeled = prepare(task.documents["unlabeled"], "unlabeled", len(task.documents[cfg.train_split]))
+        task.splits[cfg.train_split] = add_unlabeled(task.splits[cfg.train_split], task.unlabeled)
+
+
 def add_unlabeled(labelled, unlabeled):
     """The training split with the unlabelled documents after its own (the sampler shuffles them together)."""
     import datasets
     return datasets.concatenate_datasets([labelled.with_format(None), unlabeled.with_format(None)]).with_format("torch")
 
 
-def labelled_part(task, name):
-    """A split without the unlabelled documents that joined it (they come last)."""
+def prepared_part(task, name):
+    """The usable, preprocessed documents of task.documents[name]: the unlabelled ones for "unlabeled", and a
+    split without the unlabelled documents that joined it (they come last)."""
+    if name == "unlabeled":
+        return task.unlabeled
     split = task.splits[name]
-    if name == task.cfg.train_split and getattr(task, "unlabeled", None) is not None:
+    if name == task.cfg.train_split and task.unlabeled is not None:
         return split.select(range(len(split) - len(task.unlabeled)))
     return split
 

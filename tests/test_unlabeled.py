@@ -234,3 +234,34 @@ def unlabelled_forms(tmp_path, n, with_tags=True):
         columns["ner_tags"] = [[99] * len(w) for w in folder["words"]]
     return datasets.DatasetDict(train=datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image()))
 
+
+def test_token_classification_train_with_unlabelled_forms(tmp_path):
+    """A tiny run: 2 labelled forms and 2 unlabelled ones (hub layout, only split, tags 99 that must be ignored)
+    in one batch, a random-weights LayoutLMv3 teacher (a config with the FUNSD tags), the small DistilBERT student."""
+    from transformers import LayoutLMv3Config
+    import wordtags
+    from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
+    data = write_funsd(tmp_path / "funsd")
+    pool = tmp_path / "pool"
+    unlabelled_forms(tmp_path, 2)["train"].save_to_disk(str(pool))
+    _, student_tokenizer = wordpiece(tmp_path, TRICKY)
+    teacher_tokenizer, bpe_dir = byte_bpe(tmp_path)
+    teacher = tiny_teacher_dir(tmp_path, bpe_dir, len(teacher_tokenizer))
+    config = LayoutLMv3Config.from_pretrained(teacher)
+    config.update(dict(id2label=dict(enumerate(wordtags.FUNSD_TAGS)),
+                       label2id={t: i for i, t in enumerate(wordtags.FUNSD_TAGS)}))
+    config.save_pretrained(teacher)
+    args = ["--task", "token-classification", "--dataset", data, "--eval-split", "test", "--tokenizer",
+            student_tokenizer, "--student-config", "builtin:distilbert-base-uncased", "--student-size", "small",
+            "--cache-dir", tmp_path / "cache", "--batch-size", "4", "--max-length", "64", "--epochs", "1",
+            "--teacher", teacher, "--unlabeled", pool, "--output-dir", tmp_path / "s"]
+    result = run_main("--mode", "train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 documents join train" in result.stderr
+    rows = metrics(tmp_path / "s")
+    assert len(rows) == 1 and rows[0]["train_kd"] > 0
+    # the teacher cache: rows 0-1 for the labelled forms, 2-3 for the unlabelled ones, none blank
+    (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache" / "teacher") for f in fs]
+    from safetensors.torch import load_file
+    logits = load_file(path)["logits"]
+    assert logits.shape[0] == 4 and bool((logits.abs().sum((1, 2)) > 0).all())
