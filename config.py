@@ -74,11 +74,13 @@ class Config:
                          "sub-folder per class, or 'demo' (the built-in generated corpus); for token-classification "
                          "a FUNSD folder (training_data/, testing_data/) or data with tokens, bboxes, ner_tags "
                          "(BIO) and image columns, as nielsr/funsd-layoutlmv3", default="dvgodoy/rvl_cdip_mini")
-    unlabeled: str = _help("unlabelled documents for distillation: any source --dataset accepts (its 'train' split, "
-                           "or its only split; labels, if present, are ignored; 'demo-unlabeled' = the demo's pool). "
-                           "They join the training split and are taught by the teacher alone: the CE is averaged over "
-                           "labelled documents, the KD term over all of them (see --unlabeled-weight); mode train "
-                           "with alpha > 0 only", default="")
+    unlabeled: str = _help("unlabelled documents for distillation: any source --dataset accepts for the task (its "
+                           "'train' split, or its only split; labels or tags, if present, are ignored; "
+                           "'demo-unlabeled' = the demo's pool; token-classification: a FUNSD folder or the hub "
+                           "layout, ner_tags optional). They join the training split and are taught by the teacher "
+                           "alone: the CE is averaged over labelled documents (words), the KD term over all of them, "
+                           "an unlabelled form's over its real words (see --unlabeled-weight); mode train with "
+                           "alpha > 0 only; sequence- and token-classification", default="")
     unlabeled_weight: float = _help("weight of an unlabelled document's KD term relative to a labelled one's: "
                                     "KD = (sum of labelled KL + w * sum of unlabelled KL) / all documents",
                                     default=1.0)
