@@ -128,19 +128,25 @@ def _alive(pid):
 
 
 def recover_interrupted(study):
-    """Trials left RUNNING by a process of this host that is gone: marked failed and queued again, to run in the
-    same directory (and so resume from its checkpoint)."""
+    """Queue again, to run in the same directory (and so resume from its checkpoint), every trial that was
+    interrupted: left RUNNING by a process of this host that is gone (SIGKILL, power cut), or stopped by
+    SIGTERM / Ctrl-C (marked interrupted by its objective)."""
     import optuna
-    host = socket.gethostname()
+    host, storage = socket.gethostname(), study._storage
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or pid is None or _alive(pid):
             continue  # another machine's, or still running
-        log.warning("trial %d (%s) was interrupted: it runs again in %s, from its checkpoint if it saved one",
-                    t.number, t.params, t.user_attrs.get("dir"))
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"dir": t.user_attrs["dir"]})
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        # Through the storage, not study.tell: the sampler must not see a finished trial (GridSampler stops).
+        storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        taken_over = any(u.number > t.number and u.user_attrs.get("dir") == t.user_attrs.get("dir") for u in trials)
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("interrupted") and not taken_over:
+            log.warning("trial %d (%s) was interrupted: it runs again in %s, from its checkpoint if it saved one",
+                        t.number, t.params, t.user_attrs.get("dir"))
+            study.enqueue_trial(t.params, user_attrs={"dir": t.user_attrs["dir"]})
 
 
 def run_training(cfg, run_cfg):
@@ -186,7 +192,6 @@ def run_trials(cfg, study, axes):
             raise TrialFailed(str(e)) from e
         except (train.Stopped, KeyboardInterrupt):  # the next run of the sweep continues this trial
             trial.set_user_attr("interrupted", True)
-            study.enqueue_trial(params, user_attrs={"dir": directory})
             raise
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - start)
