@@ -253,6 +253,7 @@ def final_runs(cfg, study, axes):
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results = {"seeds": seeds, "roles": {}}
     roles = [("best", best.params), ("baseline", baseline)]
+    scored = {}
     for role, params in roles:
         rows = []
         for seed in seeds:
@@ -264,7 +265,9 @@ def final_runs(cfg, study, axes):
                         utils.safe_torch_load(run_cfg.checkpoint)["epoch"] < run_cfg.epochs:
                     log.info("sweep: training the %s setting %s with seed %d in %s", role, params, seed, out)
                     run_training(cfg, run_cfg)
-            metric, scores = score_on_test(cfg, trial_config(cfg, params, out, seed))
+            if out not in scored:  # the best setting may be the baseline (alpha 0): scored once
+                scored[out] = score_on_test(cfg, trial_config(cfg, params, out, seed))
+            metric, scores = scored[out]
             rows.append({"seed": seed, "dir": out, **scores})
             log.info("sweep: %s setting, seed %d, test %s %.4f", role, seed, metric, scores[metric])
         values = [r[metric] for r in rows]
