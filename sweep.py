@@ -48,6 +48,9 @@ NOT_AXES = ("mode", "preset", "task", "dataset", "train_split", "eval_split", "o
             "sweep_storage", "seeds", "unlabeled")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 TEST_SPLIT = "test"
+# train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
+# the trial is recorded as failed and the study goes on. Any other error stops the sweep.
+RESULT_ERRORS = ("loss became", "the weights at")
 
 
 def parse_axes(specs):
@@ -187,8 +190,11 @@ def run_trials(cfg, study, axes):
         try:
             best = run_training(cfg, run_cfg)
         except UserError as e:
-            log.warning("sweep trial %d failed: %s", trial.number, e)
             trial.set_user_attr("error", str(e))
+            if not str(e).startswith(RESULT_ERRORS):  # bad data, teacher, paths...: stop; the next run redoes it
+                trial.set_user_attr("interrupted", True)
+                raise
+            log.warning("sweep trial %d failed: %s", trial.number, e)
             raise TrialFailed(str(e)) from e
         except (train.Stopped, KeyboardInterrupt):  # the next run of the sweep continues this trial
             trial.set_user_attr("interrupted", True)
@@ -241,23 +247,28 @@ def final_runs(cfg, study, axes):
         raise UserError("no trial of the study finished: nothing to score (see the errors above)")
     best = max(done, key=lambda t: t.value)
     baseline = {**best.params, "alpha": 0.0}
-    ignore = {"temperature"}  # T has no effect at alpha 0
+
+    def same_run(params):
+        """What a run depends on: T does nothing at alpha 0."""
+        alpha = params.get("alpha", cfg.alpha)
+        return json.dumps({k: v for k, v in params.items() if not (k == "temperature" and alpha == 0)},
+                          sort_keys=True)
 
     def local_run(params):
         for t in sorted(done, key=lambda t: -t.value):
-            same = all(t.params.get(k) == v for k, v in params.items() if k not in ignore or params["alpha"] > 0)
-            if same and os.path.exists(os.path.join(cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
+            if same_run(t.params) == same_run(params) and \
+                    os.path.exists(os.path.join(cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
                 return os.path.join(cfg.output_dir, t.user_attrs["dir"])
         return None
 
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results = {"seeds": seeds, "roles": {}}
     roles = [("best", best.params), ("baseline", baseline)]
-    scored = {}
+    scored, runs = {}, {}  # the best setting may be the baseline (alpha 0): trained and scored once
     for role, params in roles:
         rows = []
         for seed in seeds:
-            out = local_run(params) if seed == cfg.seed else None
+            out = runs.get((same_run(params), seed)) or (local_run(params) if seed == cfg.seed else None)
             if out is None:
                 out = os.path.join(cfg.output_dir, "final", f"{role}-seed{seed}")
                 run_cfg = trial_config(cfg, params, out, seed)
@@ -265,7 +276,8 @@ def final_runs(cfg, study, axes):
                         utils.safe_torch_load(run_cfg.checkpoint)["epoch"] < run_cfg.epochs:
                     log.info("sweep: training the %s setting %s with seed %d in %s", role, params, seed, out)
                     run_training(cfg, run_cfg)
-            if out not in scored:  # the best setting may be the baseline (alpha 0): scored once
+            runs[(same_run(params), seed)] = out
+            if out not in scored:
                 scored[out] = score_on_test(cfg, trial_config(cfg, params, out, seed))
             metric, scores = scored[out]
             rows.append({"seed": seed, "dir": out, **scores})
