@@ -178,6 +178,15 @@ def run_trials(cfg, study, axes):
 
     def objective(trial):
         params = {name: trial.suggest_categorical(name, values) for name, values in axes.items()}
+        if cfg.sweep_sampler == "tpe":  # TPE may propose a setting again: its score is known, nothing is trained
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.params == params:
+                    log.info("sweep trial %d: %s is trial %d's setting, scored %.4f: not trained again",
+                             trial.number, params, t.number, t.value)
+                    trial.set_user_attr("dir", t.user_attrs.get("dir", ""))
+                    trial.set_user_attr("seconds", 0.0)
+                    trial.set_user_attr("same_as", t.number)
+                    return t.value
         directory = trial.user_attrs.get("dir") or f"trial-{trial.number:03d}"
         for key, value in (("dir", directory), ("host", socket.gethostname()), ("pid", os.getpid())):
             trial.set_user_attr(key, value)
@@ -295,6 +304,8 @@ def trial_rows(study, axes):
         if t.state == optuna.trial.TrialState.WAITING:
             continue
         state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
+        if "same_as" in t.user_attrs:
+            state = f"repeat of trial {t.user_attrs['same_as']}"
         rows.append({"trial": t.number, "dir": t.user_attrs.get("dir", ""), "state": state,
                      **{k: t.params.get(k, "") for k in axes},
                      "validation": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",
