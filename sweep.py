@@ -85,6 +85,12 @@ def parse_axes(specs):
     return axes
 
 
+def same_run(cfg, params):
+    """What a trial's run depends on, as a key: its settings, less T at alpha 0 (where T does nothing)."""
+    alpha = params.get("alpha", cfg.alpha)
+    return json.dumps({k: v for k, v in params.items() if not (k == "temperature" and alpha == 0)}, sort_keys=True)
+
+
 def trial_config(cfg, params, output_dir, seed=None):
     """The --mode train config of one run: the sweep's settings with the trial's values (validated)."""
     values = {**cfg.to_dict(), **params, "mode": "train", "output_dir": output_dir, "overwrite": False,
@@ -178,15 +184,16 @@ def run_trials(cfg, study, axes):
 
     def objective(trial):
         params = {name: trial.suggest_categorical(name, values) for name, values in axes.items()}
-        if cfg.sweep_sampler == "tpe":  # TPE may propose a setting again: its score is known, nothing is trained
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-                if t.params == params:
-                    log.info("sweep trial %d: %s is trial %d's setting, scored %.4f: not trained again",
-                             trial.number, params, t.number, t.value)
-                    trial.set_user_attr("dir", t.user_attrs.get("dir", ""))
-                    trial.set_user_attr("seconds", 0.0)
-                    trial.set_user_attr("same_as", t.number)
-                    return t.value
+        # A run already made (TPE proposing a setting again; at alpha 0 every T is the same run): its score is
+        # known, nothing is trained.
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if same_run(cfg, t.params) == same_run(cfg, params):
+                log.info("sweep trial %d: %s is the run of trial %d, scored %.4f: not trained again",
+                         trial.number, params, t.number, t.value)
+                trial.set_user_attr("dir", t.user_attrs.get("dir", ""))
+                trial.set_user_attr("seconds", 0.0)
+                trial.set_user_attr("same_as", t.number)
+                return t.value
         directory = trial.user_attrs.get("dir") or f"trial-{trial.number:03d}"
         for key, value in (("dir", directory), ("host", socket.gethostname()), ("pid", os.getpid())):
             trial.set_user_attr(key, value)
@@ -257,15 +264,9 @@ def final_runs(cfg, study, axes):
     best = max(done, key=lambda t: t.value)
     baseline = {**best.params, "alpha": 0.0}
 
-    def same_run(params):
-        """What a run depends on: T does nothing at alpha 0."""
-        alpha = params.get("alpha", cfg.alpha)
-        return json.dumps({k: v for k, v in params.items() if not (k == "temperature" and alpha == 0)},
-                          sort_keys=True)
-
     def local_run(params):
         for t in sorted(done, key=lambda t: -t.value):
-            if same_run(t.params) == same_run(params) and \
+            if same_run(cfg, t.params) == same_run(cfg, params) and \
                     os.path.exists(os.path.join(cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
                 return os.path.join(cfg.output_dir, t.user_attrs["dir"])
         return None
@@ -277,7 +278,7 @@ def final_runs(cfg, study, axes):
     for role, params in roles:
         rows = []
         for seed in seeds:
-            out = runs.get((same_run(params), seed)) or (local_run(params) if seed == cfg.seed else None)
+            out = runs.get((same_run(cfg, params), seed)) or (local_run(params) if seed == cfg.seed else None)
             if out is None:
                 out = os.path.join(cfg.output_dir, "final", f"{role}-seed{seed}")
                 run_cfg = trial_config(cfg, params, out, seed)
@@ -285,7 +286,7 @@ def final_runs(cfg, study, axes):
                         utils.safe_torch_load(run_cfg.checkpoint)["epoch"] < run_cfg.epochs:
                     log.info("sweep: training the %s setting %s with seed %d in %s", role, params, seed, out)
                     run_training(cfg, run_cfg)
-            runs[(same_run(params), seed)] = out
+            runs[(same_run(cfg, params), seed)] = out
             if out not in scored:
                 scored[out] = score_on_test(cfg, trial_config(cfg, params, out, seed))
             metric, scores = scored[out]
@@ -305,7 +306,7 @@ def trial_rows(study, axes):
             continue
         state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
         if "same_as" in t.user_attrs:
-            state = f"repeat of trial {t.user_attrs['same_as']}"
+            state = f"same run as trial {t.user_attrs['same_as']}"
         rows.append({"trial": t.number, "dir": t.user_attrs.get("dir", ""), "state": state,
                      **{k: t.params.get(k, "") for k in axes},
                      "validation": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",
