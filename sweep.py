@@ -212,9 +212,13 @@ def run_trials(cfg, study, axes):
                 raise
             log.warning("sweep trial %d failed: %s", trial.number, e)
             raise TrialFailed(str(e)) from e
-        except (train.Stopped, KeyboardInterrupt):  # the next run of the sweep continues this trial
+        except KeyboardInterrupt:  # the next run of the sweep continues this trial
             trial.set_user_attr("interrupted", True)
             raise
+        except train.Stopped as e:
+            trial.set_user_attr("interrupted", True)
+            raise train.Stopped(f"{e}; for the study: run the same --mode sweep command again, it continues "
+                                f"trial {trial.number} from there") from e
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - start)
         return best
