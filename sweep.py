@@ -117,7 +117,8 @@ def train_command(cfg, params, output_dir, seed=None):
     for name in FIELDS:
         value = getattr(run, name)
         if name in ("mode", "preset", "checkpoint", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage",
-                    "seeds", "input", "overwrite", "debug") or (value == defaults.get(name) and name != "output_dir"):
+                    "seeds", "input", "overwrite", "debug") or \
+                (value == defaults.get(name) and name not in params and name != "output_dir"):  # axes: always
             continue
         if isinstance(value, bool):
             words.append(flag(name) if value else "--no-" + flag(name)[2:])

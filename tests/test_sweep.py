@@ -3,6 +3,7 @@ teacher run once), a sweep killed inside a trial continued by the same command, 
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import main
 import sweep
 import tasks
 import train
-from config import UserError, build_parser
+from config import UserError, build_parser, parse_config
 from conftest import ROOT
 
 # 8 pages per split: one batch of 8 (the end-to-end test) or two of 4 (the kill test, which stops mid-epoch)
@@ -89,6 +90,10 @@ def test_grid_sweep_end_to_end(tiny_demo, cache, tmp_path, monkeypatch):
     assert best["validation_accuracy"] == pytest.approx(float(top["validation"]))
     assert float(top["validation"]) == max(float(r["validation"]) for r in rows)
     assert best["command"].startswith("python main.py --preset demo --mode train") and "--sweep" not in best["command"]
+    # the command trains exactly the best trial's run: the same settings as its train_config.json
+    again = parse_config(shlex.split(best["command"])[2:])
+    ran = json.load(open(out / best["dir"] / "train_config.json"))
+    assert {k: getattr(again, k) for k in train.RESUME_KEYS} == {k: ran[k] for k in train.RESUME_KEYS}
     test = best["test"]["roles"]
     assert test["baseline"]["params"]["alpha"] == 0 and test["best"]["params"] == best["params"]
     assert "| **" in open(out / "sweep.md").read()
