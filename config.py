@@ -159,8 +159,8 @@ class Config:
     pdf_dpi: int = _help("--mode predict: resolution PDF pages are rendered at (pypdfium2) before OCR", default=200)
     sweep: list = _help("--mode sweep: the axes of the study, one NAME=V1,V2,... per axis, several after the flag, "
                         "e.g. --sweep temperature=1,2,4,8 alpha=0,0.5,0.9 student_size=tiny,small (NAME is a flag's "
-                        "name with _ or -: any training setting, e.g. lr, epochs, batch_size, kd_terms; not seed, "
-                        "see --seeds). Each trial is a --mode train run in OUTPUT_DIR/trial-NNN scored on "
+                        "name with _ or -: any setting that shapes a training run, e.g. lr, epochs, batch_size, "
+                        "kd_terms; not seed, see --seeds). Each trial is a --mode train run in OUTPUT_DIR/trial-NNN scored on "
                         "--eval-split; the test split is read once at the end, for the best setting and alpha 0",
                         default_factory=list)
     sweep_sampler: str = _help("--mode sweep: grid (every combination, optuna GridSampler) or tpe (optuna's TPE "
@@ -223,6 +223,8 @@ class Config:
             problems.append(f"--student-size must be one of {', '.join(STUDENT_SIZES)}, got {self.student_size!r}")
         if self.sweep_sampler not in SWEEP_SAMPLERS:
             problems.append(f"--sweep-sampler must be one of {', '.join(SWEEP_SAMPLERS)}, got {self.sweep_sampler!r}")
+        if self.sweep and self.mode != "sweep":
+            problems.append("--sweep gives the axes of --mode sweep: add --mode sweep, or leave --sweep out")
         if self.mode == "sweep" and not self.sweep:
             problems.append("--mode sweep needs its axes: --sweep NAME=V1,V2 [NAME=V1,V2 ...], e.g. --sweep "
                             "temperature=1,2,4 alpha=0,0.5,0.9")

@@ -47,6 +47,7 @@ NOT_AXES = ("mode", "preset", "task", "dataset", "train_split", "eval_split", "o
             "checkpoint", "overwrite", "model", "input", "debug", "sweep", "sweep_sampler", "sweep_trials",
             "sweep_storage", "seeds", "unlabeled")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+AXES = [name for name in train.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
 TEST_SPLIT = "test"
 # train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
 # the trial is recorded as failed and the study goes on. Any other error stops the sweep.
@@ -61,8 +62,8 @@ def parse_axes(specs):
         name = name.strip().lstrip("-").replace("-", "_")
         if not sep or not values.strip():
             raise UserError(f"--sweep {spec!r}: write each axis as NAME=V1,V2,..., e.g. temperature=1,2,4")
-        if name not in FIELDS or name in NOT_AXES or FIELDS[name].type is list:
-            allowed = ", ".join(n for n in FIELDS if n not in NOT_AXES and FIELDS[n].type is not list)
+        if name not in AXES:
+            allowed = ", ".join(AXES)
             raise UserError(f"--sweep {spec!r}: {name!r} cannot be an axis (axes: {allowed})")
         if name in axes:
             raise UserError(f"--sweep: {name} is given twice")

@@ -153,5 +153,9 @@ def test_sweep_axes_syntax():
     parsed = build_parser().parse_args(["--mode", "sweep", "--sweep", "temperature=1,2", "alpha=0,0.9",
                                         "--sweep-sampler", "tpe", "--sweep-trials", "5"])
     assert parsed.sweep == ["temperature=1,2", "alpha=0,0.9"] and parsed.sweep_sampler == "tpe"
+    with pytest.raises(UserError, match="add --mode sweep"):
+        parse_config(["--mode", "train", "--sweep", "alpha=0,0.5"])
+    with pytest.raises(UserError, match="needs its axes"):
+        parse_config(["--mode", "sweep"])
     help_text = build_parser().format_help()
     assert "--sweep-storage" in help_text and "temperature=1,2,4,8" in help_text
