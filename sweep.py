@@ -325,7 +325,7 @@ def heatmap(rows, metric, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    done = [r for r in rows if r["state"] == "complete"]
+    done = [r for r in rows if r["validation"] != ""]  # finished trials, those that reused a run included
     temps = sorted({r["temperature"] for r in done})
     alphas = sorted({r["alpha"] for r in done})
     grid = np.full((len(temps), len(alphas)), np.nan)
