@@ -43,7 +43,7 @@ from config import PRESETS, Config, UserError, flag
 log = logging.getLogger("docdistill")
 
 # What an axis may not be: the study's own settings, where things go, and the seed (--seeds repeats the best).
-NOT_AXES = ("mode", "preset", "task", "dataset", "train_split", "eval_split", "output_dir", "cache_dir", "seed",
+NOT_AXES = ("mode", "preset", "config", "task", "dataset", "train_split", "eval_split", "output_dir", "cache_dir", "seed",
             "checkpoint", "overwrite", "model", "input", "debug", "sweep", "sweep_sampler", "sweep_trials",
             "sweep_storage", "seeds", "unlabeled")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -117,7 +117,7 @@ def train_command(cfg, params, output_dir, seed=None):
     words = ["python", "main.py", "--preset", cfg.preset, "--mode", "train"]
     for name in FIELDS:
         value = getattr(run, name)
-        if name in ("mode", "preset", "checkpoint", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage",
+        if name in ("mode", "preset", "config", "checkpoint", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage",
                     "seeds", "input", "overwrite", "debug") or \
                 (value == defaults.get(name) and name not in params and name != "output_dir"):  # axes: always
             continue
