@@ -219,8 +219,9 @@ def run_trials(cfg, study, axes):
             raise
         except train.Stopped as e:
             trial.set_user_attr("interrupted", True)
-            raise train.Stopped(f"{e}; for the study: run the same --mode sweep command again, it continues "
-                                f"trial {trial.number} from there") from e
+            raise train.Stopped(f"stopped by SIGTERM in sweep trial {trial.number}: its checkpoint is saved in "
+                                f"{out}; run the same --mode sweep command again, it continues the trial from "
+                                f"there") from e
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - start)
         return best
