@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
+MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export", "sweep")
+SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq")
 BAD_SAMPLE = ("fail", "skip")
@@ -34,7 +35,8 @@ def _help(text, **kw):
 class Config:
     mode: str = _help("what to do: train (distil the student), eval (score a saved student), info (describe data "
                       "and models), teacher (fine-tune/train the teacher), bench (speed and size of both), demo (teacher, "
-                      "baseline, distilled student and the comparison table, with --preset demo)",
+                      "baseline, distilled student and the comparison table, with --preset demo), sweep (a study over --sweep "
+                      "axes, one training run per trial, scored on validation; sweep.py)",
                       default="train")
     preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd", "funsd-words",
                                                                 "sroie-lines"]) +
@@ -157,6 +159,22 @@ class Config:
     top_k: int = _help("--mode predict: how many of the most likely classes (page classification) to write per "
                        "page, with their probabilities", default=3)
     pdf_dpi: int = _help("--mode predict: resolution PDF pages are rendered at (pypdfium2) before OCR", default=200)
+    sweep: list = _help("--mode sweep: the axes of the study, one NAME=V1,V2,... per axis, several after the flag, "
+                        "e.g. --sweep temperature=1,2,4,8 alpha=0,0.5,0.9 student_size=tiny,small (NAME is a flag's "
+                        "name with _ or -: any setting that shapes a training run, e.g. lr, epochs, batch_size, "
+                        "kd_terms; not seed, see --seeds). Each trial is a --mode train run in OUTPUT_DIR/trial-NNN scored on "
+                        "--eval-split; the test split is read once at the end, for the best setting and alpha 0",
+                        default_factory=list)
+    sweep_sampler: str = _help("--mode sweep: grid (every combination, optuna GridSampler) or tpe (optuna's TPE "
+                               "sampler, --sweep-trials trials over the axes' values)", default="grid")
+    sweep_trials: int = _help("--mode sweep: number of trials of the study with --sweep-sampler tpe (0 = as many as "
+                              "the grid has); ignored by grid, which runs every combination once", default=0)
+    sweep_storage: str = _help("--mode sweep: Optuna storage URL of the study (default: sqlite:///OUTPUT_DIR/"
+                               "sweep.db); a shared database (e.g. postgresql://... or an sqlite file on a shared "
+                               "disk) lets several machines run trials of the same study with the same command",
+                               default="")
+    seeds: int = _help("--mode sweep: train the best setting and its alpha-0 baseline with this many seeds "
+                       "(--seed, --seed+1, ...) and report the test mean and std of each", default=1)
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
     teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
@@ -205,6 +223,13 @@ class Config:
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in STUDENT_SIZES:
             problems.append(f"--student-size must be one of {', '.join(STUDENT_SIZES)}, got {self.student_size!r}")
+        if self.sweep_sampler not in SWEEP_SAMPLERS:
+            problems.append(f"--sweep-sampler must be one of {', '.join(SWEEP_SAMPLERS)}, got {self.sweep_sampler!r}")
+        if self.sweep and self.mode != "sweep":
+            problems.append("--sweep gives the axes of --mode sweep: add --mode sweep, or leave --sweep out")
+        if self.mode == "sweep" and not self.sweep:
+            problems.append("--mode sweep needs its axes: --sweep NAME=V1,V2 [NAME=V1,V2 ...], e.g. --sweep "
+                            "temperature=1,2,4 alpha=0,0.5,0.9")
         if self.on_bad_sample not in BAD_SAMPLE:
             problems.append(f"--on-bad-sample must be skip or fail, got {self.on_bad_sample!r}")
         for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
@@ -248,7 +273,7 @@ NUMERIC_BOUNDS = {
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
-    "lora_dropout": (0, 1, False),
+    "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
 }
 
 
@@ -306,7 +331,7 @@ def build_parser():
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
-                       "scheduler": SCHEDULERS, "report_to": TRACKERS}.get(f.name)
+                       "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -8,9 +8,10 @@ demo     the whole job on the built-in corpora: teacher, students alone and dist
 bench    speed, size and memory of teacher and student    -> OUTPUT_DIR/bench.json, bench.md
 predict  run a saved student on files, folders, globs     -> OUTPUT_DIR/predictions.jsonl (+ .csv)
 export   the student as ONNX (float32 and int8), checked  -> OUTPUT_DIR/onnx/
+sweep    a study over --sweep axes on Optuna, one train run per trial -> OUTPUT_DIR/sweep.csv, sweep.md, best_config.json
 
-train/teacher/info live in training_modes.py, eval in evaluate.py, bench in bench.py, predict in predict.py
-and export in export.py.
+train/teacher/info live in training_modes.py, eval in evaluate.py, bench in bench.py, predict in predict.py,
+export in export.py and sweep in sweep.py.
 """
 import errno
 import logging
@@ -71,6 +72,9 @@ def main(argv=None):
         if cfg.mode == "export":
             import export
             return export.run(cfg)
+        if cfg.mode == "sweep":  # a study: one ordinary training run per trial, the teacher run once
+            import sweep
+            return sweep.run(cfg)
         if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident
             train.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
         from tasks import build_task

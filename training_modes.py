@@ -15,6 +15,7 @@ log = logging.getLogger("docdistill")
 
 
 def run_train(cfg, task):
+    """Distil the student; returns its best validation score (task.metric_name)."""
     for name in (cfg.train_split, cfg.eval_split):
         stats = task.describe(name)
         log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens", name,
@@ -31,6 +32,7 @@ def run_train(cfg, task):
     if PartialState().is_main_process:
         model_card.write(os.path.join(cfg.output_dir, "student"))
     report_skipped(task)
+    return best
 
 
 def run_teacher(cfg, task):
