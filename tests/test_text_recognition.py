@@ -154,6 +154,53 @@ def test_sequence_kd_is_ctc_on_teacher_transcript():
     assert out["total"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def standardised(v):
+    """One step's features over their channels: (v - mean) / sqrt(var + 1e-5), numpy float64."""
+    return (v - v.mean()) / np.sqrt(v.var() + 1e-5)
+
+
+def test_feature_terms_against_formula():
+    """Each feature term against a per-step loop: teacher at twice the student's steps (pairs averaged), backbone
+    through a learned projection (4 -> 7), encoder of equal width (no projection), log(p + 1e-4) for the logits."""
+    torch.manual_seed(2)
+    B, T, C = 2, 6, 5
+    student = {"logits": torch.randn(B, T, C), "backbone": torch.randn(B, T, 4), "encoder": torch.randn(B, T, 3)}
+    teacher = {"logits": torch.randn(B, 2 * T, C).log_softmax(-1), "backbone": 3 * torch.randn(B, 2 * T, 7) + 1,
+               "encoder": torch.randn(B, 2 * T, 3)}
+    batch = make_batch([6, 4], [[1, 2], []], steps=T, classes=C)
+    terms = ["feature_backbone", "feature_encoder", "feature_logits"]
+    loss = ctc_kd.CTCDistillationLoss(0.5, 2.0, terms, 0.1, True, feature_weight=0.3,
+                                      feature_dims={"backbone": (4, 7), "encoder": (3, 3)})
+    assert isinstance(loss.projections["encoder"], torch.nn.Identity)
+    out = loss(student, teacher, batch)
+    W = loss.projections["backbone"].weight.detach().double().numpy()
+    bias = loss.projections["backbone"].bias.detach().double().numpy()
+    s = {k: v.double().numpy() for k, v in student.items()}
+    t = {k: v.double().numpy() for k, v in teacher.items()}
+    sums, counts = {k: 0.0 for k in terms}, {k: 0 for k in terms}
+    for b, n in enumerate([6, 4]):
+        for step in range(n):
+            pair = slice(2 * step, 2 * step + 2)
+            target = standardised(t["backbone"][b, pair].mean(0))
+            sums["feature_backbone"] += ((W @ s["backbone"][b, step] + bias - target) ** 2).sum()
+            target = standardised(t["encoder"][b, pair].mean(0))
+            sums["feature_encoder"] += ((s["encoder"][b, step] - target) ** 2).sum()
+            q = np.exp(t["logits"][b, pair]).mean(0)
+            p = np.exp(s["logits"][b, step]) / np.exp(s["logits"][b, step]).sum()
+            sums["feature_logits"] += ((np.log(p + 1e-4) - np.log(q + 1e-4)) ** 2).sum()
+            for k, width in zip(terms, (7, 3, C)):
+                counts[k] += width
+    for k in terms:
+        assert out[k].item() == pytest.approx(sums[k] / counts[k], rel=1e-5), k
+    expected = 0.5 * out["ctc"].item() + 0.5 * 0.3 * sum(sums[k] / counts[k] for k in terms)
+    assert out["total"].item() == pytest.approx(expected, rel=1e-5)
+    assert set(out) == {"total", "ctc", *terms}
+    # the projection learns from the backbone term: it gets a gradient; alpha 0 (no teacher) has no projections
+    out["total"].backward()
+    assert loss.projections["backbone"].weight.grad.abs().sum() > 0
+    assert not list(ctc_kd.CTCDistillationLoss(0.0, 2.0, terms, 0.1, False).parameters())
+
+
 def test_transcript_teacher_spells_its_transcripts(tmp_path):
     path = tmp_path / "other_engine.jsonl"
     rows = [{"key": "f/1", "text": "Tööl，1"}, {"key": "f/2", "text": ""}]
