@@ -288,6 +288,43 @@ def tiny_onnx_teacher(path):
     return path
 
 
+def test_onnx_teacher_exposes_backbone_and_encoder_outputs(tmp_path):
+    """The tiny teacher's AveragePool (backbone) and its head's MatMul input (encoder) become outputs: [B, T, 3]
+    each, equal to the 48 x 8 cell averages, 0 past a crop's own width; its probabilities are forward()'s."""
+    teacher = ocr_teacher.OnnxRecognizer(tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx")), threads=1)
+    pixels = torch.randn(3, 3, 48, 400)
+    out = teacher.features(pixels, [320, 400, 320])
+    assert teacher.feature_names == {"backbone": "pooled", "encoder": "steps"}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"logits": (3, 50, 96), "backbone": (3, 50, 3),
+                                                           "encoder": (3, 50, 3)}
+    assert teacher.feature_dims() == {"backbone": 3, "encoder": 3}
+    cells = pixels.reshape(3, 3, 48, 50, 8).mean((2, 4)).transpose(1, 2)  # [B, T, 3]
+    for k in ("backbone", "encoder"):
+        torch.testing.assert_close(out[k][1], cells[1])
+        torch.testing.assert_close(out[k][[0, 2], :40], cells[[0, 2], :40])
+        assert not out[k][[0, 2], 40:].any()
+    torch.testing.assert_close(out["logits"], teacher(pixels, [320, 400, 320]))
+
+
+def test_ppocrv4_feature_tensors():
+    """On PP-OCRv4: the PPLCNetV3 output (480 channels) and the SVTR neck output (120), W / 8 steps each; the
+    head's own linear layer and softmax on the encoder tensor give the model's probabilities."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    import onnx
+    teacher = ocr_teacher.OnnxRecognizer("ppocrv4", threads=1)
+    pixels = torch.rand(1, 3, 48, 320) * 2 - 1
+    out = teacher.features(pixels, [320])
+    assert teacher.feature_names == {"backbone": "p2o.AveragePool.1", "encoder": "transpose_51.tmp_0"}
+    assert out["backbone"].shape == (1, 40, 480) and out["encoder"].shape == (1, 40, 120)
+    graph = onnx.load(ocr_teacher.ppocrv4_path()).graph  # weights are initialisers or Constant nodes
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    weights.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                    if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    probs = torch.softmax(out["encoder"][0] @ torch.tensor(weights["linear_85.w_0"])
+                          + torch.tensor(weights["linear_85.b_0"]), -1)
+    np.testing.assert_allclose(probs.numpy(), teacher.probs(pixels.numpy())[0], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def word_crops(tmp_path_factory):
     """Rendered words: train/validation/test JSONL, two training crops without transcript."""
