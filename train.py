@@ -1,7 +1,11 @@
 """The training loop, evaluation and checkpoints: one loop for every task, read top to bottom.
 
 fit() trains `model` to match labels and, when a teacher is given, the teacher's softened outputs:
-    for each batch:  teacher logits (frozen, no grad)  ->  student logits  ->  DistillationLoss  ->  step
+    for each batch:  teacher outputs (frozen, no grad)  ->  student outputs  ->  criterion  ->  step
+Outputs are logits, or a dict holding "logits" and whatever else the task's loss reads (features); the loop only
+adds up the loss's named terms and scores the logits. A criterion that is an nn.Module with parameters (learned
+feature projections) is trained with the model: its parameters are in the optimizer, the gradient clipping and
+the checkpoint ("criterion"), and restored on resume; a criterion without parameters changes nothing.
 The same loop trains the teacher itself in --mode teacher (no teacher, alpha 0).
 """
 import json
@@ -28,6 +32,7 @@ log = logging.getLogger("docdistill")
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
                "lr", "weight_decay", "warmup_ratio", "alpha", "temperature", "seed", "epochs", "group_by_length", "kd_terms", "blank_weight",
+               "feature_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
@@ -67,6 +72,31 @@ def make_accelerator(cfg):
     return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum)
 
 
+def logits_of(outputs):
+    """The logits of a forward pass: the tensor itself, or the "logits" of a dict of outputs."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
+def criterion_parameters(criterion):
+    return list(criterion.parameters()) if isinstance(criterion, torch.nn.Module) else []
+
+
+def make_optimizer(cfg, model, criterion):
+    """AdamW over the model's parameters, then the criterion's (one group: without them, as before)."""
+    return torch.optim.AdamW([*model.parameters(), *criterion_parameters(criterion)], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
+
+
+def criterion_state(criterion):
+    return criterion.state_dict() if isinstance(criterion, torch.nn.Module) else {}
+
+
+def restore_criterion(criterion, checkpoint):
+    """The criterion's parameters from a checkpoint (one written before criteria had any holds none)."""
+    if isinstance(criterion, torch.nn.Module):
+        criterion.load_state_dict(checkpoint.get("criterion", {}))
+
+
 def make_loader(task, split, cfg, shuffle):
     data = task.splits[split]
     lengths = None
@@ -92,7 +122,7 @@ def predict(accelerator, loader, forward, model, desc="eval", decode=None):
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
         with accelerator.autocast():
-            logits = forward(model, batch).float()
+            logits = logits_of(forward(model, batch)).float()
         logits, labels = decode(logits, batch) if decode else (logits, batch["labels"])
         labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX) \
             if labels.dim() > 1 else labels
@@ -163,7 +193,7 @@ def stopped_by_sigterm(path, state):
     return Stopped(f"stopped by SIGTERM: saved {path} at {position(state)}; continue with --checkpoint {path}")
 
 
-def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name):
+def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion=None):
     """Everything needed to continue exactly where we are; tensors and plain values only (weights_only), with a
     checksum of its tensors.
 
@@ -173,6 +203,7 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, 
     checkpoint = {
         "name": name,
         "model": accelerator.unwrap_model(model).state_dict(),
+        "criterion": criterion_state(criterion),  # learned parts of the loss (feature projections), if any
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -225,9 +256,9 @@ def finite_loss(accelerator, model, forward, criterion, batch, teacher_logits):
     return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
 
 
-def why_not_saveable(model, optimizer, outputs_finite):
+def why_not_saveable(model, optimizer, outputs_finite, criterion=None):
     """Why the current weights are not worth resuming from, or None if they are."""
-    if not utils.all_finite(model.parameters()):
+    if not utils.all_finite([*model.parameters(), *criterion_parameters(criterion)]):
         return "are not finite"
     if not utils.all_finite(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):
         return "have a non-finite optimizer state"
@@ -237,9 +268,18 @@ def why_not_saveable(model, optimizer, outputs_finite):
 
 
 def non_finite_loss_cause(teacher_logits):
-    if teacher_logits is not None and not torch.isfinite(teacher_logits).all():
+    tensors = list(teacher_logits.values()) if isinstance(teacher_logits, dict) else [teacher_logits]
+    if teacher_logits is not None and not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "the teacher's logits are not finite: check the teacher's weights (--teacher)"
     return "lower --lr, or use --amp no"
+
+
+def sync_criterion_gradients(accelerator, criterion):
+    """The criterion is not wrapped for DDP: average its gradients across processes before the step."""
+    if accelerator.num_processes > 1:
+        for p in criterion_parameters(criterion):
+            if p.grad is not None:
+                p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def stop_requested(accelerator, sigterm):
@@ -258,10 +298,13 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     accelerator = make_accelerator(cfg)
     out_dir = cfg.output_dir
     criterion = task.make_loss(cfg, with_teacher=teacher is not None)  # -> {"total", and named terms}
+    if isinstance(criterion, torch.nn.Module):
+        criterion = criterion.to(accelerator.device)
+    trained = [*model.parameters(), *criterion_parameters(criterion)]  # what the optimizer steps and clips
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model, criterion)
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -273,7 +316,9 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
-        if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
+        if cfg.teacher_cache and not getattr(task, "teacher_cacheable", True):
+            log.info("the teacher runs on every step: the loss reads more of its outputs than the cache holds")
+        elif cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
             teacher_logits_of = teacher_cache.build(
                 accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
                 cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
@@ -285,6 +330,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     last_good = "nothing of this run was saved"
     if checkpoint is not None:
         models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
+        restore_criterion(criterion, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"] is not None and accelerator.scaler is not None:
@@ -297,7 +343,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                  state["step_in_epoch"])
 
     def check_saveable(outputs_finite):
-        problem = why_not_saveable(model, optimizer, outputs_finite)
+        problem = why_not_saveable(model, optimizer, outputs_finite, criterion)
         if problem:
             raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
@@ -314,19 +360,21 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             for step, batch in enumerate(bar, start=state["step_in_epoch"]):
                 teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
                 with accelerator.accumulate(model):
-                    logits = forward(model, batch)
-                    losses = criterion(logits, teacher_logits, batch)
+                    outputs = forward(model, batch)
+                    losses = criterion(outputs, teacher_logits, batch)
                     if not torch.isfinite(losses["total"]):  # stop before the step
                         raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step "
                                         f"{step + 1}: {non_finite_loss_cause(teacher_logits)}; {last_good}")
                     accelerator.backward(losses["total"])
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                        sync_criterion_gradients(accelerator, criterion)
+                        accelerator.clip_grad_norm_(trained, 1.0)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                preds, labels = decode(logits.detach(), batch) if decode else (logits.argmax(-1), batch["labels"])
+                logits = logits_of(outputs).detach()
+                preds, labels = decode(logits, batch) if decode else (logits.argmax(-1), batch["labels"])
                 keep = labels != IGNORE_INDEX
                 sums["correct"] += int((preds == labels)[keep].sum())
                 sums["seen"] += int(keep.sum())
@@ -341,7 +389,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                         state.update(step_in_epoch=step + 1, sums=sums)
                         check_saveable(finite_loss(accelerator, model, forward, criterion, batch, teacher_logits))
                         if accelerator.is_main_process:
-                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name,
+                                            criterion)
                         last_good = good_checkpoint(ckpt_path, state)
                     if stopping:
                         accelerator.wait_for_everyone()
@@ -381,7 +430,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 utils.write_jsonl(history, metrics_path)
                 if improved:
                     save_best(task, accelerator.unwrap_model(model), out_dir, name)
-                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion)
             last_good = good_checkpoint(ckpt_path, state)
             accelerator.wait_for_everyone()
             if epoch + 1 < cfg.epochs and stop_requested(accelerator, sigterm):  # got it during validation
