@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
-KD_TERMS = ("kl", "seq")
+KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")  # = ctc_kd.KD_TERMS
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 
@@ -95,8 +95,14 @@ class Config:
                             "reported", default=512)
     kd_terms: str = _help("text-recognition: distillation terms that --alpha weighs, comma-separated: kl (per "
                           "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
-                          "seq (CTC on the teacher's greedy transcript); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(sum of the terms)", default="kl")
+                          "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
+                          "between the student's backbone / BiLSTM features, through learned linear projections to the "
+                          "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
+                          "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
+                          "alpha*(kl + seq + feature-weight*(feature terms)); feature terms run the teacher on "
+                          "every step (not cached)", default="kl")
+    feature_weight: float = _help("text-recognition: lambda, the weight of the feature_* terms of --kd-terms "
+                                  "inside the alpha-weighted distillation part", default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
     student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
@@ -201,6 +207,7 @@ NUMERIC_BOUNDS = {
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
     "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
+    "feature_weight": (0, None, False),
     "unlabeled_weight": (0, None, False),
 }
 

@@ -395,6 +395,67 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
     assert "OnnxRecognizer" in info.stdout and "CRNN" in info.stdout and '"unlabelled": 2' in info.stdout
 
 
+def test_feature_kd_trains_projections_checkpoints_and_resumes_them(word_crops, tmp_path, monkeypatch):
+    """A --kd-terms feature_* run (in-process main.main, tiny teacher): the projections are in the optimizer and
+    the checkpoint; stopped by SIGTERM in its second epoch and resumed, it ends with the projections, weights and
+    metrics of the uninterrupted run. The teacher runs live (nothing in the teacher cache)."""
+    import main
+    teacher = tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx"))
+    common = ["--mode", "train", "--task", "text-recognition", "--teacher", teacher, "--dataset", word_crops,
+              "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4", "--lr", "1e-3", "--epochs", "2",
+              "--alpha", "0.5", "--kd-terms", "kl,feature_backbone,feature_encoder,feature_logits",
+              "--feature-weight", "0.5", "--degrade-height", "12", "--max-samples", "8"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    threads = torch.get_num_threads()  # one thread (torch and onnxruntime): 5x faster on a busy 2-core machine
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch):
+    import signal
+    from textrec_task import TextRecognition
+    assert main.main([*common, "--output-dir", str(full)]) == 0
+    done = torch.load(full / "latest_checkpoint.pth", weights_only=True)
+    projections = done["criterion"]
+    assert projections["projections.backbone.weight"].shape == (3, 256)  # tiny CRNN 256 -> the teacher's 3
+    assert projections["projections.encoder.weight"].shape == (3, 352)   # BiLSTM 2 x 176 -> 3
+    model_params = sum(1 for _ in done["model"] if "running" not in _ and "num_batches" not in _)
+    assert len(done["optimizer"]["state"]) == model_params + 4  # every student parameter and the 4 projection ones
+    assert not (tmp_path / "cache" / "teacher").exists()
+    rows = [json.loads(line) for line in open(full / "student_metrics.jsonl")]
+    assert {"train_feature_backbone", "train_feature_encoder", "train_feature_logits", "train_kl"} <= set(rows[0])
+
+    outputs, steps = TextRecognition.student_outputs, []
+
+    def sigterm_at_third_step(self, student, batch):  # 8 crops, batch 4: 2 steps an epoch; the 3rd is in epoch 2
+        steps.extend([1] if student.training else [])
+        if student.training and len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outputs(self, student, batch)
+    with monkeypatch.context() as patch:
+        patch.setattr(TextRecognition, "student_outputs", sigterm_at_third_step)
+        assert main.main([*common, "--output-dir", str(stopped)]) == 143
+    saved = torch.load(stopped / "latest_checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 1)
+    assert not torch.equal(saved["criterion"]["projections.backbone.weight"],
+                           projections["projections.backbone.weight"])
+    assert main.main([*common, "--output-dir", str(stopped), "--checkpoint",
+                      str(stopped / "latest_checkpoint.pth")]) == 0
+    resumed = torch.load(stopped / "latest_checkpoint.pth", weights_only=True)
+    for part in ("criterion", "model"):
+        assert resumed[part].keys() == done[part].keys()
+        for k in done[part]:
+            assert torch.equal(resumed[part][k], done[part][k]), (part, k)
+    drop = ("train_seconds", "train_docs_per_s")
+    again = [json.loads(line) for line in open(stopped / "student_metrics.jsonl")]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
 # ----------------------------------------------------------------------------------- predict and export
 
 def test_predict_and_export_crops(tmp_path, capsys):
