@@ -99,8 +99,8 @@ class Config:
                           "between the student's backbone / BiLSTM features, through learned linear projections to the "
                           "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
                           "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms)); feature terms run the teacher on "
-                          "every step (not cached)", default="kl")
+                          "alpha*(kl + seq + feature-weight*(feature terms)); with feature terms the teacher cache "
+                          "holds the teacher's features too (float16)", default="kl")
     feature_weight: float = _help("text-recognition: lambda, the weight of the feature_* terms of --kd-terms "
                                   "inside the alpha-weighted distillation part", default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "

@@ -6,8 +6,8 @@ training loop needs is here, behind the same interface as tasks.py's tasks, plus
     make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss (an nn.Module: its feature projections train
                                       with the student and are saved in the checkpoint)
     student_outputs, teacher_outputs  ->  what training feeds the loss: the logits, or with feature terms
-                                      (--kd-terms feature_*) dicts of logits and features; the teacher then
-                                      runs live (teacher_cacheable False: the cache holds logits only)
+                                      (--kd-terms feature_*) dicts of logits and features (the teacher cache
+                                      then stores the features too, in float16: teacher_cache_extra)
     predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
     load_student(path), evaluate(cfg, student, path)   (--mode eval: CER/WER, ms/crop, worst errors)
 """
@@ -145,11 +145,11 @@ class TextRecognition:
             self.teacher = ocr_teacher.OnnxRecognizer(cfg.teacher)
         self.student = crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
         self.collator = Collator(cfg)
-        # Feature terms read the teacher's intermediate tensors, which the teacher cache does not hold (they
-        # are 6x its folded log-probabilities: 600 floats a step for PP-OCRv4): the teacher runs on every step.
+        # Feature terms read the teacher's intermediate tensors as well as its log-probabilities: the teacher
+        # cache stores them too (a cache of its own: 600 more values a step for PP-OCRv4, in float16).
         self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_")] \
             if cfg.mode == "train" and cfg.alpha > 0 else []
-        self.teacher_cacheable = not self.feature_terms
+        self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
         if self.feature_terms and not isinstance(self.teacher, ocr_teacher.OnnxRecognizer):
             raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
                             f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")

@@ -316,12 +316,12 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
-        if cfg.teacher_cache and not getattr(task, "teacher_cacheable", True):
-            log.info("the teacher runs on every step: the loss reads more of its outputs than the cache holds")
-        elif cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
+        if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
+            # teacher_cache_extra: which outputs a task's teacher forward returns, when more than its logits
             teacher_logits_of = teacher_cache.build(
                 accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
-                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
+                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
+                                                 *getattr(task, "teacher_cache_extra", [])]))
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None}
     ckpt_path = checkpoint_path(out_dir, name)

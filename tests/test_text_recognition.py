@@ -397,8 +397,8 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
 
 def test_feature_kd_trains_projections_checkpoints_and_resumes_them(word_crops, tmp_path, monkeypatch):
     """A --kd-terms feature_* run (in-process main.main, tiny teacher): the projections are in the optimizer and
-    the checkpoint; stopped by SIGTERM in its second epoch and resumed, it ends with the projections, weights and
-    metrics of the uninterrupted run. The teacher runs live (nothing in the teacher cache)."""
+    the checkpoint; the teacher cache holds the features; stopped by SIGTERM in its second epoch and resumed, the
+    run ends with the projections, weights and metrics of the uninterrupted run."""
     import main
     teacher = tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx"))
     common = ["--mode", "train", "--task", "text-recognition", "--teacher", teacher, "--dataset", word_crops,
@@ -417,6 +417,10 @@ def test_feature_kd_trains_projections_checkpoints_and_resumes_them(word_crops, 
 
 def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch):
     import signal
+    from safetensors.torch import load_file
+    import teacher_cache
+    from config import parse_config
+    from tasks import build_task
     from textrec_task import TextRecognition
     assert main.main([*common, "--output-dir", str(full)]) == 0
     done = torch.load(full / "latest_checkpoint.pth", weights_only=True)
@@ -425,7 +429,15 @@ def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch
     assert projections["projections.encoder.weight"].shape == (3, 352)   # BiLSTM 2 x 176 -> 3
     model_params = sum(1 for _ in done["model"] if "running" not in _ and "num_batches" not in _)
     assert len(done["optimizer"]["state"]) == model_params + 4  # every student parameter and the 4 projection ones
-    assert not (tmp_path / "cache" / "teacher").exists()
+    # the teacher cache holds the features (float16) beside the logits, and gives what the teacher gives live
+    [path] = (tmp_path / "cache" / "teacher").glob("*.safetensors")
+    tables = load_file(str(path))
+    assert set(tables) == {"logits", "backbone", "encoder"} and tables["backbone"].dtype == torch.float16
+    task = build_task(parse_config(common))
+    batch = task.collator([task.splits["train"][i] for i in range(4)])
+    live, cached = task.teacher_outputs(task.teacher, batch), teacher_cache.TeacherCache(tables)(batch)
+    for k in ("logits", "backbone", "encoder"):
+        torch.testing.assert_close(cached[k], live[k], atol=2e-3, rtol=2e-3)
     rows = [json.loads(line) for line in open(full / "student_metrics.jsonl")]
     assert {"train_feature_backbone", "train_feature_encoder", "train_feature_logits", "train_kl"} <= set(rows[0])
 
