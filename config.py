@@ -16,7 +16,7 @@ import yaml
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export", "sweep")
 SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
-KD_TERMS = ("kl", "seq")
+KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")  # = ctc_kd.KD_TERMS
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -118,8 +118,14 @@ class Config:
                             "reported", default=512)
     kd_terms: str = _help("text-recognition: distillation terms that --alpha weighs, comma-separated: kl (per "
                           "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
-                          "seq (CTC on the teacher's greedy transcript); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(sum of the terms)", default="kl")
+                          "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
+                          "between the student's backbone / BiLSTM features, through learned linear projections to the "
+                          "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
+                          "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
+                          "alpha*(kl + seq + feature-weight*(feature terms)); with feature terms the teacher cache "
+                          "holds the teacher's features too (float16)", default="kl")
+    feature_weight: float = _help("text-recognition: lambda, the weight of the feature_* terms of --kd-terms "
+                                  "inside the alpha-weighted distillation part", default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
     student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
@@ -274,6 +280,7 @@ NUMERIC_BOUNDS = {
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
+    "feature_weight": (0, None, False),
 }
 
 

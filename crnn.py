@@ -61,8 +61,15 @@ class CRNN(nn.Module):
         encoded, _ = self.encoder(backbone)
         return backbone, encoded
 
-    def forward(self, pixels):
-        return self.head(self.features(pixels)[1])
+    def forward(self, pixels, features=False):
+        """Per-step logits [B, T, classes]; with features=True a dict of the logits and the features() as well
+        ({"logits", "backbone", "encoder"}: what feature distillation reads; export and predict take the logits)."""
+        backbone, encoded = self.features(pixels)
+        logits = self.head(encoded)
+        return {"logits": logits, "backbone": backbone, "encoder": encoded} if features else logits
+
+    def feature_dims(self):
+        return {"backbone": self.config.channels[-1], "encoder": 2 * self.config.hidden}
 
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)

@@ -1,6 +1,9 @@
 """Losses for distilling a CTC recogniser: returned as {total, <term>: ...} for the training loop.
 
-    total = (1 - alpha) * ctc + alpha * (kl + seq)      (only the terms named in --kd-terms)
+    total = (1 - alpha) * ctc + alpha * (kl + seq + feature_weight * (feature_backbone + feature_encoder
+                                                                        + feature_logits))
+    (only the terms named in --kd-terms; with only feature terms and alpha 0.5 this is (ctc + lambda * sum of
+    MSEs) / 2, the issue's L = L_CTC + lambda * (...) at half the scale, which Adam does not see)
 
 ctc   CTC on the labels, crops with a transcript only (mean over crops of the loss / target length).
 kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, teacher folded onto the student's
@@ -8,8 +11,18 @@ kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, 
       teacher's best class is blank weigh --blank-weight (most steps are blank: unweighted, they drown the few
       that carry characters); a weighted mean over the real steps of all crops.
 seq   sequence-level KD: CTC on the teacher's greedy transcript (its folded distribution's best path), any crop.
-(Not built: a feature-MSE term on backbone / encoder features through learned projections, which needs the
-teacher's intermediate ONNX tensors as extra graph outputs.)
+feature_backbone, feature_encoder   feature distillation (FitNets-style): the student's backbone features [B, T, c4]
+      and BiLSTM outputs [B, T, 2 hidden] through a learned linear projection to the teacher's width (identity
+      where the widths agree), against the teacher's backbone output and SVTR-neck output (ocr_teacher.
+      feature_tensors), each standardised per time step over its channels (layer norm without weights: PP-OCRv4's
+      backbone activations are ~3x the neck's, so the raw MSEs would not be on one scale); squared error averaged
+      over the real steps and the channels. The teacher's features are pooled to the student's step count like its
+      probabilities (align_steps) if they differ.
+feature_logits   MSE between the per-step log-probabilities of student and folded teacher, each computed as
+      log(p + 1e-4) (logits up to a per-step constant, softly floored so that classes both models give ~0 do not
+      dominate), averaged over real steps and classes.
+The projections are parameters of this module: train.fit optimises them with the student and keeps them in the
+checkpoint (not in student_model.pth: they are only needed for training).
 Unlabelled crops (no transcript) only enter the teacher's terms.
 """
 import torch
@@ -18,7 +31,9 @@ import torch.nn.functional as F
 
 import textrec
 
-KD_TERMS = ("kl", "seq")
+KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")
+FEATURES = {"feature_backbone": "backbone", "feature_encoder": "encoder"}  # term -> the features it compares
+LOGP_FLOOR = 1e-4
 
 
 def ctc(log_probs, lengths, targets, target_lengths):
@@ -47,6 +62,33 @@ def step_kl(student_logits, teacher_logp, mask, temperature, blank_weight):
     return (kl * weight).sum() / weight.sum().clamp_min(1e-8) * T * T
 
 
+def align_features(features, steps):
+    """Teacher features [B, T_t, C] on `steps` time steps: averaged over equal spans (as align_steps)."""
+    if features.shape[1] == steps:
+        return features
+    return F.adaptive_avg_pool1d(features.transpose(1, 2), steps).transpose(1, 2)
+
+
+def masked_mse(student, target, mask):
+    """Squared error averaged over the real steps (mask [B, T]) and the channels."""
+    weight = mask.float().unsqueeze(-1)
+    return ((student - target) ** 2 * weight).sum() / (weight.sum() * student.shape[-1]).clamp_min(1e-8)
+
+
+def feature_mse(student, teacher, mask, projection):
+    """MSE(projection(student features), teacher features standardised per step), both [B, T, C]."""
+    target = align_features(teacher.float(), student.shape[1])
+    target = F.layer_norm(target, target.shape[-1:])
+    return masked_mse(projection(student.float()), target, mask)
+
+
+def logit_mse(student_logits, teacher_logp, mask):
+    """MSE of log(p + 1e-4) between the student's and the teacher's per-step distributions."""
+    student = torch.log(F.softmax(student_logits.float(), dim=-1) + LOGP_FLOOR)
+    teacher = torch.log(align_steps(teacher_logp.float(), student.shape[1]).exp() + LOGP_FLOOR)
+    return masked_mse(student, teacher, mask)
+
+
 def greedy_targets(logp, lengths):
     """Best-path transcripts of [B, T, C] log-probabilities as CTC targets (concatenated ids, lengths)."""
     best = logp.argmax(-1).tolist()
@@ -56,13 +98,30 @@ def greedy_targets(logp, lengths):
 
 
 class CTCDistillationLoss(nn.Module):
-    def __init__(self, alpha, temperature, terms, blank_weight, with_teacher):
+    """criterion(student, teacher, batch) -> {"total", "ctc", <terms>}.
+
+    student: logits [B, T, C], or with feature terms the dict {"logits", "backbone", "encoder"} of
+    crnn.CRNN(..., features=True); teacher: folded log-probabilities [B, T, C] or the dict of
+    OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
+    the projections (needed only for the feature_backbone / feature_encoder terms).
+    """
+
+    def __init__(self, alpha, temperature, terms, blank_weight, with_teacher, feature_weight=1.0,
+                 feature_dims=None):
         super().__init__()
         self.alpha = alpha if with_teacher else 0.0
-        self.temperature, self.blank_weight = temperature, blank_weight
+        self.temperature, self.blank_weight, self.feature_weight = temperature, blank_weight, feature_weight
         self.terms = [t for t in terms if t] if with_teacher and alpha > 0 else []
+        self.projections = nn.ModuleDict()
+        for term in self.terms:
+            if term in FEATURES:
+                width, teacher_width = feature_dims[FEATURES[term]]
+                self.projections[FEATURES[term]] = (nn.Identity() if width == teacher_width else
+                                                    nn.Linear(width, teacher_width))
 
-    def forward(self, student_logits, teacher_logp, batch):
+    def forward(self, student_out, teacher_out, batch):
+        student_logits = student_out["logits"] if isinstance(student_out, dict) else student_out
+        teacher_logp = teacher_out["logits"] if isinstance(teacher_out, dict) else teacher_out
         logp = F.log_softmax(student_logits.float(), dim=-1)
         mask = batch["step_mask"]
         lengths = mask.sum(1)
@@ -77,7 +136,14 @@ class CTCDistillationLoss(nn.Module):
             teacher = align_steps(teacher_logp.float(), logp.shape[1])
             targets, target_lengths, _ = greedy_targets(teacher, lengths)
             out["seq"] = ctc(logp, lengths, targets, target_lengths)
-        kd = sum((out[t] for t in self.terms), torch.zeros((), device=logp.device))
+        for term, name in FEATURES.items():
+            if term in self.terms:
+                out[term] = feature_mse(student_out[name], teacher_out[name].to(logp.device), mask,
+                                        self.projections[name])
+        if "feature_logits" in self.terms:
+            out["feature_logits"] = logit_mse(student_logits, teacher_logp, mask)
+        kd = sum((out[t] * (self.feature_weight if t.startswith("feature_") else 1.0) for t in self.terms),
+                 torch.zeros((), device=logp.device))
         has_ctc = bool(labelled.any())
         total = (1.0 - self.alpha) * out["ctc"] + self.alpha * kd if has_ctc else self.alpha * kd + 0 * out["ctc"]
         return {"total": total, **{k: v.detach() for k, v in out.items()}}

@@ -7,6 +7,10 @@ normalised to [-1, 1], width a multiple of 8 (>= 320); output: a softmax per tim
 It runs in onnxruntime, never needs gradients, and has no torch parameters: it is an nn.Module only so the loop
 can freeze it and the cache can fingerprint it (a buffer holds the sha256 of the ONNX file).
 
+Feature distillation (--kd-terms feature_*) needs two intermediate tensors of the recogniser, which the ONNX file
+does not output: `feature_tensors` finds them in the graph and `features()` runs a second session of the same
+graph with them added as outputs (the session that gives the probabilities is left as it was).
+
 TranscriptTeacher: transcripts from any engine, as JSONL rows {"key": crop key, "text": ...}: its "distribution"
 is a one-hot CTC path spelling the transcript, so only sequence-level KD (--kd-terms seq) makes sense with it.
 """
@@ -45,6 +49,36 @@ def fold_matrix(classes):
     return matrix
 
 
+def feature_tensors(graph):
+    """Names of the backbone output and the sequence-encoder output in a CTC recogniser's ONNX graph.
+
+    PP-OCRv4's recogniser (SVTR-LCNet, read off its graph: 860 nodes) is PPLCNetV3 -> EncoderWithSVTR -> CTC head:
+      backbone: `p2o.AveragePool.1`, [N, 480, 1, W/8]: the last AveragePool of the graph (PPLCNetV3 ends with
+                avg_pool2d [3, 2] at inference; the SE blocks' pools are GlobalAveragePool and come before it). It is
+                the neck's input: EncoderWithSVTR concatenates it with its SVTR branch (`p2o.Concat.7`).
+      encoder:  `transpose_51.tmp_0`, [N, W/8, 120]: the SVTR neck's output after its last 1x1 conv, squeezed and
+                transposed to steps x channels (Im2Seq); the first input of the head's MatMul (`linear_85`,
+                120 -> 6625) whose output goes through Add and Softmax to the graph output.
+    The same two rules find them in any graph built this way (the tests' tiny teacher: its AveragePool over 48 x 8
+    cells, and the input of its MatMul). Returns {"backbone": name, "encoder": name}.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(graph.output[0].name)
+    while node is not None and node.op_type not in ("MatMul", "Gemm"):  # back through Softmax, Add, Reshape...
+        node = producer.get(node.input[0])
+    pools = [n for n in graph.node if n.op_type == "AveragePool"]
+    if node is None or not pools:
+        raise UserError("the teacher's ONNX graph has no AveragePool (backbone) or no MatMul head (sequence "
+                        "encoder) before its output: feature terms need a CTC recogniser built like PP-OCR's")
+    return {"backbone": pools[-1].output[0], "encoder": node.input[0]}
+
+
+def steps_last(array):
+    """[N, C, 1, T] (a conv feature map) or [N, T, C] (a sequence) -> [N, T, C] float32 torch."""
+    tensor = torch.from_numpy(np.asarray(array, np.float32))
+    return tensor.mean(2).transpose(1, 2) if tensor.dim() == 4 else tensor
+
+
 class OnnxRecognizer(nn.Module):
     def __init__(self, path, threads=None):
         super().__init__()
@@ -75,6 +109,47 @@ class OnnxRecognizer(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
         self.fold = torch.from_numpy(fold_matrix(self.classes))
         self.path = path
+        self._model, self._options, self._feature_session, self._feature_dims = model, options, None, None
+
+    def feature_session(self):
+        """A session of the same graph with the backbone and encoder tensors as extra outputs (built once)."""
+        if self._feature_session is None:
+            import onnx
+            import onnxruntime as ort
+            model = onnx.ModelProto()
+            model.CopyFrom(self._model)
+            self.feature_names = feature_tensors(model.graph)
+            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self.feature_names.values())
+            self._feature_session = ort.InferenceSession(model.SerializeToString(), self._options,
+                                                         providers=["CPUExecutionProvider"])
+        return self._feature_session
+
+    def feature_dims(self):
+        """{"backbone": channels, "encoder": channels} (one run on a blank 48 x 320 crop)."""
+        if self._feature_dims is None:
+            out = self.features(torch.zeros(1, 3, textrec.TEACHER_HEIGHT, textrec.MIN_TEACHER_WIDTH), [320])
+            self._feature_dims = {k: out[k].shape[-1] for k in ("backbone", "encoder")}
+        return self._feature_dims
+
+    def features(self, pixels, widths):
+        """forward()'s folded log-probabilities and the intermediate tensors, per time step, as a dict:
+        {"logits": [B, T, student classes], "backbone": [B, T, C_b], "encoder": [B, T, C_e]}; steps past a crop's
+        own P_i / 8 are 0 (masked by the loss), as in forward()."""
+        session = self.feature_session()
+        names = [session.get_outputs()[0].name, *self.feature_names.values()]
+        pixels = pixels.cpu().numpy()
+        steps, widths, out = pixels.shape[-1] // textrec.STEP, [int(w) for w in widths], {}
+        for width in sorted(set(widths)):
+            rows = [i for i, w in enumerate(widths) if w == width]
+            probs, *feats = session.run(names, {self.input_name: np.ascontiguousarray(pixels[rows, :, :, :width],
+                                                                                        np.float32)})
+            found = {"logits": (torch.from_numpy(probs).float() @ self.fold).clamp_min(1e-12).log(),
+                     **{k: steps_last(f) for k, f in zip(self.feature_names, feats)}}
+            for k, value in found.items():
+                if k not in out:
+                    out[k] = torch.zeros(len(widths), steps, value.shape[-1])
+                out[k][rows, :value.shape[1]] = value
+        return out
 
     def probs(self, pixels):
         """Softmax per time step [N, P / 8, classes] for crops [N, 3, 48, P] of one width (numpy float32)."""

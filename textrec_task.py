@@ -3,7 +3,11 @@
 The teacher reads the clean crop at height 48; the student reads the same crop degraded (--degrade-*) at
 --student-height, sized so both give the same number of CTC time steps (textrec's docstring). Everything the
 training loop needs is here, behind the same interface as tasks.py's tasks, plus:
-    make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss
+    make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss (an nn.Module: its feature projections train
+                                      with the student and are saved in the checkpoint)
+    student_outputs, teacher_outputs  ->  what training feeds the loss: the logits, or with feature terms
+                                      (--kd-terms feature_*) dicts of logits and features (the teacher cache
+                                      then stores the features too, in float16: teacher_cache_extra)
     predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
     load_student(path), evaluate(cfg, student, path)   (--mode eval: CER/WER, ms/crop, worst errors)
 """
@@ -141,6 +145,14 @@ class TextRecognition:
             self.teacher = ocr_teacher.OnnxRecognizer(cfg.teacher)
         self.student = crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
         self.collator = Collator(cfg)
+        # Feature terms read the teacher's intermediate tensors as well as its log-probabilities: the teacher
+        # cache stores them too (a cache of its own: 600 more values a step for PP-OCRv4, in float16).
+        self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_")] \
+            if cfg.mode == "train" and cfg.alpha > 0 else []
+        self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
+        if self.feature_terms and not isinstance(self.teacher, ocr_teacher.OnnxRecognizer):
+            raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
+                            f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")
 
     # ------------------------------------------------------------------ forward passes, loss, predictions
     def teacher_logits(self, teacher, batch):
@@ -153,9 +165,23 @@ class TextRecognition:
     def student_logits(self, student, batch):
         return student(batch["pixel_values"])
 
+    def student_outputs(self, student, batch):
+        """What training feeds the loss: the logits, or with feature terms {"logits", "backbone", "encoder"}."""
+        return student(batch["pixel_values"], features=True) if self.feature_terms else student(batch["pixel_values"])
+
+    def teacher_outputs(self, teacher, batch):
+        if self.feature_terms:
+            out = teacher.features(batch["teacher_pixel_values"], batch["teacher_width"])
+            return {k: v.to(batch["labels"].device) for k, v in out.items()}
+        return self.teacher_logits(teacher, batch)
+
     def make_loss(self, cfg, with_teacher):
+        dims = None
+        if with_teacher and self.feature_terms:
+            student, teacher = self.student.feature_dims(), self.teacher.feature_dims()
+            dims = {k: (student[k], teacher[k]) for k in student}
         return ctc_kd.CTCDistillationLoss(cfg.alpha, cfg.temperature, cfg.kd_terms.split(","), cfg.blank_weight,
-                                          with_teacher)
+                                          with_teacher, cfg.feature_weight, dims)
 
     def predictions(self, logits, batch):
         lengths = batch["step_mask"].sum(1).tolist()

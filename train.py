@@ -1,7 +1,11 @@
 """The training loop, evaluation and checkpoints: one loop for every task, read top to bottom.
 
 fit() trains `model` to match labels and, when a teacher is given, the teacher's softened outputs:
-    for each batch:  teacher logits (frozen, no grad)  ->  student logits  ->  DistillationLoss  ->  step
+    for each batch:  teacher outputs (frozen, no grad)  ->  student outputs  ->  criterion  ->  step
+Outputs are logits, or a dict holding "logits" and whatever else the task's loss reads (features); the loop only
+adds up the loss's named terms and scores the logits. A criterion that is an nn.Module with parameters (learned
+feature projections) is trained with the model: its parameters are in the optimizer, the gradient clipping and
+the checkpoint ("criterion"), and restored on resume; a criterion without parameters changes nothing.
 The same loop trains the teacher itself in --mode teacher (no teacher, alpha 0).
 """
 import json
@@ -29,7 +33,7 @@ RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_ima
                "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
                "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs",
                "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha", "lora_dropout",
-               "lora_target_modules", "group_by_length", "kd_terms", "blank_weight",
+               "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
                "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
@@ -41,6 +45,31 @@ def make_accelerator(cfg, track=False):
     return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum,
                        log_with=cfg.report_to if track and cfg.report_to != "none" else None,
                        project_dir=recipe.tracking_dir(cfg))
+
+
+def logits_of(outputs):
+    """The logits of a forward pass: the tensor itself, or the "logits" of a dict of outputs."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
+def criterion_parameters(criterion):
+    return list(criterion.parameters()) if isinstance(criterion, torch.nn.Module) else []
+
+
+def make_optimizer(cfg, model, criterion):
+    """AdamW over the model's trainable parameters (with LoRA: the adapters and the head), then the criterion's."""
+    return torch.optim.AdamW([*(p for p in model.parameters() if p.requires_grad), *criterion_parameters(criterion)],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def criterion_state(criterion):
+    return criterion.state_dict() if isinstance(criterion, torch.nn.Module) else {}
+
+
+def restore_criterion(criterion, checkpoint):
+    """The criterion's parameters from a checkpoint (one written before criteria had any holds none)."""
+    if isinstance(criterion, torch.nn.Module):
+        criterion.load_state_dict(checkpoint.get("criterion", {}))
 
 
 def make_loader(task, split, cfg, shuffle):
@@ -68,7 +97,7 @@ def predict(accelerator, loader, forward, model, desc="eval", decode=None):
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process):
         with accelerator.autocast():
-            logits = forward(model, batch).float()
+            logits = logits_of(forward(model, batch)).float()
         logits, labels = decode(logits, batch) if decode else (logits, batch["labels"])
         labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX) \
             if labels.dim() > 1 else labels
@@ -139,7 +168,7 @@ def stopped_by_sigterm(path, state):
     return Stopped(f"stopped by SIGTERM: saved {path} at {position(state)}; continue with --checkpoint {path}")
 
 
-def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name):
+def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion=None):
     """Everything needed to continue exactly where we are; tensors and plain values only (weights_only), with a
     checksum of its tensors.
 
@@ -149,6 +178,7 @@ def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, 
     checkpoint = {
         "name": name,
         "model": accelerator.unwrap_model(model).state_dict(),
+        "criterion": criterion_state(criterion),  # learned parts of the loss (feature projections), if any
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -205,9 +235,9 @@ def finite_loss(accelerator, model, forward, criterion, batch, teacher_logits):
     return accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes
 
 
-def why_not_saveable(model, optimizer, outputs_finite):
+def why_not_saveable(model, optimizer, outputs_finite, criterion=None):
     """Why the current weights are not worth resuming from, or None if they are."""
-    if not utils.all_finite(model.parameters()):
+    if not utils.all_finite([*model.parameters(), *criterion_parameters(criterion)]):
         return "are not finite"
     if not utils.all_finite(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)):
         return "have a non-finite optimizer state"
@@ -217,9 +247,18 @@ def why_not_saveable(model, optimizer, outputs_finite):
 
 
 def non_finite_loss_cause(teacher_logits):
-    if teacher_logits is not None and not torch.isfinite(teacher_logits).all():
+    tensors = list(teacher_logits.values()) if isinstance(teacher_logits, dict) else [teacher_logits]
+    if teacher_logits is not None and not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "the teacher's logits are not finite: check the teacher's weights (--teacher)"
     return "lower --lr, or use --amp no"
+
+
+def sync_criterion_gradients(accelerator, criterion):
+    """The criterion is not wrapped for DDP: average its gradients across processes before the step."""
+    if accelerator.num_processes > 1:
+        for p in criterion_parameters(criterion):
+            if p.grad is not None:
+                p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
 
 
 def stop_requested(accelerator, sigterm):
@@ -239,11 +278,13 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     accelerator = make_accelerator(cfg, track=True)
     out_dir = cfg.output_dir
     criterion = task.make_loss(cfg, with_teacher=teacher is not None)  # -> {"total", and named terms}
+    if isinstance(criterion, torch.nn.Module):
+        criterion = criterion.to(accelerator.device)
+    trained = [*model.parameters(), *criterion_parameters(criterion)]  # what the optimizer steps and clips
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)  # with LoRA: the adapters and the head
+    optimizer = make_optimizer(cfg, model, criterion)
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(train_loader) / cfg.grad_accum) * cfg.epochs
     scheduler = recipe.make_scheduler(cfg, optimizer, total_steps)
@@ -256,9 +297,11 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         teacher = models.freeze(teacher).to(accelerator.device)
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
         if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
+            # teacher_cache_extra: which outputs a task's teacher forward returns, when more than its logits
             teacher_logits_of = teacher_cache.build(
                 accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
-                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels]))
+                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
+                                                 *getattr(task, "teacher_cache_extra", [])]))
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
              "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
@@ -268,6 +311,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     last_good = "nothing of this run was saved"
     if checkpoint is not None:
         models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
+        restore_criterion(criterion, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"] is not None and accelerator.scaler is not None:
@@ -280,7 +324,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                  state["step_in_epoch"], state["stop_reason"] and f"; it had stopped ({state['stop_reason']})")
 
     def check_saveable(outputs_finite):
-        problem = why_not_saveable(model, optimizer, outputs_finite)
+        problem = why_not_saveable(model, optimizer, outputs_finite, criterion)
         if problem:
             raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
@@ -301,19 +345,21 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 lr = scheduler.get_last_lr()[0]  # this step's
                 teacher_logits = teacher_logits_of(batch) if teacher_logits_of else None
                 with accelerator.accumulate(model):
-                    logits = forward(model, batch)
-                    losses = criterion(logits, teacher_logits, batch)
+                    outputs = forward(model, batch)
+                    losses = criterion(outputs, teacher_logits, batch)
                     if not torch.isfinite(losses["total"]):  # stop before the step
                         raise UserError(f"loss became {losses['total'].item()} at epoch {epoch + 1} step "
                                         f"{step + 1}: {non_finite_loss_cause(teacher_logits)}; {last_good}")
                     accelerator.backward(losses["total"])
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                        sync_criterion_gradients(accelerator, criterion)
+                        accelerator.clip_grad_norm_(trained, 1.0)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad()
-                preds, labels = decode(logits.detach(), batch) if decode else (logits.argmax(-1), batch["labels"])
+                logits = logits_of(outputs).detach()
+                preds, labels = decode(logits, batch) if decode else (logits.argmax(-1), batch["labels"])
                 keep = labels != IGNORE_INDEX
                 sums["correct"] += int((preds == labels)[keep].sum())
                 sums["seen"] += int(keep.sum())
@@ -331,7 +377,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                         state.update(step_in_epoch=step + 1, sums=sums)
                         check_saveable(finite_loss(accelerator, model, forward, criterion, batch, teacher_logits))
                         if accelerator.is_main_process:
-                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name,
+                                            criterion)
                         last_good = good_checkpoint(ckpt_path, state)
                     if stopping:
                         accelerator.wait_for_everyone()
@@ -380,7 +427,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                 utils.write_jsonl(history, metrics_path)
                 if improved:
                     save_best(task, accelerator.unwrap_model(model), out_dir, name)
-                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name)
+                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion)
             last_good = good_checkpoint(ckpt_path, state)
             accelerator.wait_for_everyone()
             if epoch + 1 < cfg.epochs and stop_requested(accelerator, sigterm):  # got it during validation

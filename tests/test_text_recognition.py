@@ -154,6 +154,53 @@ def test_sequence_kd_is_ctc_on_teacher_transcript():
     assert out["total"].item() == pytest.approx(expected, rel=1e-5)
 
 
+def standardised(v):
+    """One step's features over their channels: (v - mean) / sqrt(var + 1e-5), numpy float64."""
+    return (v - v.mean()) / np.sqrt(v.var() + 1e-5)
+
+
+def test_feature_terms_against_formula():
+    """Each feature term against a per-step loop: teacher at twice the student's steps (pairs averaged), backbone
+    through a learned projection (4 -> 7), encoder of equal width (no projection), log(p + 1e-4) for the logits."""
+    torch.manual_seed(2)
+    B, T, C = 2, 6, 5
+    student = {"logits": torch.randn(B, T, C), "backbone": torch.randn(B, T, 4), "encoder": torch.randn(B, T, 3)}
+    teacher = {"logits": torch.randn(B, 2 * T, C).log_softmax(-1), "backbone": 3 * torch.randn(B, 2 * T, 7) + 1,
+               "encoder": torch.randn(B, 2 * T, 3)}
+    batch = make_batch([6, 4], [[1, 2], []], steps=T, classes=C)
+    terms = ["feature_backbone", "feature_encoder", "feature_logits"]
+    loss = ctc_kd.CTCDistillationLoss(0.5, 2.0, terms, 0.1, True, feature_weight=0.3,
+                                      feature_dims={"backbone": (4, 7), "encoder": (3, 3)})
+    assert isinstance(loss.projections["encoder"], torch.nn.Identity)
+    out = loss(student, teacher, batch)
+    W = loss.projections["backbone"].weight.detach().double().numpy()
+    bias = loss.projections["backbone"].bias.detach().double().numpy()
+    s = {k: v.double().numpy() for k, v in student.items()}
+    t = {k: v.double().numpy() for k, v in teacher.items()}
+    sums, counts = {k: 0.0 for k in terms}, {k: 0 for k in terms}
+    for b, n in enumerate([6, 4]):
+        for step in range(n):
+            pair = slice(2 * step, 2 * step + 2)
+            target = standardised(t["backbone"][b, pair].mean(0))
+            sums["feature_backbone"] += ((W @ s["backbone"][b, step] + bias - target) ** 2).sum()
+            target = standardised(t["encoder"][b, pair].mean(0))
+            sums["feature_encoder"] += ((s["encoder"][b, step] - target) ** 2).sum()
+            q = np.exp(t["logits"][b, pair]).mean(0)
+            p = np.exp(s["logits"][b, step]) / np.exp(s["logits"][b, step]).sum()
+            sums["feature_logits"] += ((np.log(p + 1e-4) - np.log(q + 1e-4)) ** 2).sum()
+            for k, width in zip(terms, (7, 3, C)):
+                counts[k] += width
+    for k in terms:
+        assert out[k].item() == pytest.approx(sums[k] / counts[k], rel=1e-5), k
+    expected = 0.5 * out["ctc"].item() + 0.5 * 0.3 * sum(sums[k] / counts[k] for k in terms)
+    assert out["total"].item() == pytest.approx(expected, rel=1e-5)
+    assert set(out) == {"total", "ctc", *terms}
+    # the projection learns from the backbone term: it gets a gradient; alpha 0 (no teacher) has no projections
+    out["total"].backward()
+    assert loss.projections["backbone"].weight.grad.abs().sum() > 0
+    assert not list(ctc_kd.CTCDistillationLoss(0.0, 2.0, terms, 0.1, False).parameters())
+
+
 def test_transcript_teacher_spells_its_transcripts(tmp_path):
     path = tmp_path / "other_engine.jsonl"
     rows = [{"key": "f/1", "text": "Tööl，1"}, {"key": "f/2", "text": ""}]
@@ -241,6 +288,43 @@ def tiny_onnx_teacher(path):
     return path
 
 
+def test_onnx_teacher_exposes_backbone_and_encoder_outputs(tmp_path):
+    """The tiny teacher's AveragePool (backbone) and its head's MatMul input (encoder) become outputs: [B, T, 3]
+    each, equal to the 48 x 8 cell averages, 0 past a crop's own width; its probabilities are forward()'s."""
+    teacher = ocr_teacher.OnnxRecognizer(tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx")), threads=1)
+    pixels = torch.randn(3, 3, 48, 400)
+    out = teacher.features(pixels, [320, 400, 320])
+    assert teacher.feature_names == {"backbone": "pooled", "encoder": "steps"}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"logits": (3, 50, 96), "backbone": (3, 50, 3),
+                                                           "encoder": (3, 50, 3)}
+    assert teacher.feature_dims() == {"backbone": 3, "encoder": 3}
+    cells = pixels.reshape(3, 3, 48, 50, 8).mean((2, 4)).transpose(1, 2)  # [B, T, 3]
+    for k in ("backbone", "encoder"):
+        torch.testing.assert_close(out[k][1], cells[1])
+        torch.testing.assert_close(out[k][[0, 2], :40], cells[[0, 2], :40])
+        assert not out[k][[0, 2], 40:].any()
+    torch.testing.assert_close(out["logits"], teacher(pixels, [320, 400, 320]))
+
+
+def test_ppocrv4_feature_tensors():
+    """On PP-OCRv4: the PPLCNetV3 output (480 channels) and the SVTR neck output (120), W / 8 steps each; the
+    head's own linear layer and softmax on the encoder tensor give the model's probabilities."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    import onnx
+    teacher = ocr_teacher.OnnxRecognizer("ppocrv4", threads=1)
+    pixels = torch.rand(1, 3, 48, 320) * 2 - 1
+    out = teacher.features(pixels, [320])
+    assert teacher.feature_names == {"backbone": "p2o.AveragePool.1", "encoder": "transpose_51.tmp_0"}
+    assert out["backbone"].shape == (1, 40, 480) and out["encoder"].shape == (1, 40, 120)
+    graph = onnx.load(ocr_teacher.ppocrv4_path()).graph  # weights are initialisers or Constant nodes
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    weights.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                    if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    probs = torch.softmax(out["encoder"][0] @ torch.tensor(weights["linear_85.w_0"])
+                          + torch.tensor(weights["linear_85.b_0"]), -1)
+    np.testing.assert_allclose(probs.numpy(), teacher.probs(pixels.numpy())[0], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def word_crops(tmp_path_factory):
     """Rendered words: train/validation/test JSONL, two training crops without transcript."""
@@ -309,6 +393,79 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
     info = run_main("--mode", "info", *common)
     assert info.returncode == 0, info.stderr[-3000:]
     assert "OnnxRecognizer" in info.stdout and "CRNN" in info.stdout and '"unlabelled": 2' in info.stdout
+
+
+def test_feature_kd_trains_projections_checkpoints_and_resumes_them(word_crops, tmp_path, monkeypatch):
+    """A --kd-terms feature_* run (in-process main.main, tiny teacher): the projections are in the optimizer and
+    the checkpoint; the teacher cache holds the features; stopped by SIGTERM in its second epoch and resumed, the
+    run ends with the projections, weights and metrics of the uninterrupted run."""
+    import main
+    teacher = tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx"))
+    common = ["--mode", "train", "--task", "text-recognition", "--teacher", teacher, "--dataset", word_crops,
+              "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4", "--lr", "1e-3", "--epochs", "2",
+              "--alpha", "0.5", "--kd-terms", "kl,feature_backbone,feature_encoder,feature_logits",
+              "--feature-weight", "0.5", "--degrade-height", "12", "--max-samples", "8"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    threads = torch.get_num_threads()  # one thread (torch and onnxruntime): 5x faster on a busy 2-core machine
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch):
+    import signal
+    from safetensors.torch import load_file
+    import teacher_cache
+    from config import parse_config
+    from tasks import build_task
+    from textrec_task import TextRecognition
+    assert main.main([*common, "--output-dir", str(full)]) == 0
+    done = torch.load(full / "latest_checkpoint.pth", weights_only=True)
+    projections = done["criterion"]
+    assert projections["projections.backbone.weight"].shape == (3, 256)  # tiny CRNN 256 -> the teacher's 3
+    assert projections["projections.encoder.weight"].shape == (3, 352)   # BiLSTM 2 x 176 -> 3
+    model_params = sum(1 for _ in done["model"] if "running" not in _ and "num_batches" not in _)
+    assert len(done["optimizer"]["state"]) == model_params + 4  # every student parameter and the 4 projection ones
+    # the teacher cache holds the features (float16) beside the logits, and gives what the teacher gives live
+    [path] = (tmp_path / "cache" / "teacher").glob("*.safetensors")
+    tables = load_file(str(path))
+    assert set(tables) == {"logits", "backbone", "encoder"} and tables["backbone"].dtype == torch.float16
+    task = build_task(parse_config(common))
+    batch = task.collator([task.splits["train"][i] for i in range(4)])
+    live, cached = task.teacher_outputs(task.teacher, batch), teacher_cache.TeacherCache(tables)(batch)
+    for k in ("logits", "backbone", "encoder"):
+        torch.testing.assert_close(cached[k], live[k], atol=2e-3, rtol=2e-3)
+    rows = [json.loads(line) for line in open(full / "student_metrics.jsonl")]
+    assert {"train_feature_backbone", "train_feature_encoder", "train_feature_logits", "train_kl"} <= set(rows[0])
+
+    outputs, steps = TextRecognition.student_outputs, []
+
+    def sigterm_at_third_step(self, student, batch):  # 8 crops, batch 4: 2 steps an epoch; the 3rd is in epoch 2
+        steps.extend([1] if student.training else [])
+        if student.training and len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outputs(self, student, batch)
+    with monkeypatch.context() as patch:
+        patch.setattr(TextRecognition, "student_outputs", sigterm_at_third_step)
+        assert main.main([*common, "--output-dir", str(stopped)]) == 143
+    saved = torch.load(stopped / "latest_checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 1)
+    assert not torch.equal(saved["criterion"]["projections.backbone.weight"],
+                           projections["projections.backbone.weight"])
+    assert main.main([*common, "--output-dir", str(stopped), "--checkpoint",
+                      str(stopped / "latest_checkpoint.pth")]) == 0
+    resumed = torch.load(stopped / "latest_checkpoint.pth", weights_only=True)
+    for part in ("criterion", "model"):
+        assert resumed[part].keys() == done[part].keys()
+        for k in done[part]:
+            assert torch.equal(resumed[part][k], done[part][k]), (part, k)
+    drop = ("train_seconds", "train_docs_per_s")
+    again = [json.loads(line) for line in open(stopped / "student_metrics.jsonl")]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 # ----------------------------------------------------------------------------------- predict and export
