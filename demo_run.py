@@ -47,9 +47,8 @@ def steps(cfg):
     unlabeled = [("distilled_unlabeled", seed, dict(unlabeled="demo-unlabeled", epochs=UNLABELED_EPOCHS))
                  for seed in SEEDS]
     alone = [("alone", seed, dict(alpha=0.0, epochs=LABELLED_EPOCHS)) for seed in SEEDS]
-    # The first unlabelled run caches the teacher's logits on its pages while the first alone run trains; the
-    # second unlabelled run starts after that one and reuses them.
-    return [unlabeled[0], alone[0], unlabeled[1], alone[1], ("distilled", SEEDS[0], dict(epochs=LABELLED_EPOCHS))]
+    # longest first, so that two slots finish together (the teacher job has cached their teacher logits)
+    return [unlabeled[0], alone[0], unlabeled[1], ("distilled", SEEDS[0], dict(epochs=LABELLED_EPOCHS)), alone[1]]
 
 
 def paired_bootstrap(correct_a, correct_b, resamples=BOOTSTRAP, seed=0):
@@ -82,22 +81,26 @@ def _worker_init():
     utils.setup_logging(True)
 
 
-def teacher_job(cfg, test_cfg):
-    """Fine-tune the teacher, then score it on the test pages (test_cfg: a student run that loads it)."""
+def teacher_job(cfg, student_cfg):
+    """Fine-tune the teacher, score it on the test pages, and cache its logits on the pages of `student_cfg` (a
+    distilled run with unlabelled pages: the longest student runs then start training at once)."""
+    import torch
+
     from tasks import build_task
     from training_modes import run_teacher
     start = time.perf_counter()
     task = build_task(cfg, train_teacher=True)
     run_teacher(cfg, task)
     trained = time.perf_counter() - start
-    import torch
-    test_task = build_task(test_cfg)
-    teacher = models.freeze(test_task.teacher)
+    student_task = build_task(student_cfg)
+    teacher = models.freeze(student_task.teacher)
+    train.cached_teacher(train.make_accelerator(student_cfg), student_task, teacher, student_task.teacher_logits,
+                         student_cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # pages/s on one thread, as the students' are measured
-    preds, labels, speed = predict_test(test_task, teacher, test_task.teacher_logits, test_cfg)
+    preds, labels, speed = predict_test(student_task, teacher, student_task.teacher_logits, student_cfg)
     torch.set_num_threads(threads)
-    return {**test_task.metrics(preds, labels), "correct": (preds == labels).tolist(), "pages_per_second": speed,
+    return {**student_task.metrics(preds, labels), "correct": (preds == labels).tolist(), "pages_per_second": speed,
             "parameters": models.count_parameters(teacher), "labelled_pages": task.describe(cfg.train_split)["documents"],
             "reads": "words and boxes" + (f", page at {teacher.config.input_size} px" if models.reads_page(teacher)
                                            else ""), "test_pages": int(len(labels)),
@@ -145,8 +148,9 @@ def run(cfg):
                                    output_dir=os.path.join(root, f"{name}-seed{seed}"), **STUDENT, **overrides)
     results = {"runs": {}, "timings_s": timings}
     start = time.perf_counter()  # the teacher first, on every core; then the students, one thread each
-    results["teacher"] = teacher_job(teacher_cfg, student_cfg("teacher-test", SEEDS[0], {}))
-    timings["teacher: training and test"] = time.perf_counter() - start
+    first_unlabeled = next(j for j in steps(cfg) if j[0] == "distilled_unlabeled")
+    results["teacher"] = teacher_job(teacher_cfg, student_cfg(*first_unlabeled))
+    timings["teacher: training, logits cached, test"] = time.perf_counter() - start
     with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, maxtasksperchild=1) as pool:
         start = time.perf_counter()
         pending = [pool.apply_async(student_job, (student_cfg(*j), j[0])) for j in steps(cfg)]

@@ -268,6 +268,15 @@ def stop_requested(accelerator, sigterm):
     return accelerator.check_trigger()
 
 
+def cached_teacher(accelerator, task, teacher, teacher_forward, cfg):
+    """The frozen teacher's outputs on the training split, computed once and stored (teacher_cache.py).
+    teacher_cache_extra: which outputs a task's teacher forward returns, when more than its logits."""
+    return teacher_cache.build(
+        accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
+        cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
+                                         *getattr(task, "teacher_cache_extra", [])]))
+
+
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
     """Train `model` on task.splits[cfg.train_split]; keep the best one by validation task.metric_name.
 
@@ -297,11 +306,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         teacher = models.freeze(teacher).to(accelerator.device)
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
         if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
-            # teacher_cache_extra: which outputs a task's teacher forward returns, when more than its logits
-            teacher_logits_of = teacher_cache.build(
-                accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
-                cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
-                                                 *getattr(task, "teacher_cache_extra", [])]))
+            teacher_logits_of = cached_teacher(accelerator, task, teacher, teacher_forward, cfg)
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
              "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
