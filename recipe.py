@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import torch
 from torch.utils.data import Sampler
@@ -87,8 +88,11 @@ def start_tracking(accelerator, cfg, name):
     Afterwards accelerator.log() writes to it; without a tracker it does nothing.
     """
     if cfg.report_to != "none":
+        # An event file is named by the second it was opened: a resume within that second would truncate the
+        # first run's file, so each start gets a suffix of its own.
+        unique = {"tensorboard": {"filename_suffix": f".{time.time_ns()}.{os.getpid()}"}}
         accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
-                                                for k, v in cfg.to_dict().items()})
+                                                for k, v in cfg.to_dict().items()}, init_kwargs=unique)
 
 
 # --lora-target-modules when not given, by config.model_type: the attention's query and value projections
