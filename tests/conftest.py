@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,20 @@ def kill_inside_second_epoch(args, out):
     return torch.load(ckpt, weights_only=True)
 
 
-def final_checkpoints(run_a, run_b):
-    """The latest_checkpoint.pth of two run directories, both loaded."""
-    return [torch.load(run / "latest_checkpoint.pth", weights_only=True) for run in (run_a, run_b)]
+TIMING = ("train_seconds", "train_docs_per_s")  # wall-clock, the only thing allowed to differ between equal runs
+
+
+def metrics(out_dir):
+    """The rows of a run's student_metrics.jsonl without the wall-clock columns."""
+    with open(out_dir / "student_metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def assert_same_run(reference, out):
+    """Two run directories hold the same run: equal metrics rows (exactly, not just close) and, in their
+    latest_checkpoint.pth, the same weight tensors; returns both checkpoints for further checks."""
+    assert metrics(out) == metrics(reference)
+    a, b = [torch.load(run / "latest_checkpoint.pth", weights_only=True) for run in (reference, out)]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    return a, b

@@ -18,20 +18,12 @@ import models
 import train
 import utils
 from config import UserError, parse_config
-from conftest import ROOT, final_checkpoints, kill_inside_second_epoch, run_main
+from conftest import ROOT, assert_same_run, kill_inside_second_epoch, run_main
 from demo import RVLCDIP_LABELS
 
 # Batch 4 on 32 pages: 8 steps an epoch, a checkpoint every 2. The demo teacher is random but seeded.
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "4", "--student-image-size", "64",
         "--epochs", "2", "--save-every", "2"]
-TIMING = ("train_seconds", "train_docs_per_s")  # wall-clock, the only thing allowed to differ
-
-
-def metrics(out_dir):
-    with open(out_dir / "student_metrics.jsonl") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
-
-
 def snapshot(directory):
     return {p: open(os.path.join(d, p), "rb").read() for d, _, files in os.walk(directory) for p in files}
 
@@ -60,10 +52,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(common, un
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch 2, step {saved['step_in_epoch']}" in resumed.stderr
-    assert metrics(out) == metrics(uninterrupted)  # losses, accuracies, lr: exactly equal, not just close
-    a, b = final_checkpoints(uninterrupted, out)
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = assert_same_run(uninterrupted, out)  # losses, accuracies, lr, weights: exactly equal
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
@@ -164,9 +153,7 @@ def test_overwrite_replaces_a_finished_run(common, uninterrupted, tmp_path):
     (out / "student_metrics.jsonl").write_text('{"epoch": 1, "from": "the old run"}\n' * 5)
     result = run_main("--mode", "train", *args, "--output-dir", out, "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert metrics(out) == metrics(uninterrupted)  # the same seed and flags: the same run, old rows gone
-    a, b = final_checkpoints(uninterrupted, out)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_run(uninterrupted, out)  # the same seed and flags: the same run, old rows gone
 
 
 def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_run(common, uninterrupted,
@@ -193,9 +180,7 @@ def test_sigterm_saves_at_the_next_step_then_resume_ends_like_an_uninterrupted_r
 
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert metrics(out) == metrics(uninterrupted)
-    a, b = final_checkpoints(uninterrupted, out)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_run(uninterrupted, out)
 
 
 def test_sigterm_is_recorded_inside_the_block_and_the_handler_restored_after():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import demo
-from conftest import final_checkpoints, kill_inside_second_epoch, run_main
+from conftest import assert_same_run, kill_inside_second_epoch, metrics, run_main
 from losses import IGNORE_INDEX, DistillationLoss
 
 
@@ -73,14 +73,6 @@ def test_per_word_unlabelled_rows_use_their_word_positions_only():
 
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "4", "--student-image-size", "64",
         "--student-size", "small", "--epochs", "2", "--save-every", "2"]
-TIMING = ("train_seconds", "train_docs_per_s")
-
-
-def metrics(out_dir):
-    with open(out_dir / "student_metrics.jsonl") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_demo, tmp_path_factory):
     """A teacher that reads words, boxes and page (the demo's kind) trained for one epoch on the tiny corpus, and
@@ -140,9 +132,7 @@ def test_sigkill_mid_epoch_then_resume_with_both_sources_ends_like_an_uninterrup
     assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 12  # 48 pages, batch 4: 12 steps an epoch
     resumed = run_main("--mode", "train", *args, "--output-dir", out, "--checkpoint", ckpt)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert metrics(out) == metrics(full)
-    a, b = final_checkpoints(full, out)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert_same_run(full, out)
 
 
 def test_student_sizes_are_named_in_one_place():
