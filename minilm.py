@@ -35,10 +35,15 @@ def layoutlmv3_config(base, source=None):
     return base
 
 
-def copy_text_weights(encoder, source=None):
-    """Copy MiniLM's embeddings and layers into a LayoutLMv3Model (`encoder`); returns the names copied."""
+def load_weights(source=None):
+    """MiniLM's tensors by name, read once for copy_text_weights and copy_pooler."""
     from safetensors.torch import load_file
-    weights = load_file(os.path.join(source or minilm_dir(), "model.safetensors"))
+    return load_file(os.path.join(source or minilm_dir(), "model.safetensors"))
+
+
+def copy_text_weights(encoder, weights):
+    """Copy MiniLM's embeddings and layers (load_weights) into a LayoutLMv3Model (`encoder`); returns the names
+    copied."""
     state, config, copied = encoder.state_dict(), encoder.config, []
     for name, tensor in ((k.removeprefix("bert."), v) for k, v in weights.items()):
         if name == "embeddings.position_embeddings.weight":
@@ -56,15 +61,13 @@ def copy_text_weights(encoder, source=None):
     layers = sum(".layer." in name for name in copied)
     if layers != 16 * config.num_hidden_layers:
         raise UserError(f"copied {layers} MiniLM layer tensors into a {config.num_hidden_layers}-layer LayoutLMv3, "
-                        f"expected {16 * config.num_hidden_layers}: is {source or minilm_dir()} MiniLM-L6?")
+                        f"expected {16 * config.num_hidden_layers}: are these MiniLM-L6's weights?")
     return copied
 
 
-def copy_pooler(head, source=None):
-    """MiniLM's pooler (dense + tanh on the first token) into a LayoutLMv3 classification head's `dense`, which
-    has the same place and shape: the head then starts as BERT's pooled output does, and only out_proj is new."""
-    from safetensors.torch import load_file
-    weights = load_file(os.path.join(source or minilm_dir(), "model.safetensors"))
+def copy_pooler(head, weights):
+    """MiniLM's pooler (dense + tanh on the first token; load_weights) into a LayoutLMv3 classification head's
+    `dense`, which has the same place and shape: the head starts as BERT's pooled output, only out_proj is new."""
     head.dense.weight.data.copy_(weights["pooler.dense.weight"])
     head.dense.bias.data.copy_(weights["pooler.dense.bias"])
 

@@ -62,8 +62,9 @@ def demo_minilm_teacher(labels):
     config.update({"visual_embed": False, "architectures": ["LayoutLMv3ForSequenceClassification"],
                    "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}})
     model = LayoutLMv3ForSequenceClassification(config)
-    minilm.copy_text_weights(model.layoutlmv3)
-    minilm.copy_pooler(model.classifier)
+    weights = minilm.load_weights()
+    minilm.copy_text_weights(model.layoutlmv3, weights)
+    minilm.copy_pooler(model.classifier, weights)
     return model
 
 

@@ -42,9 +42,10 @@ def main(variant, lr, steps, cache="runs/cache"):
     config = minilm.layoutlmv3_config(models.builtin_configs()["builtin:layoutlmv3-base"]())
     config.update(dict(input_size=128, num_labels=16, visual_embed=not variant.startswith("novis")))
     model = LayoutLMv3ForSequenceClassification(config)
-    minilm.copy_text_weights(model.layoutlmv3)
+    weights = minilm.load_weights()
+    minilm.copy_text_weights(model.layoutlmv3, weights)
     if "pool" in variant:
-        minilm.copy_pooler(model.classifier)
+        minilm.copy_pooler(model.classifier, weights)
     optimizer = torch.optim.AdamW(model.parameters(), lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 6) * max(0, 1 - s / steps))
     start, accs = time.time(), []

@@ -18,7 +18,7 @@ def main(minilm_dir, layoutlmv3_dir, out_dir):
     config = minilm.layoutlmv3_config(LayoutLMv3Config.from_pretrained(layoutlmv3_dir), minilm_dir)
     config.architectures = None
     model = LayoutLMv3Model(config)
-    copied = minilm.copy_text_weights(model, minilm_dir)
+    copied = minilm.copy_text_weights(model, minilm.load_weights(minilm_dir))
     model.save_pretrained(out_dir)
     minilm.save_tokenizer(out_dir, minilm_dir)
     print(f"{out_dir}: LayoutLMv3 with {len(copied)} MiniLM tensors, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "

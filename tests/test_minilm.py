@@ -21,7 +21,7 @@ def test_copied_text_layers_compute_what_minilm_computes(bert):
     config = minilm.layoutlmv3_config(models.builtin_configs()["builtin:layoutlmv3-base"]())
     config.update(dict(visual_embed=False, has_relative_attention_bias=False, has_spatial_attention_bias=False))
     model = LayoutLMv3Model(config)
-    copied = minilm.copy_text_weights(model)
+    copied = minilm.copy_text_weights(model, minilm.load_weights())
     assert sum(".layer." in n for n in copied) == 16 * 6
     for name in ("x", "y", "h", "w"):
         getattr(model.embeddings, f"{name}_position_embeddings").weight.data.zero_()
