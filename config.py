@@ -83,6 +83,12 @@ class Config:
                            "alone: the CE is averaged over labelled documents (words), the KD term over all of them, "
                            "an unlabelled form's over its real words (see --unlabeled-weight); mode train with "
                            "alpha > 0 only; sequence- and token-classification", default="")
+    labeled_fraction: float = _help("keep the labels of this seeded share of the training split's documents (word "
+                                    "crops for text recognition; 1 = all) and hide the others' labels: those are "
+                                    "taught by the teacher alone, as --unlabeled documents are; with --alpha 0 (no "
+                                    "teacher) they are left out, so the student trains on the same labelled "
+                                    "share alone. To measure what distillation gives when only part of the data "
+                                    "is labelled; mode train; every task", default=1.0)
     unlabeled_weight: float = _help("weight of an unlabelled document's KD term relative to a labelled one's: "
                                     "KD = (sum of labelled KL + w * sum of unlabelled KL) / all documents",
                                     default=1.0)
@@ -202,7 +208,7 @@ class Config:
         if self.task not in TASKS:
             problems.append(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("alpha", "temperature", "lr", "weight_decay", "warmup_ratio", "unlabeled_weight",
-                     "early_stopping_min_delta", "lora_alpha", "lora_dropout"):
+                     "labeled_fraction", "early_stopping_min_delta", "lora_alpha", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
@@ -219,6 +225,8 @@ class Config:
             problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
         if self.unlabeled and self.mode == "train" and self.alpha == 0:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
+        if self.labeled_fraction < 1 and self.mode == "teacher":
+            problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.lora_r and self.mode != "teacher":
@@ -263,6 +271,11 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def defaults():
+    """Every setting's default value, by name."""
+    return {f.name: f.default for f in fields(Config)}
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -280,7 +293,7 @@ NUMERIC_BOUNDS = {
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
-    "feature_weight": (0, None, False),
+    "feature_weight": (0, None, False), "labeled_fraction": (0, 1, True),
 }
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import random
 
 import datasets
 import numpy as np
@@ -164,6 +165,30 @@ def select_samples(split, max_samples, seed):
     if max_samples and len(split) > max_samples:
         return split.shuffle(seed=seed).select(range(max_samples))
     return split
+
+
+def hidden_labels(n, labeled_fraction, seed):
+    """--labeled-fraction: the indices of the n training documents whose labels are hidden, a seeded share of
+    1 - labeled_fraction of them (at least one document keeps its label)."""
+    if labeled_fraction >= 1 or n == 0:
+        return set()
+    keep = max(1, round(n * labeled_fraction))
+    return set(random.Random(seed).sample(range(n), n - keep))
+
+
+def hide_labels(split, hidden, without_labels, alpha):
+    """--labeled-fraction: the documents at `hidden` unlabelled (without_labels(split, hidden)), or, with alpha 0
+    (no teacher to teach them), left out. `split` is a Dataset or a list of rows."""
+    if alpha == 0:
+        kept = [i for i in range(len(split)) if i not in hidden]
+        return split.select(kept) if hasattr(split, "select") else [split[i] for i in kept]
+    return without_labels(split, hidden)
+
+
+def without_labels(split, hidden):
+    """The documents with label IGNORE_INDEX at the indices `hidden`: unlabelled, taught by the teacher alone."""
+    labels = [IGNORE_INDEX if i in hidden else label for i, label in enumerate(split["label"])]
+    return split.remove_columns("label").add_column("label", labels)
 
 
 def load_documents(cfg):

@@ -62,6 +62,7 @@ class DocumentClassification:
     metric_name = "accuracy"
     unit = "documents"
     make_loss = staticmethod(distillation_loss)
+    without_labels = staticmethod(dataset.without_labels)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
@@ -148,6 +149,7 @@ class TokenClassification:
     metric_name = "f1"
     unit = "words"
     make_loss = staticmethod(distillation_loss)
+    without_labels = staticmethod(wordtags.untag_some)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
@@ -227,11 +229,19 @@ def use_model_labels(task, model_labels):
 def prepare_splits(task, load_unlabeled, preprocess):
     """task.splits: every split of task.documents preprocessed, unusable documents handled by --on-bad-sample.
 
-    With --unlabeled, load_unlabeled(cfg)'s documents (task.documents["unlabeled"], prepared: task.unlabeled)
+    With --labeled-fraction F < 1, the labels of a seeded 1 - F share of the training documents are hidden first
+    (task.without_labels; with alpha 0 those documents are left out). With --unlabeled, load_unlabeled(cfg)'s documents (task.documents["unlabeled"], prepared: task.unlabeled)
     join the training split, numbered after its documents, so the teacher-logit cache holds a row for each.
     preprocess(split, desc=..., index_offset=...) -> the split preprocessed (cached), every row kept.
     """
     cfg = task.cfg
+    if cfg.mode == "train" and cfg.labeled_fraction < 1:
+        train = task.documents[cfg.train_split]
+        hidden = dataset.hidden_labels(len(train), cfg.labeled_fraction, cfg.seed)
+        task.documents[cfg.train_split] = dataset.hide_labels(train, hidden, task.without_labels, cfg.alpha)
+        log.info("--labeled-fraction %g: %d of %d training documents keep their labels; the other %d %s",
+                 cfg.labeled_fraction, len(train) - len(hidden), len(train), len(hidden),
+                 "are left out (alpha 0: no teacher)" if cfg.alpha == 0 else "are taught by the teacher alone")
 
     def prepare(split, name, index_offset=0):
         return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset),

@@ -71,6 +71,11 @@ def prepare(rows, max_width, cache_dir, name):
                                          output_all_columns=True)
 
 
+def untranscribed(rows, hidden):
+    """The crop rows with the transcripts of those at `hidden` dropped (--labeled-fraction): unlabelled."""
+    return [{**row, "has_text": False} if i in hidden else row for i, row in enumerate(rows)]
+
+
 class Collator:
     """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time."""
 
@@ -135,9 +140,15 @@ class TextRecognition:
                                                             abs(r["box"][3] - r["box"][1])) >= 2]
             if len(usable) < len(rows):
                 log.warning("%s: %d crops with a box under 2 px left out", name, len(rows) - len(usable))
-            rows = usable
+            rows = subset(usable, cfg.max_samples, cfg.seed)
+            if name == cfg.train_split and cfg.mode == "train" and cfg.labeled_fraction < 1:
+                hidden = dataset.hidden_labels(len(rows), cfg.labeled_fraction, cfg.seed)
+                log.info("--labeled-fraction %g: %d of %d training crops keep their transcripts; the other %d %s",
+                         cfg.labeled_fraction, len(rows) - len(hidden), len(rows), len(hidden),
+                         "are left out (alpha 0: no teacher)" if cfg.alpha == 0 else "are taught by the teacher alone")
+                rows = dataset.hide_labels(rows, hidden, untranscribed, cfg.alpha)
             self.documents[name], self.splits[name] = prepare(
-                subset(rows, cfg.max_samples, cfg.seed), cfg.max_text_width, cfg.cache_dir, name)
+                rows, cfg.max_text_width, cfg.cache_dir, name)
         self.labels = textrec.student_labels()
         if cfg.teacher.endswith(".jsonl"):
             self.teacher = ocr_teacher.TranscriptTeacher(cfg.teacher)

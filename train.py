@@ -24,13 +24,13 @@ import models
 import recipe
 import teacher_cache
 import utils
-from config import UserError
+from config import UserError, defaults
 from losses import IGNORE_INDEX
 
 log = logging.getLogger("docdistill")
 # Settings that must match between a checkpoint and the run resuming from it.
 RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
-               "unlabeled", "unlabeled_weight", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
+               "unlabeled", "unlabeled_weight", "labeled_fraction", "train_split", "max_samples", "max_length", "batch_size", "grad_accum",
                "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature", "seed", "epochs",
                "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
@@ -201,11 +201,13 @@ def load_checkpoint(path, cfg, name):
         raise UserError(f"{path} is a checkpoint of {checkpoint['name']} training, not of the {name}: resume "
                         f"with --mode {'train' if checkpoint['name'] == 'student' else 'teacher'}")
     if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
-        saved = checkpoint["settings"]
+        # A setting added after the checkpoint was written is not recorded there: it ran at the default.
+        saved = {**defaults(), **checkpoint["settings"]}
         differing = [f"{k}: {saved.get(k, 'not recorded')!r} in checkpoint, {getattr(cfg, k)!r} now"
                      for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
-                        f"use the same flags as the run that wrote it")
+        if differing:
+            raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
+                            f"use the same flags as the run that wrote it")
     return checkpoint
 
 

@@ -178,6 +178,14 @@ def untag(split):
                             feature=datasets.Sequence(datasets.Value("int64")))
 
 
+def untag_some(split, hidden):
+    """The forms with every tag IGNORE_INDEX at the indices `hidden` (--labeled-fraction), the others as they are."""
+    tags = [[IGNORE_INDEX] * len(words) if i in hidden else tags
+            for i, (words, tags) in enumerate(zip(split["words"], split["ner_tags"]))]
+    return split.remove_columns("ner_tags").add_column("ner_tags", tags,
+                                                       feature=datasets.Sequence(datasets.Value("int64")))
+
+
 def load_word_source(source, cache_dir, tagged=True):
     """Raw forms (DatasetDict) and the tag names (None where not tagged) from a FUNSD folder or the hub layout."""
     root = funsd_root(source) if os.path.isdir(source) else None

@@ -255,3 +255,37 @@ def test_token_classification_train_with_unlabelled_forms(tmp_path):
     from safetensors.torch import load_file
     logits = load_file(path)["logits"]
     assert logits.shape[0] == 4 and bool((logits.abs().sum((1, 2)) > 0).all())
+
+
+# ------------------------------------------------------------------------ --labeled-fraction: part of the labels
+def test_labeled_fraction_hides_a_seeded_share_of_the_labels():
+    import datasets
+    import dataset
+    import wordtags
+    from textrec_task import untranscribed
+    hidden = dataset.hidden_labels(10, 0.3, seed=7)
+    assert len(hidden) == 7 and hidden == dataset.hidden_labels(10, 0.3, seed=7) != dataset.hidden_labels(10, 0.3, 8)
+    assert dataset.hidden_labels(10, 1.0, 7) == set() and len(dataset.hidden_labels(3, 0.01, 7)) == 2  # one kept
+    pages = datasets.Dataset.from_dict({"label": [0, 1, 2, 1], "words": [["a"], ["b", "c"], ["d"], ["e"]]})
+    out = dataset.hide_labels(pages, {1, 3}, dataset.without_labels, alpha=0.5)
+    assert out["label"] == [0, IGNORE_INDEX, 2, IGNORE_INDEX] and out["words"] == pages["words"]
+    assert dataset.hide_labels(pages, {1, 3}, dataset.without_labels, alpha=0.0)["label"] == [0, 2]  # left out
+    forms = datasets.Dataset.from_dict({"words": [["a", "b"], ["c"]], "ner_tags": [[1, 2], [3]]})
+    assert wordtags.untag_some(forms, {0})["ner_tags"] == [[IGNORE_INDEX] * 2, [3]]
+    crops = [{"key": "k0", "has_text": True}, {"key": "k1", "has_text": True}]
+    assert [r["has_text"] for r in dataset.hide_labels(crops, {1}, untranscribed, alpha=0.5)] == [True, False]
+    assert dataset.hide_labels(crops, {1}, untranscribed, alpha=0.0) == crops[:1]
+
+
+def test_train_with_half_the_labels(setup):
+    """The tiny corpus's 32 pages with --labeled-fraction 0.5: 16 keep their labels, the teacher teaches all 32."""
+    root, args = setup
+    args = [a for a in args[:args.index("--unlabeled")]]
+    result = run_main("--mode", "train", *args, "--labeled-fraction", "0.5", "--epochs", "1",
+                      "--output-dir", root / "half")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "16 of 32 training documents keep their labels; the other 16 are taught by the teacher" in result.stderr
+    assert metrics(root / "half")[0]["train_kd"] > 0
+    from config import UserError, parse_config
+    with pytest.raises(UserError, match="--labeled-fraction"):
+        parse_config(["--labeled-fraction", "0.5", "--mode", "teacher", "--output-dir", str(root / "x")])
