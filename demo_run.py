@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 import models
+import stats
 import train
 import utils
 
@@ -39,7 +40,6 @@ STUDENT = dict(student_size="small", tokenizer="minilm", max_length=128, student
 # (the best epoch on validation is kept in every run).
 LABELLED_EPOCHS, UNLABELED_EPOCHS = 20, 8
 SEEDS = (42, 43)  # the two rows that matter (alone, distilled with unlabelled pages) run with both
-BOOTSTRAP = 2000  # paired resamples of the test pages
 
 
 def steps(cfg):
@@ -49,16 +49,6 @@ def steps(cfg):
     alone = [("alone", seed, dict(alpha=0.0, epochs=LABELLED_EPOCHS)) for seed in SEEDS]
     # longest first, so that two slots finish together (the teacher job has cached their teacher logits)
     return [unlabeled[0], alone[0], unlabeled[1], ("distilled", SEEDS[0], dict(epochs=LABELLED_EPOCHS)), alone[1]]
-
-
-def paired_bootstrap(correct_a, correct_b, resamples=BOOTSTRAP, seed=0):
-    """95% interval of mean(b) - mean(a) over the same pages, resampled together (seeded)."""
-    a, b = np.asarray(correct_a, dtype=np.float64), np.asarray(correct_b, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    diffs = (b[idx] - a[idx]).mean(axis=1)
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return {"difference": float(b.mean() - a.mean()), "low": float(low), "high": float(high),
-            "resamples": resamples}
 
 
 def predict_test(task, model, forward, cfg):
@@ -170,7 +160,7 @@ def run(cfg):
         mine = np.asarray(results["teacher"]["correct"]) if name == "teacher" else \
             np.mean([correct[(name, s)] for s in seeds], axis=0)
         base = alone_mean if len(seeds) == len(SEEDS) else correct[("alone", seeds[0])]
-        results["spread"][name] = {**paired_bootstrap(base, mine), "seeds": seeds}
+        results["spread"][name] = {**stats.paired_bootstrap(base, mine), "seeds": seeds}
     timings["total"] = time.perf_counter() - started
     table = demo_table(results)
     print("\n" + table)
@@ -203,7 +193,7 @@ def demo_table(results):
         lines.append(f"| {title} (2x128, random weights; words, boxes, page at 64 px) | {r['labelled_pages']} | {r['unlabeled_pages'] or '-'} | {acc} | {f1:.3f} | "
                      f"{r['parameters'] / 1e6:.2f}M | {r['pages_per_second']:.0f} |")
     lines += ["", "Accuracy with two seeds is their mean (each seed in brackets). Difference to the student alone, "
-              f"paired bootstrap over the test pages ({BOOTSTRAP} resamples, 95% interval):", ""]
+              f"paired bootstrap over the test pages ({stats.RESAMPLES} resamples, 95% interval):", ""]
     for name, title in (("distilled_unlabeled", titles["distilled_unlabeled"]), ("distilled", titles["distilled"]),
                         ("teacher", "teacher")):
         s = results["spread"][name]

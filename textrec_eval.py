@@ -95,6 +95,7 @@ def evaluate(task, cfg, student, path):
     result["char_accuracy"] = 1.0 - result["student"]["cer"]
     result["speedup_batch1"] = result["teacher_ms_per_crop"] / result["student_ms_per_crop"]
     utils.atomic_json(result, os.path.join(cfg.output_dir, "eval.json"))
+    write_predictions(split["key"], truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "predictions.jsonl"))
     worst_errors(split, truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "worst_errors.png"))
     s, t = result["student"], result["teacher_scores"]
     log.info("%s on %s (%d crops): student CER %.4f WER %.4f exact %.4f (%.2f ms/crop); teacher CER %.4f WER %.4f "
@@ -102,6 +103,14 @@ def evaluate(task, cfg, student, path):
              s["exact"], result["student_ms_per_crop"], t["cer"], t["wer"], t["exact"], result["teacher_ms_per_crop"],
              result["speedup_batch1"])
     return result
+
+
+def write_predictions(keys, truths, preds, teacher, path):
+    """One JSON row per crop: key, truth, student and teacher readings, and each one's character edits (so two
+    students can be compared crop by crop: benchmarks/textrec_table.py's paired bootstrap)."""
+    rows = [{"key": k, "truth": t, "student": p, "teacher": r, "student_edits": textrec.char_errors(t, p),
+             "teacher_edits": textrec.char_errors(t, r)} for k, t, p, r in zip(keys, truths, preds, teacher)]
+    utils._atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def worst_errors(split, truths, preds, teacher, path):

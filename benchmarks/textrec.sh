@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Text recognition on FUNSD words: PP-OCRv4 (ONNX) teacher -> small CRNN student, alone and distilled, at full
-# and at low resolution; every student scored on all 8,707 FUNSD test words next to the teacher.
+# Text recognition: PP-OCRv4 (ONNX) teacher -> small CRNN student, alone and distilled, at full and at low
+# resolution, with all labels or only a share of them; every student scored on the whole test split next to the
+# teacher, and each distilled student compared with the student alone (paired bootstrap over the test crops).
 #
-#   bash benchmarks/textrec.sh                       # everything below, results in $OUT/results.md
+#   bash benchmarks/textrec.sh                       # the runs below on FUNSD words, results in $OUT/results.md
 #   RUNS="ctc kl" bash benchmarks/textrec.sh         # a subset of the runs
+#   PRESET=sroie-lines DATA=../shared/data/sroie OUT=runs/textrec-sroie bash benchmarks/textrec.sh
 #
-# Settings (environment): FUNSD (the dataset folder), OUT, TRAIN_SAMPLES (seeded subset of the training words,
-# 0 = all 20,176), EPOCHS, LOWRES (the low-resolution student's --degrade-height), THREADS (1 by default).
+# Runs: ctc (CTC on the labels alone), kl (+ per-step KL), seq (+ sequence KD), each also as lowres-* (the student
+# reads crops shrunk to LOWRES px high) and l10-* (only 10% of the training crops keep their transcripts,
+# --labeled-fraction 0.1: the teacher alone teaches the rest; l10-ctc trains on the labelled 10% alone).
+# Settings (environment): PRESET, DATA (the dataset folder), OUT, TRAIN_SAMPLES (seeded subset of the training
+# crops, 0 = all), EPOCHS, LOWRES (the low-resolution student's --degrade-height), THREADS (1 by default),
+# EXTRA (more flags for every run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FUNSD=${FUNSD:-../shared/data/funsd/dataset}
+PRESET=${PRESET:-funsd-words}
+DATA=${DATA:-${FUNSD:-../shared/data/funsd/dataset}}
 OUT=${OUT:-runs/textrec}
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-4000}
 EPOCHS=${EPOCHS:-6}
@@ -17,12 +24,13 @@ LOWRES=${LOWRES:-8}
 RUNS=${RUNS:-"ctc kl seq lowres-ctc lowres-kl lowres-seq"}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${THREADS:-1} HF_HUB_OFFLINE=1
-COMMON=(--preset funsd-words --dataset "$FUNSD" --cache-dir "$OUT/cache" --epochs "$EPOCHS")
+COMMON=(--preset "$PRESET" --dataset "$DATA" --cache-dir "$OUT/cache" --epochs "$EPOCHS" ${EXTRA:-})
 
 for run in $RUNS; do
   flags=()
   case $run in
     lowres-*) flags+=(--degrade-height "$LOWRES"); kind=${run#lowres-} ;;
+    l10-*) flags+=(--labeled-fraction 0.1); kind=${run#l10-} ;;
     *) kind=$run ;;
   esac
   case $kind in

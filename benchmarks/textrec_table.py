@@ -1,36 +1,64 @@
-"""The README table from the eval.json files of benchmarks/textrec.sh: python benchmarks/textrec_table.py OUT."""
+"""The README table from benchmarks/textrec.sh's runs: python benchmarks/textrec_table.py OUT.
+
+One row per run directory of OUT with an eval.json; each distilled run is compared with the student alone of the
+same kind (kl, seq -> ctc; lowres-kl -> lowres-ctc; l10-kl -> l10-ctc): the CER difference and its 95% paired
+bootstrap interval over the test crops (predictions.jsonl).
+"""
 import json
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import stats  # noqa: E402
+
 NAMES = {"ctc": "CTC on labels alone", "kl": "distilled: + per-step KL", "seq": "distilled: + sequence KD"}
+PREFIXES = {"lowres": None, "l10": "10% of the training crops labelled"}
+
+
+def describe(run, result):
+    prefix, _, kind = run.rpartition("-") if run.rpartition("-")[0] in PREFIXES else ("", "", run)
+    low = result["degradation"]["degrade_height"]
+    where = [f"{low} px" if low else "full resolution"]
+    if PREFIXES.get(prefix):
+        where.append(PREFIXES[prefix])
+    return prefix, kind, f"student ({', '.join(where)}), {NAMES.get(kind, kind)}"
+
+
+def edits(out, run):
+    path = os.path.join(out, run, "predictions.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path)]
+    return [(r["student_edits"], len(r["truth"])) for r in rows]
 
 
 def main(out):
-    rows, teacher = [], None
-    for run in ("ctc", "ctc-10ep", "kl", "seq", "lowres-ctc", "lowres-kl", "lowres-seq"):
-        path = os.path.join(out, run, "eval.json")
-        if not os.path.exists(path):
-            continue
-        r = json.load(open(path))
-        teacher = teacher or r
-        low = r["degradation"]["degrade_height"]
-        kind = run.split("-")[1] if run.startswith("lowres-") else run.split("-")[0]
-        epochs = " (10 epochs)" if run.endswith("10ep") else ""
-        name = f"student ({'%d px' % low if low else 'full resolution'}), {NAMES[kind]}{epochs}"
-        s = r["student"]
-        rows.append(f"| {name} | {s['cer']:.4f} | {s['wer']:.4f} | {s['exact']:.4f} | {s['exact_nocase']:.4f} | "
-                    f"{r['student_parameters'] / 1e6:.2f}M | {r['student_ms_per_crop']:.2f} / "
-                    f"{r['teacher_ms_per_crop']:.2f} ({r['speedup_batch1']:.1f}x) | {r['teacher_agreement']:.3f} |")
-    if teacher is None:
+    runs = sorted(d for d in os.listdir(out) if os.path.exists(os.path.join(out, d, "eval.json")))
+    results = {run: json.load(open(os.path.join(out, run, "eval.json"))) for run in runs}
+    if not results:
         return
+    teacher = next(iter(results.values()))
+    rows = []
+    for run, r in results.items():
+        prefix, kind, name = describe(run, r)
+        baseline = f"{prefix}-ctc" if prefix else "ctc"
+        gain = "-"
+        if kind != "ctc" and baseline in results and edits(out, run) and edits(out, baseline):
+            s = stats.paired_bootstrap(edits(out, baseline), edits(out, run))
+            gain = f"{s['difference']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]"
+        s = r["student"]
+        rows.append(f"| {name} | {s['cer']:.4f} | {gain} | {s['wer']:.4f} | {s['exact']:.4f} | "
+                    f"{s['exact_nocase']:.4f} | {r['student_parameters'] / 1e6:.2f}M | "
+                    f"{r['student_ms_per_crop']:.2f} / {r['teacher_ms_per_crop']:.2f} ({r['speedup_batch1']:.1f}x) | "
+                    f"{r['teacher_agreement']:.3f} |")
     t = teacher["teacher_scores"]
-    print(f"{teacher['crops']} FUNSD test words ({teacher['split']} split); ms per crop at batch 1, "
-          f"{teacher['threads']} thread(s)\n")
-    print("| model | CER | WER | exact | exact (any case) | parameters | ms/crop: student / teacher, same eval "
-          "(speed-up) | agrees with teacher |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| teacher: PP-OCRv4 recogniser (ONNX, clean 48 px crops) | {t['cer']:.4f} | {t['wer']:.4f} | "
+    print(f"{teacher['crops']} test crops ({teacher['split']} split); ms per crop at batch 1, {teacher['threads']} "
+          f"thread(s); CER change against the student alone of the same kind, 95% paired bootstrap interval over "
+          f"the test crops ({stats.RESAMPLES} resamples)\n")
+    print("| model | CER | CER change vs alone | WER | exact | exact (any case) | parameters | ms/crop: student / "
+          "teacher, same eval (speed-up) | agrees with teacher |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| teacher: PP-OCRv4 recogniser (ONNX, clean 48 px crops) | {t['cer']:.4f} | - | {t['wer']:.4f} | "
           f"{t['exact']:.4f} | {t['exact_nocase']:.4f} | {teacher['teacher_parameters'] / 1e6:.2f}M | "
           f"- / {teacher['teacher_ms_per_crop']:.2f} | - |")
     print("\n".join(rows))

@@ -130,15 +130,15 @@ def test_streams_give_different_pages():
 def test_paired_bootstrap():
     import numpy as np
 
-    import demo_run
+    import stats
     a = np.zeros(800, dtype=bool)
     a[:400] = True
     b = a.copy()
     b[400:440] = True  # b is right on 40 more pages: +5 points
-    s = demo_run.paired_bootstrap(a, b)
+    s = stats.paired_bootstrap(a, b)
     assert s["difference"] == pytest.approx(0.05) and s["low"] < 0.05 < s["high"] and s["low"] > 0.03
-    assert demo_run.paired_bootstrap(a, b) == s  # seeded
-    same = demo_run.paired_bootstrap(a, a)
+    assert stats.paired_bootstrap(a, b) == s  # seeded
+    same = stats.paired_bootstrap(a, a)
     assert same["low"] == same["high"] == 0.0
 
 
@@ -159,3 +159,17 @@ def test_demo_table_reports_every_row_and_the_spread():
     assert "800 pages" in table and "| 2048 |" in table and "| 1024 |" in table
     assert "| 90 |" in table and "| 40 |" in table and "6x384" in table
     assert "0.500 (0.500, 0.500)" in table and "+5.0 points [+2.0, +8.0]" in table and "total 600" in table
+
+
+def test_paired_bootstrap_of_a_ratio_like_cer():
+    """(errors, length) rows: the score is errors / length over all items, as CER is over a split."""
+    import numpy as np
+
+    import stats
+    lengths = np.full(500, 10)
+    a = np.stack([np.full(500, 2), lengths], 1)  # CER 0.2
+    b = a.copy()
+    b[:250, 0] = 1  # half the crops lose one error: CER 0.15
+    s = stats.paired_bootstrap(a, b)
+    assert s["difference"] == pytest.approx(-0.05) and s["low"] < -0.05 < s["high"] < -0.04
+    assert stats.paired_bootstrap(a, a)["low"] == stats.paired_bootstrap(a, a)["high"] == 0.0
