@@ -289,3 +289,25 @@ def test_train_with_half_the_labels(setup):
     from config import UserError, parse_config
     with pytest.raises(UserError, match="--labeled-fraction"):
         parse_config(["--labeled-fraction", "0.5", "--mode", "teacher", "--output-dir", str(root / "x")])
+
+
+def test_resume_from_a_checkpoint_that_predates_a_setting(setup, uninterrupted, tmp_path):
+    """A checkpoint written before --labeled-fraction existed (no such setting recorded, fingerprint without it)
+    resumes when the setting is at its default, and is refused, naming it, when it is not."""
+    import hashlib
+
+    import train
+    from config import UserError, parse_config
+    out, _ = uninterrupted
+    checkpoint = torch.load(out / "latest_checkpoint.pth", weights_only=True)
+    old_keys = [k for k in train.RESUME_KEYS if k != "labeled_fraction"]
+    checkpoint["settings"].pop("labeled_fraction")
+    blob = json.dumps({k: checkpoint["settings"][k] for k in old_keys}, sort_keys=True)
+    checkpoint["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    old = tmp_path / "old.pth"
+    torch.save(checkpoint, old)
+    root, args = setup
+    argv = ["--mode", "train", *map(str, args), "--output-dir", str(out)]
+    assert train.load_checkpoint(str(old), parse_config(argv), "student")["fingerprint"] == checkpoint["fingerprint"]
+    with pytest.raises(UserError, match="labeled_fraction: 1.0 in checkpoint, 0.5 now"):
+        train.load_checkpoint(str(old), parse_config([*argv, "--labeled-fraction", "0.5"]), "student")
