@@ -20,7 +20,7 @@ KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
-TRACKERS = ("none", "tensorboard")
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 class UserError(Exception):
@@ -147,9 +147,12 @@ class Config:
     lora_target_modules: str = _help("comma-separated names of the linear layers that get LoRA adapters (default by "
                                      "architecture, the attention's query and value: q_proj,v_proj for DiT/BEiT and "
                                      "ViT, query,value for LayoutLMv3)", default="")
-    report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
-                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
-                           "learning rate, every epoch's metrics; local files only)", default="none")
+    report_to: str = _help("experiment tracker, through Accelerate: none, tensorboard (event files in "
+                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher) or mlflow (an MLflow SQLite store, "
+                           "OUTPUT_DIR/tracking/mlflow.db, experiment NAME, a run per start or resume; written by the "
+                           "pinned mlflow-skinny, viewed with the full mlflow package's mlflow ui --backend-store-uri "
+                           "sqlite:///OUTPUT_DIR/tracking/mlflow.db, see README): the config, every step's loss terms "
+                           "and learning rate, every epoch's metrics; local files only", default="none")
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
