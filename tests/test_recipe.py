@@ -210,6 +210,31 @@ def test_tensorboard_tracker_writes_config_steps_and_epochs(stopped_run):
     assert hparams and all("early_stopping_patience: 1" in open(path).read() for path in hparams)
 
 
+def test_mlflow_tracker_writes_config_steps_and_epochs_to_a_local_store(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (MLflow's default ./mlruns, mlflow.db)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    code, log = run_logged("--mode", "train", *TINY, "--epochs", "2", "--early-stopping-patience", "1",
+                           "--early-stopping-min-delta", "1", "--report-to", "mlflow", "--dataset", tiny_demo,
+                           "--cache-dir", tmp_path / "cache", "--output-dir", out)
+    assert code == 0, log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("student").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "student"
+    assert (run.data.params["early_stopping_patience"], run.data.params["report_to"]) == ("1", "mlflow")
+    assert json.loads(run.data.params["input"]) == []  # lists as JSON, as for TensorBoard
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in run.data.metrics}
+    assert {"train/total", "train/ce", "train/kd", "train/lr", "epoch/train_loss", "epoch/val_macro_f1"} <= set(history)
+    assert [step for step, _ in history["train/total"]] == [1, 2]  # one step per epoch: 8 documents, batch 8
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [v for _, v in sorted(history["epoch/val_accuracy"])] == pytest.approx([r["val_accuracy"] for r in rows])
+    assert [v for _, v in sorted(history["train/ce"])] == pytest.approx([r["train_ce"] for r in rows])
+    assert run.data.tags["epoch/stop_reason"] == rows[-1]["stop_reason"]  # text: a tag, not a metric
+
+
 def tiny_beit(labels=3):
     from transformers import BeitConfig, BeitForImageClassification
     torch.manual_seed(0)
