@@ -1,5 +1,5 @@
 """The training recipe around the loop in train.py: data order, learning-rate schedule, early stopping, experiment
-tracking, LoRA."""
+tracking, LoRA (for the teacher, and for a student that starts from pretrained weights)."""
 import contextlib
 import copy
 import json
@@ -148,12 +148,17 @@ def track(accelerator, cfg, values, step):
 
 
 # --lora-target-modules when not given, by config.model_type: the attention's query and value projections
-LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value"}
+LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value",
+                "distilbert": "q_lin,v_lin"}
 HEAD = "classifier"  # the classification head of all of them: trained in full (peft's modules_to_save)
 
 
 def with_lora(cfg, model):
-    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full."""
+    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full.
+
+    The head is every module whose name ends in `classifier` (peft matches modules_to_save by suffix): DistilBERT's
+    sequence classifier has a pre_classifier layer before it, as new as the classifier itself.
+    """
     if not cfg.lora_r:
         return model
     from peft import LoraConfig, get_peft_model
@@ -161,11 +166,12 @@ def with_lora(cfg, model):
     if not targets:
         raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "
                         f"layers, e.g. --lora-target-modules query,value")
-    heads = [HEAD] if hasattr(model, HEAD) else []
+    heads = [name for name, _ in model.named_modules() if name.endswith(HEAD)]
     total = models.count_parameters(model)
     try:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets.split(","), modules_to_save=heads))
+                                                 target_modules=targets.split(","),
+                                                 modules_to_save=[HEAD] if heads else []))
     except ValueError as e:  # target modules not found in the model
         raise UserError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from e
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
