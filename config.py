@@ -20,7 +20,7 @@ KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
-TRACKERS = ("none", "tensorboard")
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 class UserError(Exception):
@@ -145,17 +145,25 @@ class Config:
                                  "the student's crop", default=0.0)
     degrade_jpeg: int = _help("text-recognition: JPEG quality the student's crop is compressed at (0 = none)",
                               default=0)
-    lora_r: int = _help("--mode teacher: rank of LoRA adapters (peft) on --lora-target-modules; the teacher's own "
-                        "weights stay frozen, the adapters and its classification head train, and the saved teacher "
-                        "has the adapters merged in (0 = off: the whole teacher trains)", default=0)
+    lora_r: int = _help("rank of LoRA adapters (peft) on --lora-target-modules, in --mode teacher for the teacher and "
+                        "in --mode train (and sweep) for a student that starts from pretrained weights (--student-size "
+                        "full and a --student-config hub id or directory with weights; refused for a student from "
+                        "random weights); the model's own weights stay frozen, the adapters and its classification "
+                        "head train, and the saved model has the adapters merged in, a plain model that eval, "
+                        "predict and export load as any other (they ignore this flag; 0 = off: the whole model "
+                        "trains)",
+                        default=0)
     lora_alpha: float = _help("LoRA scaling: the adapters' output is multiplied by lora_alpha / lora_r", default=16.0)
     lora_dropout: float = _help("dropout on the LoRA adapters' input", default=0.05)
     lora_target_modules: str = _help("comma-separated names of the linear layers that get LoRA adapters (default by "
                                      "architecture, the attention's query and value: q_proj,v_proj for DiT/BEiT and "
-                                     "ViT, query,value for LayoutLMv3)", default="")
-    report_to: str = _help("experiment tracker, through Accelerate: none, or tensorboard (event files in "
-                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher: the config, every step's loss terms and "
-                           "learning rate, every epoch's metrics; local files only)", default="none")
+                                     "ViT, query,value for LayoutLMv3, q_lin,v_lin for DistilBERT)", default="")
+    report_to: str = _help("experiment tracker, through Accelerate: none, tensorboard (event files in "
+                           "OUTPUT_DIR/tracking/NAME, NAME student or teacher) or mlflow (an MLflow SQLite store, "
+                           "OUTPUT_DIR/tracking/mlflow.db, experiment NAME, a run per start or resume; written by the "
+                           "pinned mlflow-skinny, viewed with the full mlflow package's mlflow ui --backend-store-uri "
+                           "sqlite:///OUTPUT_DIR/tracking/mlflow.db, see README): the config, every step's loss terms "
+                           "and learning rate, every epoch's metrics; local files only", default="none")
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
@@ -229,8 +237,14 @@ class Config:
             problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.lora_r and self.mode != "teacher":
-            problems.append("--lora-r is for --mode teacher: the student trains in full")
+        if self.lora_r and self.mode == "demo":
+            problems.append("--lora-r is for --mode teacher, train or sweep: the demo trains its models in full")
+        elif self.lora_r and self.mode in ("train", "sweep"):  # the modes that read a saved model ignore it
+            import models  # here, not at the top: models imports this module
+            if reason := models.why_random_student(self.student_config, self.student_size, self.task):
+                problems.append(f"--lora-r needs a student that starts from pretrained weights, and {reason}: use "
+                                f"--student-size full with a --student-config that has weights (hub id or "
+                                f"directory), or leave --lora-r out to train the student in full")
         if self.report_to not in TRACKERS:
             problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.amp not in ("no", "bf16", "fp16"):

@@ -207,6 +207,21 @@ def load_teacher(auto_class, source, config, labels, trainable=False):
     return auto_class.from_config(config)
 
 
+def why_random_student(config_source, size, task="sequence-classification"):
+    """Why build_student starts this student from random weights (a --student-size shape, a builtin: config, a
+    directory without weights, the CRNN of text recognition), or "" when it loads pretrained ones."""
+    if task == "text-recognition":
+        return "the text-recognition student (a CRNN) is built from random weights"
+    if size != "full":
+        return f"--student-size {size} builds the student from random weights"
+    if config_source.startswith("builtin:"):
+        return f"--student-config {config_source} is a config only: the student gets random weights"
+    if not has_weights(config_source):
+        return (f"--student-config {config_source} holds no weights ({', '.join(WEIGHT_FILES)}): the student gets "
+                f"random weights")
+    return ""
+
+
 def build_student(auto_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
     """The student, built from a (hub or local) config by an Auto* class, shrunk to a STUDENT_SIZES shape unless
     'full'.
@@ -217,7 +232,7 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
     are valid for the base model stay valid for the student.
     """
     config = load_pretrained_config(config_source)
-    pretrained = size == "full" and not config_source.startswith("builtin:") and has_weights(config_source)
+    pretrained = not why_random_student(config_source, size)
     if size in STUDENT_SIZES:
         shapes = STUDENT_SIZES[size]
         config.update(shapes["distilbert"] if config.model_type == "distilbert" else shapes["layoutlmv3"])

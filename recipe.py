@@ -1,5 +1,6 @@
 """The training recipe around the loop in train.py: data order, learning-rate schedule, early stopping, experiment
-tracking, LoRA."""
+tracking, LoRA (for the teacher, and for a student that starts from pretrained weights)."""
+import contextlib
 import copy
 import json
 import logging
@@ -82,26 +83,82 @@ def tracking_dir(cfg):
     return os.path.join(cfg.output_dir, "tracking")
 
 
+def mlflow_uri(cfg):
+    """--report-to mlflow's store: one SQLite file in the tracking folder (MLflow 3's local backend; its plain-file
+    store refuses to start unless MLFLOW_ALLOW_FILE_STORE is set). Experiments `student` and `teacher`, a run per
+    start (a resume starts its own)."""
+    return "sqlite:///" + os.path.abspath(os.path.join(tracking_dir(cfg), "mlflow.db"))
+
+
 def start_tracking(accelerator, cfg, name):
     """--report-to: start the tracker's run `name` with the resolved config (lists as JSON: trackers take scalars).
 
     Afterwards accelerator.log() writes to it; without a tracker it does nothing.
     """
-    if cfg.report_to != "none":
-        # An event file is named by the second it was opened: a resume within that second would truncate the
-        # first run's file, so each start gets a suffix of its own.
-        unique = {"tensorboard": {"filename_suffix": f".{time.time_ns()}.{os.getpid()}"}}
-        accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
-                                                for k, v in cfg.to_dict().items()}, init_kwargs=unique)
+    if cfg.report_to == "none":
+        return
+    # An event file is named by the second it was opened: a resume within that second would truncate the
+    # first run's file, so each start gets a suffix of its own.
+    kwargs = {"tensorboard": {"filename_suffix": f".{time.time_ns()}.{os.getpid()}"}}
+    if cfg.report_to == "mlflow":
+        kwargs["mlflow"] = start_mlflow(accelerator, cfg, name)
+    accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
+                                            for k, v in cfg.to_dict().items()}, init_kwargs=kwargs)
+
+
+def start_mlflow(accelerator, cfg, name):
+    """MLflow pointed at the run's local store, its usage telemetry (the one thing it would send out) off; the
+    MLflowTracker's arguments: where artifacts go (Accelerate gives it no folder), the run's name."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # read when mlflow is imported, and when it sends anything
+    if accelerator.is_main_process:
+        import mlflow
+        from mlflow.telemetry import set_telemetry_client
+        set_telemetry_client()  # no client, in case mlflow was imported before the variable was set
+        os.makedirs(tracking_dir(cfg), exist_ok=True)
+        mlflow.set_tracking_uri(mlflow_uri(cfg))
+    return {"logging_dir": os.path.abspath(os.path.join(tracking_dir(cfg), "mlflow-artifacts")),
+            "run_name": f"{name}, resumed from {cfg.checkpoint}" if cfg.checkpoint else name}
+
+
+@contextlib.contextmanager
+def tracking(accelerator, cfg, name):
+    """start_tracking() for the block; a block that raises ends an MLflow run as FAILED (KILLED when stopped by
+    SIGTERM or Ctrl-C), so that a later run in the same process (a sweep's next trial) can start its own."""
+    start_tracking(accelerator, cfg, name)
+    try:
+        yield
+    except BaseException as e:
+        if cfg.report_to == "mlflow" and accelerator.is_main_process:
+            import mlflow
+            mlflow.end_run(status=getattr(e, "tracking_status", "KILLED" if isinstance(e, KeyboardInterrupt)
+                                          else "FAILED"))
+        raise
+
+
+def track(accelerator, cfg, values, step):
+    """accelerator.log(values, step); MLflow keeps numbers only as metrics, so its text values (an epoch's
+    stop_reason) are set as tags of the run instead."""
+    if cfg.report_to == "mlflow" and accelerator.is_main_process:
+        import mlflow
+        texts = {k: v for k, v in values.items() if isinstance(v, str)}
+        if texts:
+            mlflow.set_tags(texts)
+        values = {k: v for k, v in values.items() if k not in texts}
+    accelerator.log(values, step=step)
 
 
 # --lora-target-modules when not given, by config.model_type: the attention's query and value projections
-LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value"}
+LORA_TARGETS = {"beit": "q_proj,v_proj", "vit": "q_proj,v_proj", "layoutlmv3": "query,value",
+                "distilbert": "q_lin,v_lin"}
 HEAD = "classifier"  # the classification head of all of them: trained in full (peft's modules_to_save)
 
 
 def with_lora(cfg, model):
-    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full."""
+    """With --lora-r: `model` frozen, with LoRA adapters on --lora-target-modules and its head trained in full.
+
+    The head is every module whose name ends in `classifier` (peft matches modules_to_save by suffix): DistilBERT's
+    sequence classifier has a pre_classifier layer before it, as new as the classifier itself.
+    """
     if not cfg.lora_r:
         return model
     from peft import LoraConfig, get_peft_model
@@ -109,11 +166,12 @@ def with_lora(cfg, model):
     if not targets:
         raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "
                         f"layers, e.g. --lora-target-modules query,value")
-    heads = [HEAD] if hasattr(model, HEAD) else []
+    heads = [name for name, _ in model.named_modules() if name.endswith(HEAD)]
     total = models.count_parameters(model)
     try:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets.split(","), modules_to_save=heads))
+                                                 target_modules=targets.split(","),
+                                                 modules_to_save=[HEAD] if heads else []))
     except ValueError as e:  # target modules not found in the model
         raise UserError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from e
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

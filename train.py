@@ -124,6 +124,7 @@ def live_teacher(accelerator, teacher, teacher_forward):
 
 class Stopped(Exception):
     """The run was asked to stop (SIGTERM) and saved a resumable checkpoint first; main() exits with 143."""
+    tracking_status = "KILLED"  # of its MLflow run (recipe.tracking)
 
 
 def checkpoint_path(out_dir, name):
@@ -335,8 +336,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         if problem:
             raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
 
-    recipe.start_tracking(accelerator, cfg, name)
-    with utils.sigterm_requests() as sigterm:
+    with recipe.tracking(accelerator, cfg, name), utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
             if state["stop_reason"]:  # stopped early, in this run or in the one it resumes
                 break
@@ -429,8 +429,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                     log.info("%s: stopped after epoch %d of %d, the best epoch's model is kept", state["stop_reason"],
                              epoch + 1, cfg.epochs)
                 history.append(row)
-                accelerator.log({f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "metric_name")},
-                                step=(epoch + 1) * len(train_loader))
+                recipe.track(accelerator, cfg, {f"epoch/{k}": v for k, v in row.items()
+                                                if k not in ("epoch", "metric_name")}, (epoch + 1) * len(train_loader))
                 utils.write_jsonl(history, metrics_path)
                 if improved:
                     save_best(task, accelerator.unwrap_model(model), out_dir, name)

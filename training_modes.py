@@ -25,8 +25,9 @@ def run_train(cfg, task):
         log.info("unlabeled (%s): %d documents join %s, taught by the teacher only (KD weight %g)", cfg.unlabeled,
                  task.describe("unlabeled")["documents"], cfg.train_split, cfg.unlabeled_weight)
     teacher = task.teacher if cfg.alpha > 0 else None  # alpha 0: the teacher's outputs are not used, skip it
+    student = recipe.with_lora(cfg, task.student)  # --lora-r: adapters on a pretrained student (config.py)
     # What the loss reads: the logits, or (text recognition with feature terms) the logits and features.
-    best = train.fit(cfg, task, task.student, getattr(task, "student_outputs", task.student_logits),
+    best = train.fit(cfg, task, student, getattr(task, "student_outputs", task.student_logits),
                      teacher=teacher, teacher_forward=getattr(task, "teacher_outputs", task.teacher_logits),
                      name="student")
     log.info("best validation %s: %.4f; student saved in %s", task.metric_name, best,

@@ -1,4 +1,5 @@
-"""The training recipe: --scheduler, early stopping, --config files, --report-to tensorboard, LoRA for the teacher."""
+"""The training recipe: --scheduler, early stopping, --config files, --report-to tensorboard and mlflow, LoRA for the
+teacher and for a pretrained student."""
 import glob
 import json
 import logging
@@ -12,6 +13,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 import models
 import recipe
 from config import Config, UserError, parse_config
+from conftest import assert_same_run, kill_inside_second_epoch, metrics
 
 
 def lrs(scheduler, steps):
@@ -210,6 +212,31 @@ def test_tensorboard_tracker_writes_config_steps_and_epochs(stopped_run):
     assert hparams and all("early_stopping_patience: 1" in open(path).read() for path in hparams)
 
 
+def test_mlflow_tracker_writes_config_steps_and_epochs_to_a_local_store(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (MLflow's default ./mlruns, mlflow.db)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    code, log = run_logged("--mode", "train", *TINY, "--epochs", "2", "--early-stopping-patience", "1",
+                           "--early-stopping-min-delta", "1", "--report-to", "mlflow", "--dataset", tiny_demo,
+                           "--cache-dir", tmp_path / "cache", "--output-dir", out)
+    assert code == 0, log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("student").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "student"
+    assert (run.data.params["early_stopping_patience"], run.data.params["report_to"]) == ("1", "mlflow")
+    assert json.loads(run.data.params["input"]) == []  # lists as JSON, as for TensorBoard
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in run.data.metrics}
+    assert {"train/total", "train/ce", "train/kd", "train/lr", "epoch/train_loss", "epoch/val_macro_f1"} <= set(history)
+    assert [step for step, _ in history["train/total"]] == [1, 2]  # one step per epoch: 8 documents, batch 8
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [v for _, v in sorted(history["epoch/val_accuracy"])] == pytest.approx([r["val_accuracy"] for r in rows])
+    assert [v for _, v in sorted(history["train/ce"])] == pytest.approx([r["train_ce"] for r in rows])
+    assert run.data.tags["epoch/stop_reason"] == rows[-1]["stop_reason"]  # text: a tag, not a metric
+
+
 def tiny_beit(labels=3):
     from transformers import BeitConfig, BeitForImageClassification
     torch.manual_seed(0)
@@ -259,13 +286,21 @@ def test_lora_default_targets_per_architecture_and_errors():
                   ViTForImageClassification(ViTConfig(**small, image_size=32))):
         names = [n for n, p in recipe.with_lora(cfg, model).named_parameters() if p.requires_grad]
         assert any("lora_A" in n for n in names) and any("classifier.modules_to_save" in n for n in names)
-    with pytest.raises(UserError, match="no default --lora-target-modules for a distilbert model"):
-        recipe.with_lora(cfg, DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2,
-                                                                                   hidden_dim=32)))
+    # DistilBERT (the funsd preset's pretrained student): q_lin,v_lin, and its sequence head's pre_classifier too
+    distilbert = recipe.with_lora(cfg, DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1,
+                                                                                            n_heads=2, hidden_dim=32)))
+    names = [n for n, p in distilbert.named_parameters() if p.requires_grad]
+    assert any("q_lin.lora_A" in n for n in names) and any("v_lin.lora_B" in n for n in names)
+    assert any("pre_classifier.modules_to_save" in n for n in names)
+    assert any(".classifier.modules_to_save" in n for n in names)
+    from transformers import BertConfig, BertForSequenceClassification
+    with pytest.raises(UserError, match="no default --lora-target-modules for a bert model"):
+        recipe.with_lora(cfg, BertForSequenceClassification(BertConfig(**small)))
     with pytest.raises(UserError, match="--lora-target-modules nope: .*"):
         recipe.with_lora(Config(mode="teacher", lora_r=2, lora_target_modules="nope"), tiny_beit())
-    with pytest.raises(UserError, match="--lora-r is for --mode teacher"):
-        parse_config(["--mode", "train", "--lora-r", "4"])
+    with pytest.raises(UserError, match="--lora-r is for --mode teacher, train or sweep"):
+        parse_config(["--mode", "demo", "--lora-r", "4"])
+    assert parse_config(["--mode", "eval", "--lora-r", "4"]).lora_r == 4  # the training run's flags: ignored
 
 
 def test_lora_teacher_run_saves_a_merged_teacher_and_resumes(tiny_demo, tmp_path):
@@ -285,3 +320,147 @@ def test_lora_teacher_run_saves_a_merged_teacher_and_resumes(tiny_demo, tmp_path
     assert set(best) == set(AutoModelForImageClassification.from_pretrained(tmp_path / "t" / "teacher").state_dict())
     code, log = run_logged(*args, "--checkpoint", tmp_path / "t" / "teacher_checkpoint.pth")
     assert code == 0 and "resumed from" in log, log
+
+
+# ----------------------------------------------------------------------------- LoRA for a pretrained student
+
+DEMO_VOCAB = 3000  # the demo tokenizer's size at most (demo.train_demo_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pretrained_student(tmp_path_factory):
+    """A directory holding a small LayoutLMv3 encoder's weights (no head), as a hub base model would: with
+    --student-size full the student starts from them, with a fresh classification head."""
+    from transformers import LayoutLMv3Model
+    config = models.builtin_configs()["builtin:layoutlmv3-base"]()
+    config.update({**models.STUDENT_SIZES["small"]["layoutlmv3"], "vocab_size": DEMO_VOCAB, "input_size": 32})
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("pretrained") / "student"
+    LayoutLMv3Model(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ([], "--student-size tiny builds the student from random weights"),
+    (["--student-size", "full", "--student-config", "builtin:layoutlmv3-base"], "is a config only"),
+    (["--student-size", "full", "--student-config", "CONFIG_ONLY"], "holds no weights"),
+    (["--task", "text-recognition", "--student-size", "full"], "the text-recognition student (a CRNN)"),
+])
+def test_lora_refuses_a_student_from_random_weights(tmp_path, capsys, flags, reason):
+    import main
+    from transformers import LayoutLMv3Config
+    LayoutLMv3Config().save_pretrained(tmp_path / "config-only")
+    flags = [str(tmp_path / "config-only") if f == "CONFIG_ONLY" else f for f in flags]
+    assert main.main(["--mode", "train", "--lora-r", "4", *flags, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and reason in err
+    assert err.startswith("error: --lora-r needs a student that starts from pretrained weights, and ")
+
+
+def layoutlmv3_batch(n=4, words=6):
+    g = torch.Generator().manual_seed(0)
+    corner = torch.randint(0, 500, (n, words, 2), generator=g)
+    return {"input_ids": torch.randint(3, DEMO_VOCAB, (n, words), generator=g),
+            "attention_mask": torch.ones(n, words, dtype=torch.long),
+            "bbox": torch.cat([corner, corner + torch.randint(1, 400, (n, words, 2), generator=g)], -1),
+            "pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+
+
+def test_student_lora_trains_adapters_and_head_and_saves_a_student_eval_and_predict_load(pretrained_student,
+                                                                                         tmp_path):
+    """The student as tasks.py builds it, with the adapters as run_train adds them; saved by train.save_best, read
+    back by --mode eval (evaluate.load_saved_student) and --mode predict/export (predict.load_model)."""
+    import types
+    from transformers import AutoModelForSequenceClassification
+
+    import evaluate
+    import predict
+    import train
+    labels = ["invoice", "letter", "memo"]
+
+    def student():
+        return models.build_student(AutoModelForSequenceClassification, str(pretrained_student), labels,
+                                    size="full", vocab_size=DEMO_VOCAB, input_size=32, pad_token_id=1)
+    cfg = parse_config(["--mode", "train", "--lora-r", "4", "--student-size", "full", "--student-config",
+                        str(pretrained_student), "--output-dir", str(tmp_path)])
+    torch.manual_seed(0)
+    model = recipe.with_lora(cfg, student())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch, targets = layoutlmv3_batch(), torch.tensor([0, 1, 2, 0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):  # LoRA's B starts at 0: A gets a gradient from the second step on
+        torch.nn.functional.cross_entropy(model(**batch).logits, targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+    assert any("classifier.modules_to_save" in k for k in changed)
+    assert all("lora_" in k or "modules_to_save" in k for k in changed)  # the pretrained encoder is untouched
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    plain = student()
+    task = types.SimpleNamespace(student=plain, labels=labels,
+                                 save_pretrained=lambda m, directory, role: m.save_pretrained(directory))
+    train.save_best(task, model, str(tmp_path), "student")
+    assert hasattr(model, "merge_and_unload")  # save_best merged a copy, the model trains on with its adapters
+    saved = torch.load(tmp_path / "student_model.pth", weights_only=True)["state_dict"]
+    assert not any("lora" in k or "modules_to_save" in k for k in saved) and saved.keys() == plain.state_dict().keys()
+    loaded = [evaluate.load_saved_student(task, str(tmp_path / "student_model.pth")),
+              evaluate.load_saved_student(task, str(tmp_path / "student")),
+              predict.load_model(str(tmp_path / "student_model.pth"))[0],
+              AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")]
+    for loaded_model in loaded:
+        with torch.no_grad():
+            logits = loaded_model.eval()(**batch).logits
+        assert torch.allclose(logits, expected, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def lora_student_args(tiny_demo, pretrained_student, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("lora-student") / "cache"
+    return [*TINY, "--epochs", "2", "--max-samples", "16", "--batch-size", "4", "--save-every", "1",
+            "--student-size", "full", "--student-config", pretrained_student, "--lora-r", "4", "--dataset",
+            tiny_demo, "--cache-dir", cache]
+
+
+def test_student_lora_run_resumes_like_an_uninterrupted_run(lora_student_args, pretrained_student, tmp_path):
+    full = tmp_path / "full"
+    code, log = run_logged("--mode", "train", *lora_student_args, "--output-dir", full)
+    assert code == 0, log
+    assert "student starts from the pretrained weights in" in log
+    assert re.search(r"LoRA rank 4 on query,value, classifier trained in full: [0-9.]+M parameters trainable", log)
+    assert [r["epoch"] for r in metrics(full)] == [1, 2]
+
+    killed = tmp_path / "killed"
+    saved = kill_inside_second_epoch(lora_student_args, killed)
+    assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 4  # 16 pages, batch 4: 4 steps an epoch
+    code, log = run_logged("--mode", "train", *lora_student_args, "--output-dir", killed, "--checkpoint",
+                           killed / "latest_checkpoint.pth")
+    assert code == 0 and "resumed from" in log, log
+    final, _ = assert_same_run(full, killed)
+
+    # what trained: the adapters and the head; every other tensor is the pretrained encoder's, as it was loaded
+    from safetensors.torch import load_file
+    pretrained = load_file(pretrained_student / "model.safetensors")
+    frozen = {k: v for k, v in final["model"].items() if "lora_" not in k and "modules_to_save" not in k}
+    assert any(torch.count_nonzero(v) for k, v in final["model"].items() if "lora_B" in k)  # B left its zeros
+    for key, value in frozen.items():
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if name.startswith("layoutlmv3."):
+            assert torch.equal(value, pretrained[name.removeprefix("layoutlmv3.")]), key
+        else:  # the head's frozen original (peft keeps it beside the trained copy): as at the mid-run checkpoint
+            assert "classifier.original_module" in key and torch.equal(value, saved["model"][key]), key
+    best = torch.load(full / "student_model.pth", weights_only=True)["state_dict"]
+    assert not any("lora" in k or "modules_to_save" in k for k in best)  # merged: a plain LayoutLMv3 student
+    code, log = run_logged("--mode", "eval", *lora_student_args, "--output-dir", full)  # plain load, no adapters
+    assert code == 0, log
+    rows = metrics(full)  # the merged student scores the validation split as the adapter model did at its best epoch
+    best_row = max(rows, key=lambda r: r["val_accuracy"])  # the first of equals, as training keeps
+    scores = json.load(open(full / "eval.json"))
+    assert scores["split"] == "validation" and scores["model"].endswith("student_model.pth")
+    assert (scores["accuracy"], scores["macro_f1"]) == pytest.approx((best_row["val_accuracy"],
+                                                                      best_row["val_macro_f1"]))
