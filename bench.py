@@ -31,6 +31,8 @@ def size_on_disk_mb(model):
     """Bytes of the saved weights: safetensors for float models, torch.save for quantised ones."""
     if hasattr(model, "onnx_mb"):  # a teacher that runs in onnxruntime: its .onnx file
         return model.onnx_mb
+    if getattr(model, "weights_mb", None):  # a teacher read from its model.safetensors (TrOCR): that file
+        return model.weights_mb
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "weights")
         state = model.state_dict()
