@@ -145,6 +145,10 @@ def onnx_variants(student, split, collator, directory, forward):
     names = export.input_names(student.config)
     batch = collator([split[i] for i in range(min(4, len(split)))])
     fp32, int8 = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.int8.onnx")
+    if student.config.model_type == "crnn-ctc":  # text recognition: exported and run as predict/export do
+        import predict
+        student = predict.CTCModel(student)
+        forward = lambda model, batch: model(pixel_values=batch["pixel_values"]).logits  # noqa: E731
     export.export_onnx(copy.deepcopy(student).cpu().eval(), names, {n: batch[n] for n in names}, fp32)
     export.quiet_quantize(fp32, int8)
     cpu = torch.device("cpu")
