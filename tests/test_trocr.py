@@ -1,6 +1,7 @@
-"""TrOCR (VisionEncoderDecoder) in --task text-recognition, with a tiny random model built here (no pretrained TrOCR
+"""TrOCR (VisionEncoderDecoder) in --task text-recognition, with tiny random models built here (no pretrained TrOCR
 weights are reachable offline): the teacher's transcripts against generate + decode, its image preprocessing, its
-refusals (kl, a pickled checkpoint), and a main.py distil -> eval run taught by it."""
+refusals (kl, a pickled checkpoint), a main.py distil -> eval run taught by it; the TrOCR-style student's loss against
+a written-out cross-entropy, and a main.py run training it (TrOCR teacher -> TrOCR student) -> eval of student/."""
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def tiny_ved(path, seed=0, weights=True, scale=0.3):
+def tiny_ved(path, seed=0, weights=True, scale=0.3, tokenizer=True):
     """A tiny VisionEncoderDecoderModel (ViT 32 hidden, 1 layer, 32 x 64 images, patch 8; TrOCR decoder d_model 32,
     1 layer) with a char tokenizer, saved to `path` (safetensors); weights drawn at `scale` so that it writes text."""
     from transformers import TrOCRConfig, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
@@ -48,12 +49,12 @@ def tiny_ved(path, seed=0, weights=True, scale=0.3):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, scale)
-    tokenizer = char_tokenizer()
     if weights:
         model.save_pretrained(str(path))
     else:
         config.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    if tokenizer:
+        char_tokenizer().save_pretrained(str(path))
     return str(path)
 
 
@@ -149,3 +150,103 @@ def test_main_distils_from_trocr_teacher_and_scores_it(teacher_dir, crops, tmp_p
     assert result["crops"] == 3 and result["teacher_ms_per_crop"] > 0
     assert result["teacher_parameters"] == sum(p.numel() for p in teacher.model.parameters())
     assert 0 <= result["teacher_scores"]["cer"] and result["teacher_scores"]["crops"] == 3
+
+
+# ------------------------------------------------------------------------------------- TrOCR-style student
+
+def test_student_loss_against_written_out_cross_entropy():
+    import ocr_teacher
+    import trocr_student
+    eos, offset = 2, len(SPECIALS)
+    tokenize = lambda text: [offset + CHARS.index(c) for c in text] + [eos]  # noqa: E731
+    torch.manual_seed(0)
+    vocab = offset + len(CHARS)
+    labels = trocr_student.pad_rows([tokenize("ab"), [], tokenize("c")], "cpu")
+    forced = torch.randn(3, labels.shape[1], vocab)
+    teacher_texts = ["ax", "hi!", ""]
+    teacher = ocr_teacher.PathTeacher().paths(teacher_texts, 10)
+    seen, decoded = [], torch.randn(3, 4, vocab)
+
+    def decode(targets):
+        seen.append(targets.clone())
+        return decoded[:, :targets.shape[1]]
+
+    batch = {"has_label": torch.tensor([True, False, True]), "decoder_labels": labels,
+             "step_mask": torch.ones(3, 10, dtype=torch.bool)}
+    alpha = 0.3
+    loss = trocr_student.Seq2SeqDistillationLoss(alpha, ["seq"], True, tokenize)
+    out = loss({"forced": forced, "decode": decode}, teacher, batch)
+
+    def ce_by_hand(logits, rows):
+        terms = []
+        for i, row in rows:
+            for t, token in enumerate(row):
+                p = math_softmax(logits[i, t])
+                terms.append(-np.log(p[token]))
+        return sum(terms) / len(terms)
+
+    ce = ce_by_hand(forced, [(0, tokenize("ab")), (2, tokenize("c"))])
+    seq = ce_by_hand(decoded, [(i, tokenize(t)) for i, t in enumerate(teacher_texts)])
+    assert [row[row >= 0].tolist() for row in seen[0]] == [tokenize(t) for t in teacher_texts]
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-5) and out["seq"].item() == pytest.approx(seq, rel=1e-5)
+    assert out["total"].item() == pytest.approx((1 - alpha) * ce + alpha * seq, rel=1e-5)
+    # no crop with a transcript: the teacher's term alone; no teacher: the labels' cross-entropy alone
+    batch["has_label"] = torch.tensor([False, False, False])
+    assert loss({"forced": forced, "decode": decode}, teacher, batch)["total"].item() == \
+        pytest.approx(alpha * seq, rel=1e-5)
+    batch["has_label"] = torch.tensor([True, False, True])
+    alone = trocr_student.Seq2SeqDistillationLoss(alpha, ["seq"], False, tokenize)
+    assert alone({"forced": forced, "decode": decode}, None, batch)["total"].item() == pytest.approx(ce, rel=1e-5)
+
+
+def math_softmax(logits):
+    values = logits.double().numpy()
+    e = np.exp(values - values.max())
+    return e / e.sum()
+
+
+def test_char_tokenizer_round_trip():
+    import trocr_student
+    tokenizer = trocr_student.char_tokenizer()
+    text = "Total: $12.50 (ok)"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+
+
+def test_main_trains_trocr_student_and_eval_loads_it(teacher_dir, crops, tmp_path):
+    from transformers import AutoTokenizer, VisionEncoderDecoderModel
+    # random weights in model.safetensors (so that it writes text), no tokenizer: the char tokenizer is built
+    student_config = tiny_ved(tmp_path / "student-config", seed=3, tokenizer=False)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--task", "text-recognition", "--teacher", teacher_dir, "--dataset", crops, "--output-dir", out,
+              "--cache-dir", cache, "--batch-size", "3", "--max-new-tokens", "8"]
+    done = run_main("--mode", "train", "--epochs", "2", "--alpha", "0.5", "--kd-terms", "seq", "--lr", "1e-4",
+                    "--student-config", student_config, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "student_metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["train_ce"] > 0 and rows[0]["train_seq"] > 0
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "preprocessor_config.json"):
+        assert (out / "student" / name).exists(), name
+    assert (out / "student_model.pth").exists() and (out / "latest_checkpoint.pth").exists()
+
+    done = run_main("--mode", "eval", "--eval-split", "test", "--model", out / "student", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["crops"] == 3 and result["student_ms_per_crop"] > 0
+
+    # the same scores from the saved files alone: generate on the grey crop at 32 x 64, decode, fold
+    model = VisionEncoderDecoderModel.from_pretrained(str(out / "student")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "student"))
+    truths, preds = [], []
+    for row in (json.loads(line) for line in open(f"{crops}/test.jsonl")):
+        clean = textrec.resize_for_teacher(Image.open(f"{crops}/{row['image']}").convert("RGB"), 960)
+        grey = np.asarray(clean.convert("L").convert("RGB").resize((64, 32), Image.BILINEAR), np.float32)
+        pixels = torch.from_numpy(((grey / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy())[None]
+        with torch.no_grad():
+            ids = model.generate(pixel_values=pixels, max_new_tokens=8, num_beams=1, do_sample=False)[0, 1:].tolist()
+        ids = ids[:ids.index(2)] if 2 in ids else ids
+        truths.append(row["text"])
+        preds.append(textrec.fold(tokenizer.decode(ids, skip_special_tokens=True).strip()))
+    assert any(preds) and result["student"] == pytest.approx(textrec.text_metrics(truths, preds))
