@@ -62,7 +62,11 @@ class Config:
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
-                                "and builtin:distilbert-base-uncased need no network",
+                                "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or hub id "
+                                "with a VisionEncoderDecoder config.json (TrOCR-style, e.g. microsoft/trocr-small-"
+                                "printed) trains that student instead of the CRNN (random init, or its "
+                                "model.safetensors; its tokenizer, or a character-level one over the ASCII charset "
+                                "when it has none), with --kd-terms seq",
                                 default="microsoft/layoutlmv3-base")
     student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights), small (hidden "
                               "128, 2 layers, 2 heads, intermediate 512; random weights; models.STUDENT_SIZES) or full "
