@@ -62,11 +62,11 @@ class Config:
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
-                                "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or hub id "
-                                "with a VisionEncoderDecoder config.json (TrOCR-style, e.g. microsoft/trocr-small-"
-                                "printed) trains that student instead of the CRNN (random init, or its "
-                                "model.safetensors; its tokenizer, or a character-level one over the ASCII charset "
-                                "when it has none), with --kd-terms seq",
+                                "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or "
+                                "hub id with a VisionEncoderDecoder config.json (TrOCR-style, e.g. "
+                                "microsoft/trocr-small-printed) trains that student instead of the CRNN (random "
+                                "init, or its model.safetensors; its tokenizer, or a character-level one over the "
+                                "ASCII charset when it has none), with --kd-terms seq",
                                 default="microsoft/layoutlmv3-base")
     student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights), small (hidden "
                               "128, 2 layers, 2 heads, intermediate 512; random weights; models.STUDENT_SIZES) or full "
@@ -283,7 +283,8 @@ NUMERIC_BOUNDS = {
     "save_every": (0, None, False), "max_samples": (0, None, False), "num_workers": (0, None, False),
     "log_every": (1, None, False), "seed": (0, 2**32 - 1, False),  # NumPy's seed range
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
-    "student_height": (16, None, False), "max_new_tokens": (1, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
+    "student_height": (16, None, False), "max_new_tokens": (1, None, False), "max_text_width": (48, None, False),
+    "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),

@@ -29,6 +29,7 @@ import dataset
 import models
 import ocr_teacher
 import textrec
+import trocr
 from config import UserError
 
 log = logging.getLogger("docdistill")
@@ -149,7 +150,6 @@ def build_teacher(cfg):
     """A transcripts .jsonl, a VisionEncoderDecoder directory or hub id (TrOCR), or an ONNX CTC recogniser."""
     if cfg.teacher.endswith(".jsonl"):
         return ocr_teacher.TranscriptTeacher(cfg.teacher)
-    import trocr
     if trocr.is_vision_encoder_decoder(cfg.teacher):
         return trocr.TrOCRTeacher(cfg.teacher, cfg.max_new_tokens)
     return ocr_teacher.OnnxRecognizer(cfg.teacher)
@@ -196,7 +196,7 @@ class TextRecognition:
             if cfg.mode == "train" and cfg.alpha > 0 else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
-        if cfg.mode == "train" and cfg.alpha > 0 and terms and type(self.teacher).__name__ == "TrOCRTeacher":
+        if cfg.mode == "train" and cfg.alpha > 0 and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
             raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC distributions or features over the "
                             f"student's charset, which the TrOCR teacher {cfg.teacher} does not have (its tokens and "
                             f"decoding steps do not map onto them): use --kd-terms seq (sequence-level KD on its "

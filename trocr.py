@@ -154,7 +154,8 @@ def tokenizer_digest(tokenizer):
 def generation_settings(model):
     """The generation config a greedy generate() reads (decoder start, eos, pad), checked to be usable."""
     gen = model.generation_config
-    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else model.config.decoder_start_token_id
+    start = gen.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
     if start is None:
         raise UserError("the VisionEncoderDecoder model has no decoder_start_token_id (config.json or "
                         "generation_config.json): generate() cannot start")
