@@ -16,7 +16,7 @@ import time
 import numpy as np
 import psutil
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 
 import models
@@ -31,11 +31,13 @@ def size_on_disk_mb(model):
     """Bytes of the saved weights: safetensors for float models, torch.save for quantised ones."""
     if hasattr(model, "onnx_mb"):  # a teacher that runs in onnxruntime: its .onnx file
         return model.onnx_mb
+    if getattr(model, "weights_mb", None):  # a teacher read from its model.safetensors (TrOCR): that file
+        return model.weights_mb
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "weights")
         state = model.state_dict()
         if all(isinstance(t, torch.Tensor) and not t.is_quantized for t in state.values()):
-            save_file({k: v.contiguous() for k, v in state.items()}, path)
+            save_model(model, path)  # tied weights (TrOCR's output projection and embeddings) stored once
         else:
             torch.save(state, path)
         return os.path.getsize(path) / 1e6
@@ -140,9 +142,16 @@ def accuracy(forward, model, split, collator, device, task):
 def onnx_variants(student, split, collator, directory, forward):
     """The student exported to ONNX (float32, and int8 by quantize_dynamic), run by onnxruntime on the CPU."""
     import export
+    if student.config.model_type == "vision-encoder-decoder":  # generate() in a loop: not exported to ONNX here
+        log.info("the VisionEncoderDecoder student is not exported to ONNX: no onnxruntime rows")
+        return []
     names = export.input_names(student.config)
     batch = collator([split[i] for i in range(min(4, len(split)))])
     fp32, int8 = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.int8.onnx")
+    if student.config.model_type == "crnn-ctc":  # text recognition: exported and run as predict/export do
+        import predict
+        student = predict.CTCModel(student)
+        forward = lambda model, batch: model(pixel_values=batch["pixel_values"]).logits  # noqa: E731
     export.export_onnx(copy.deepcopy(student).cpu().eval(), names, {n: batch[n] for n in names}, fp32)
     export.quiet_quantize(fp32, int8)
     cpu = torch.device("cpu")

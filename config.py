@@ -55,12 +55,18 @@ class Config:
                          "128-px page; for "
                          "token-classification a LayoutLMv3 model whose directory also holds its tokenizer; for "
                          "text-recognition 'ppocrv4' (PP-OCRv4's recogniser from rapidocr-onnxruntime), a CTC "
-                         "recogniser .onnx with its charset in the `character` metadata, or a JSONL of transcripts "
-                         "{key, text} from any engine",
+                         "recogniser .onnx with its charset in the `character` metadata, a JSONL of transcripts "
+                         "{key, text} from any engine, or a TrOCR directory or hub id (a VisionEncoderDecoder "
+                         "config.json, model.safetensors, tokenizer, optional preprocessor_config.json, e.g. "
+                         "microsoft/trocr-large-printed: its greedy transcripts teach with --kd-terms seq only)",
                          default="microsoft/dit-large-finetuned-rvlcdip")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
-                                "and builtin:distilbert-base-uncased need no network",
+                                "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or "
+                                "hub id with a VisionEncoderDecoder config.json (TrOCR-style, e.g. "
+                                "microsoft/trocr-small-printed) trains that student instead of the CRNN (random "
+                                "init, or its model.safetensors; its tokenizer, or a character-level one over the "
+                                "ASCII charset when it has none), with --kd-terms seq",
                                 default="microsoft/layoutlmv3-base")
     student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights), small (hidden "
                               "128, 2 layers, 2 heads, intermediate 512; random weights; models.STUDENT_SIZES) or full "
@@ -134,6 +140,8 @@ class Config:
                                   "inside the alpha-weighted distillation part", default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
+    max_new_tokens: int = _help("text-recognition with a TrOCR (VisionEncoderDecoder) teacher or student: the most "
+                                "tokens a greedy generate() writes per crop", default=64)
     student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
     max_text_width: int = _help("text-recognition: widest teacher input in pixels at height 48 (wider crops are "
                                 "squeezed to it); time steps = max(320, width) / 8", default=640)
@@ -302,7 +310,8 @@ NUMERIC_BOUNDS = {
     "save_every": (0, None, False), "max_samples": (0, None, False), "num_workers": (0, None, False),
     "log_every": (1, None, False), "seed": (0, 2**32 - 1, False),  # NumPy's seed range
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
-    "student_height": (16, None, False), "max_text_width": (48, None, False), "degrade_height": (0, None, False),
+    "student_height": (16, None, False), "max_new_tokens": (1, None, False), "max_text_width": (48, None, False),
+    "degrade_height": (0, None, False),
     "degrade_blur": (0, None, False), "degrade_noise": (0, None, False), "blank_weight": (0, 1, False),
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),

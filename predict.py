@@ -125,6 +125,9 @@ def load_model(path):
     import crnn
     if raw.get("model_type") == crnn.CRNNConfig.model_type:
         return load_crnn(path, directory, crnn.CRNNConfig.from_dict(raw))
+    if raw.get("model_type") == "vision-encoder-decoder":
+        raise UserError(f"{path} is a TrOCR-style (VisionEncoderDecoder) text-recognition student: --mode predict and "
+                        f"export do not take it yet; score it with --mode eval --task text-recognition")
     config = AutoConfig.from_pretrained(directory)
     auto = AutoModelForTokenClassification if task_of(config, "") == "token-classification" \
         else AutoModelForSequenceClassification

@@ -293,8 +293,8 @@ def relabelled(task, collator):
 
 
 def text_recognition(cfg, **kw):
-    from textrec_task import TextRecognition  # onnxruntime and jiwer are only needed for this task
-    return TextRecognition(cfg, **kw)
+    import textrec_task  # onnxruntime and jiwer are only needed for this task
+    return textrec_task.build(cfg, **kw)
 
 
 TASKS = {"sequence-classification": DocumentClassification, "token-classification": TokenClassification,

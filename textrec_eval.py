@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import models
+import teacher_cache
 import textrec
 import utils
 
@@ -40,7 +41,7 @@ def batch_latency_ms(run, batches):
 
 def teacher_transcripts(task, cfg, split, loader):
     """The teacher's folded transcripts of the split, computed once and cached."""
-    blob = json.dumps([bytes(task.teacher.state_dict()[k].tolist()).hex() for k in sorted(task.teacher.state_dict())]
+    blob = json.dumps([teacher_cache.weights_fingerprint(task.teacher)]
                       + [os.path.basename(f["filename"]) for f in split.cache_files] + [len(split)])
     path = os.path.join(cfg.cache_dir, "teacher", "read-" + hashlib.sha256(blob.encode()).hexdigest()[:24] + ".json")
     if os.path.exists(path):
@@ -77,6 +78,8 @@ def evaluate(task, cfg, student, path):
     student_ms = batch_latency_ms(lambda b: task.student_logits(student, b), singles)
     if hasattr(task.teacher, "probs"):
         teacher_ms = batch_latency_ms(lambda b: task.teacher.probs(b["teacher_pixel_values"].numpy()), singles)
+    elif hasattr(task.teacher, "read"):  # a TrOCR teacher: preprocessed crop -> generate -> decoded text
+        teacher_ms = batch_latency_ms(lambda b: task.teacher.read(b["teacher_pixel_values"]), singles)
     else:
         teacher_ms = (float("nan"), float("nan"))
     result = {"model": path, "split": cfg.eval_split, "crops": len(split), "teacher": task.cfg.teacher,

@@ -29,6 +29,7 @@ import dataset
 import models
 import ocr_teacher
 import textrec
+import trocr
 from config import UserError
 
 log = logging.getLogger("docdistill")
@@ -77,10 +78,15 @@ def untranscribed(rows, hidden):
 
 
 class Collator:
-    """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time."""
+    """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time.
 
-    def __init__(self, cfg):
-        self.height, self.seed = cfg.student_height, cfg.seed
+    teacher_image: for a teacher that reads crops of one fixed size (a VisionEncoderDecoder: trocr.ImageSpec.array),
+    the clean crop -> [C, H, W] in place of the 48-px BGR crop; the time layout (step_mask) is kept either way.
+    """
+
+    def __init__(self, cfg, teacher_image=None, student_image=None, tokenize=None):
+        self.height, self.seed, self.teacher_image = cfg.student_height, cfg.seed, teacher_image
+        self.student_image, self.tokenize = student_image, tokenize
         self.degrade = dict(height=cfg.degrade_height, blur=cfg.degrade_blur, noise=cfg.degrade_noise,
                             jpeg=cfg.degrade_jpeg)
 
@@ -89,27 +95,69 @@ class Collator:
         width = -(-image.width // 2)  # the student steps every 4 px at half the teacher's width: same steps
         return textrec.normalise(image.resize((width, self.height), Image.BILINEAR))
 
+    def decoder_labels(self, items):
+        """A sequence-to-sequence student's target token ids [B, L] (IGNORE_INDEX-padded; unlabelled: all)."""
+        ids = [self.tokenize(item["text"]) if bool(item["has_label"]) else [] for item in items]
+        labels = torch.full((len(items), max(1, max(map(len, ids)))), textrec.IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(ids):
+            labels[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        return labels
+
     def __call__(self, items):
         images = [Image.open(io.BytesIO(item["image"])) for item in items]
         padded = max(textrec.padded_width(int(item["width"])) for item in items)
         teacher = np.zeros((len(items), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
         student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
         for i, (item, image) in enumerate(zip(items, images)):
-            array = textrec.teacher_array(image)
-            teacher[i, :, :, :array.shape[2]] = array
-            array = self.student_array(image, item["key"])
-            student[i, 0, :, :array.shape[1]] = array
+            if self.teacher_image is None:
+                array = textrec.teacher_array(image)
+                teacher[i, :, :, :array.shape[2]] = array
+            if self.student_image is None:
+                array = self.student_array(image, item["key"])
+                student[i, 0, :, :array.shape[1]] = array
+        if self.teacher_image is not None:
+            teacher = np.stack([self.teacher_image(image) for image in images])
+        if self.student_image is not None:  # a student reading crops of one fixed size (TrOCR-style)
+            student = np.stack([self.student_image(textrec.degrade(image, self.seed, item["key"], **self.degrade))
+                                for image, item in zip(images, items)])
         steps = torch.tensor([int(item["n_tokens"]) for item in items])
         longest = max(1, max(len(item["labels"]) for item in items))
         labels = torch.full((len(items), longest), textrec.IGNORE_INDEX, dtype=torch.long)
         for i, item in enumerate(items):
             labels[i, :len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
-        return {"pixel_values": torch.from_numpy(student), "teacher_pixel_values": torch.from_numpy(teacher),
+        extra = {"decoder_labels": self.decoder_labels(items)} if self.tokenize is not None else {}
+        return {**extra, "pixel_values": torch.from_numpy(student), "teacher_pixel_values": torch.from_numpy(teacher),
                 "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
                 "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
                 "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
                 "index": torch.tensor([int(item["index"]) for item in items]),
                 "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+
+
+def padded_predictions(paths, labels):
+    """Predicted class ids (student charset) per crop and the labels, [B, L] each, padded with IGNORE_INDEX."""
+    width = max(labels.shape[1], max(map(len, paths), default=0), 1)
+    preds = torch.full((len(paths), width), textrec.IGNORE_INDEX, dtype=torch.long, device=labels.device)
+    for i, path in enumerate(paths):
+        preds[i, :len(path)] = torch.tensor(path, dtype=torch.long)
+    return preds, torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=textrec.IGNORE_INDEX)
+
+
+def build(cfg, **kw):
+    """The text-recognition task: with a TrOCR-style (VisionEncoderDecoder) student when --student-config (or, for
+    eval and bench, the saved --model) is one, else with the CRNN student."""
+    import trocr_student
+    source = trocr_student.student_source(cfg)
+    return trocr_student.TrOCRRecognition(cfg, source, **kw) if source else TextRecognition(cfg, **kw)
+
+
+def build_teacher(cfg):
+    """A transcripts .jsonl, a VisionEncoderDecoder directory or hub id (TrOCR), or an ONNX CTC recogniser."""
+    if cfg.teacher.endswith(".jsonl"):
+        return ocr_teacher.TranscriptTeacher(cfg.teacher)
+    if trocr.is_vision_encoder_decoder(cfg.teacher):
+        return trocr.TrOCRTeacher(cfg.teacher, cfg.max_new_tokens)
+    return ocr_teacher.OnnxRecognizer(cfg.teacher)
 
 
 def subset(rows, max_samples, seed):
@@ -124,8 +172,8 @@ class TextRecognition:
 
     def __init__(self, cfg, train_teacher=False):
         if cfg.mode == "teacher":
-            raise UserError("text recognition distils a pretrained recogniser (--teacher ppocrv4 or an ONNX "
-                            "file): it has no --mode teacher; run --mode train")
+            raise UserError("text recognition distils a pretrained recogniser (--teacher ppocrv4, an ONNX file or "
+                            "a TrOCR directory): it has no --mode teacher; run --mode train")
         self.cfg = cfg
         records = textrec.load_records(cfg.dataset, cfg.seed)
         for split in (cfg.train_split, cfg.eval_split):
@@ -150,27 +198,39 @@ class TextRecognition:
             self.documents[name], self.splits[name] = prepare(
                 rows, cfg.max_text_width, cfg.cache_dir, name)
         self.labels = textrec.student_labels()
-        if cfg.teacher.endswith(".jsonl"):
-            self.teacher = ocr_teacher.TranscriptTeacher(cfg.teacher)
-        else:
-            self.teacher = ocr_teacher.OnnxRecognizer(cfg.teacher)
-        self.student = crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
-        self.collator = Collator(cfg)
+        self.teacher = build_teacher(cfg)
+        self.student = self.build_student(cfg)
+        self.collator = self.make_collator(cfg)
         # Feature terms read the teacher's intermediate tensors as well as its log-probabilities: the teacher
         # cache stores them too (a cache of its own: 600 more values a step for PP-OCRv4, in float16).
         self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_")] \
             if cfg.mode == "train" and cfg.alpha > 0 else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
+        terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
+        if cfg.mode == "train" and cfg.alpha > 0 and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
+            raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC distributions or features over the "
+                            f"student's charset, which the TrOCR teacher {cfg.teacher} does not have (its tokens and "
+                            f"decoding steps do not map onto them): use --kd-terms seq (sequence-level KD on its "
+                            f"transcripts)")
         if self.feature_terms and not isinstance(self.teacher, ocr_teacher.OnnxRecognizer):
             raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
                             f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")
 
+    def build_student(self, cfg):
+        return crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
+
+    def make_collator(self, cfg, **kw):
+        return Collator(cfg, teacher_image=self.teacher.spec.array if hasattr(self.teacher, "spec") else None, **kw)
+
     # ------------------------------------------------------------------ forward passes, loss, predictions
     def teacher_logits(self, teacher, batch):
+        mask = batch["step_mask"]
         if isinstance(teacher, ocr_teacher.TranscriptTeacher):
             hashes = {key_hash(k): k for k in teacher.texts}
             keys = [hashes.get(int(h), f"hash {int(h)}") for h in batch["key_hash"]]
-            return teacher.forward_keys(keys, batch["step_mask"].shape[1]).to(batch["labels"].device)
+            return teacher.forward_keys(keys, mask.shape[1], mask.sum(1)).to(batch["labels"].device)
+        if isinstance(teacher, ocr_teacher.PathTeacher):  # a TrOCR teacher: transcripts generated from the crops
+            return teacher(batch["teacher_pixel_values"], mask.sum(1), mask.shape[1]).to(batch["labels"].device)
         return teacher(batch["teacher_pixel_values"], batch["teacher_width"]).to(batch["labels"].device)
 
     def student_logits(self, student, batch):
@@ -197,12 +257,7 @@ class TextRecognition:
     def predictions(self, logits, batch):
         lengths = batch["step_mask"].sum(1).tolist()
         paths = [textrec.ctc_greedy(best, n) for best, n in zip(logits.argmax(-1).tolist(), lengths)]
-        labels = batch["labels"]
-        width = max(labels.shape[1], max(map(len, paths), default=0), 1)
-        preds = torch.full((len(paths), width), textrec.IGNORE_INDEX, dtype=torch.long, device=labels.device)
-        for i, path in enumerate(paths):
-            preds[i, :len(path)] = torch.tensor(path, dtype=torch.long)
-        return preds, torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=textrec.IGNORE_INDEX)
+        return padded_predictions(paths, batch["labels"])
 
     def metrics(self, preds, labels):
         texts = lambda rows: [textrec.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
