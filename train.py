@@ -34,7 +34,8 @@ RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_ima
                "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature",
                "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",
                "lora_dropout", "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
-               "student_height", "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg")
+               "student_height", "max_text_width", "max_new_tokens", "degrade_height", "degrade_blur", "degrade_noise",
+               "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
 
