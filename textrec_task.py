@@ -77,10 +77,13 @@ def untranscribed(rows, hidden):
 
 
 class Collator:
-    """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time."""
+    """Teacher pixels (clean, 48 px, BGR) and student pixels (degraded, grey), one layout in time.
 
-    def __init__(self, cfg):
+    teacher_pixels False: no teacher_pixel_values (a cached teacher; dataset.without_teacher_pixels)."""
+
+    def __init__(self, cfg, teacher_pixels=True):
         self.height, self.seed = cfg.student_height, cfg.seed
+        self.teacher_pixels = teacher_pixels
         self.degrade = dict(height=cfg.degrade_height, blur=cfg.degrade_blur, noise=cfg.degrade_noise,
                             jpeg=cfg.degrade_jpeg)
 
@@ -92,11 +95,13 @@ class Collator:
     def __call__(self, items):
         images = [Image.open(io.BytesIO(item["image"])) for item in items]
         padded = max(textrec.padded_width(int(item["width"])) for item in items)
-        teacher = np.zeros((len(items), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
+        teacher = np.zeros((len(items), 3, textrec.TEACHER_HEIGHT, padded), np.float32) if self.teacher_pixels \
+            else None
         student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
         for i, (item, image) in enumerate(zip(items, images)):
-            array = textrec.teacher_array(image)
-            teacher[i, :, :, :array.shape[2]] = array
+            if teacher is not None:
+                array = textrec.teacher_array(image)
+                teacher[i, :, :, :array.shape[2]] = array
             array = self.student_array(image, item["key"])
             student[i, 0, :, :array.shape[1]] = array
         steps = torch.tensor([int(item["n_tokens"]) for item in items])
@@ -104,12 +109,15 @@ class Collator:
         labels = torch.full((len(items), longest), textrec.IGNORE_INDEX, dtype=torch.long)
         for i, item in enumerate(items):
             labels[i, :len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
-        return {"pixel_values": torch.from_numpy(student), "teacher_pixel_values": torch.from_numpy(teacher),
-                "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
-                "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
-                "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
-                "index": torch.tensor([int(item["index"]) for item in items]),
-                "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+        batch = {"pixel_values": torch.from_numpy(student),
+                 "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
+                 "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
+                 "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
+                 "index": torch.tensor([int(item["index"]) for item in items]),
+                 "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+        if teacher is not None:
+            batch["teacher_pixel_values"] = torch.from_numpy(teacher)
+        return batch
 
 
 def subset(rows, max_samples, seed):
