@@ -119,12 +119,16 @@ def run_teacher(teacher, teacher_forward, batch, precision):
     return out if isinstance(out, dict) else {"logits": out}
 
 
-def precision_kl(exact, reduced, temperature):
+def precision_kl(exact, reduced, temperature, mask=None):
     """(sum, count): KL(float32 teacher || reduced-precision teacher) at `temperature`, summed over predictions
-    (rows of the last axis: one per document, or per word / time step), computed in float32."""
+    (rows of the last axis: one per document, or per word / time step; with mask [B, W], only the real ones),
+    computed in float32."""
     classes = exact.shape[-1]
-    target = F.log_softmax(exact.float().reshape(-1, classes) / temperature, dim=-1)
-    inputs = F.log_softmax(reduced.float().reshape(-1, classes) / temperature, dim=-1)
+    exact, reduced = exact.float(), reduced.float()
+    if mask is not None and exact.dim() == 3 and tuple(mask.shape) == tuple(exact.shape[:2]):
+        exact, reduced = exact[mask.bool()], reduced[mask.bool()]
+    target = F.log_softmax(exact.reshape(-1, classes) / temperature, dim=-1)
+    inputs = F.log_softmax(reduced.reshape(-1, classes) / temperature, dim=-1)
     total = F.kl_div(inputs, target, log_target=True, reduction="sum").item()
     return max(total, 0.0), target.shape[0]  # float32 rounding can leave a KL of ~1e-8 below 0: it is 0
 
@@ -146,6 +150,12 @@ class TeacherCache:
         if isinstance(self.logits, dict):
             return {k: self.rows(table, batch) for k, table in self.logits.items()}
         return self.rows(self.logits, batch)
+
+
+def real_positions(batch):
+    """The real words (token classification: "positions") or time steps (text recognition: "step_mask") of a
+    batch, [B, W]; None for one prediction per document."""
+    return next((batch[k] for k in ("positions", "step_mask") if k in batch), None)
 
 
 def to_tables(rows):
@@ -184,8 +194,8 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
         sample = list(itertools.islice(batches, SAMPLE_BATCHES))
         exact = [run_teacher(teacher, teacher_forward, b, "float32") for b in sample]
         reduced = [run_teacher(teacher, teacher_forward, b, precision) for b in sample]
-        total, count = map(sum, zip(*(precision_kl(e["logits"], r["logits"], temperature)
-                                      for e, r in zip(exact, reduced))))
+        total, count = map(sum, zip(*(precision_kl(e["logits"], r["logits"], temperature, real_positions(b))
+                                      for b, e, r in zip(sample, exact, reduced))))
         kl = total / max(count, 1)
         documents = sum(len(b["index"]) for b in sample)
         if kl > KL_TOLERANCE:

@@ -54,6 +54,17 @@ def test_bf16_teacher_logits_are_within_the_tolerance_of_float32(task):
     assert torch.allclose(exact, reduced.float(), atol=0.1)
 
 
+def test_per_word_kl_counts_only_real_words():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(2, 3, 5, generator=g)
+    reduced = exact.clone()
+    reduced[1, 2, 0] += 10  # a padding word of the second form: differs, and must not count
+    positions = torch.tensor([[True, True, True], [True, True, False]])
+    assert teacher_cache.precision_kl(exact, reduced, 2.0, positions) == (0.0, 5)
+    total, count = teacher_cache.precision_kl(exact, reduced, 2.0)
+    assert count == 6 and total > 0.1
+
+
 def test_the_cache_key_differs_by_teacher_precision(task):
     teacher, split = task.teacher, task.splits["train"]
     keys = {p: teacher_cache.cache_key(teacher, split, "x", p) for p in ("float32", "bf16", "fp16")}
