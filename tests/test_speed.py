@@ -192,3 +192,24 @@ def test_training_with_a_cached_teacher_reads_lean_batches_and_logs_peak_memory(
     live_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "live"), teacher_cache=False)
     loader = train.make_loader(task, live_cfg.train_split, live_cfg, shuffle=True)
     assert "teacher_pixel_values" in next(iter(loader))  # what fit() trains on without the cache
+
+
+def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values():
+    """The word collator's page is the teacher's (the student reads text only): it is teacher_pixel_values, so a
+    live teacher reads it from the task's batches and lean batches leave it out like the other tasks'."""
+    import types
+
+    from transformers import LayoutLMv3Config, LayoutLMv3ForTokenClassification
+
+    import tasks
+    config = LayoutLMv3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              input_size=8, patch_size=4, num_labels=5, vocab_size=20, coordinate_size=6, shape_size=4)
+    teacher = LayoutLMv3ForTokenClassification(config).eval()
+    collator = wordtags.WordCollator(0, 1, SPEC)
+    owner = types.SimpleNamespace(teacher_order=list(range(5)))
+    with torch.no_grad():
+        logits = tasks.TokenClassification.teacher_logits(owner, teacher, collator(word_docs()))
+        assert logits.shape == (2, 2, 5)
+        with pytest.raises(KeyError, match="teacher_pixel_values"):
+            lean = dataset.without_teacher_pixels(collator)(word_docs())
+            tasks.TokenClassification.teacher_logits(owner, teacher, lean)
