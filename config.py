@@ -199,8 +199,9 @@ class Config:
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
     teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
-                                "(keyed by teacher weights, data and preprocessing); off = teacher runs every step",
-                                default=True)
+                                "(keyed by teacher weights, data, preprocessing and --teacher-precision); training "
+                                "batches then leave the teacher's pixels out (neither read nor normalised); off = "
+                                "teacher runs every step, on batches that carry its pixels", default=True)
     teacher_precision: str = _help("precision the teacher fills the teacher-logit cache in (torch.autocast; the "
                                    "cached logits are stored in float32 either way): auto (bf16 on a CPU with native "
                                    "bf16, AVX512-BF16 or AMX-BF16, and on a CUDA GPU with bf16; fp16 on a CUDA GPU "

@@ -419,6 +419,14 @@ def drop_bad_documents(prepared, name, on_bad_sample):
 
 # ----------------------------------------------------------------------------- batching
 
+def without_teacher_pixel_columns(split):
+    """The preprocessed split without its teacher pages (the `teacher_pixels` column; a view, nothing is copied),
+    for the training batches of a run with a cached teacher: they are then never read from disk. Text
+    recognition has no such column (its teacher crop is made from the student's image, in the collator)."""
+    drop = [c for c in ("teacher_pixels",) if c in split.column_names]
+    return split.remove_columns(drop) if drop else split
+
+
 def without_teacher_pixels(collator):
     """A copy of a task's collator whose batches leave out the teacher's page (teacher_pixel_values): for the
     training batches of a run whose teacher outputs come from the teacher cache (looked up by `index`), so no

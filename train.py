@@ -73,16 +73,20 @@ def restore_criterion(criterion, checkpoint):
         criterion.load_state_dict(checkpoint.get("criterion", {}))
 
 
-def make_loader(task, split, cfg, shuffle, collator=None):
-    """collator: in place of task.collator (training with a cached teacher: dataset.without_teacher_pixels)."""
+def make_loader(task, split, cfg, shuffle, lean=False):
+    """lean: batches without the teacher's pixels (training with a cached teacher, whose outputs are looked up by
+    index): the preprocessed teacher pages are neither read from the split nor collated. The order is the same."""
     data = task.splits[split]
+    collator = task.collator
+    if lean:
+        data, collator = dataset.without_teacher_pixel_columns(data), dataset.without_teacher_pixels(collator)
     lengths = None
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
     sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
     # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
     # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
-    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator or task.collator,
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -312,9 +316,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
     # With a cached teacher, training batches carry no teacher pixels: its outputs are looked up by index.
     # (The cache is filled, and validation runs, with the task's own collator; the data order is the same.)
-    lean = teacher is not None and cfg.teacher_cache
-    train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True,
-                               collator=dataset.without_teacher_pixels(task.collator) if lean else None)
+    train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True, lean=teacher is not None and cfg.teacher_cache)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
     optimizer = make_optimizer(cfg, model, criterion)
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.

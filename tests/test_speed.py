@@ -189,9 +189,22 @@ def test_training_with_a_cached_teacher_reads_lean_batches_and_logs_peak_memory(
     row = json.loads(open(tmp_path / "cached" / "student_metrics.jsonl").readline())
     assert row["peak_rss_mb"] > 10
 
-    live_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "live"), teacher_cache=False)
-    loader = train.make_loader(task, live_cfg.train_split, live_cfg, shuffle=True)
-    assert "teacher_pixel_values" in next(iter(loader))  # what fit() trains on without the cache
+
+
+def test_lean_loader_reads_no_teacher_pages_in_the_same_order(task):
+    """make_loader(lean=True), what fit() trains on with a cached teacher: the teacher pages are not even read
+    from the preprocessed split, and the batches come in the same order; without the cache (lean=False) the
+    training batches keep the teacher's pixels."""
+    full = train.make_loader(task, "train", task.cfg, shuffle=True)
+    lean = train.make_loader(task, "train", task.cfg, shuffle=True, lean=True)
+    assert "teacher_pixels" in full.dataset.column_names and "teacher_pixels" not in lean.dataset.column_names
+    for epoch in (0, 1):
+        full.sampler.set_epoch(epoch)
+        lean.sampler.set_epoch(epoch)
+        a, b = list(full), list(lean)
+        assert [x["index"].tolist() for x in a] == [x["index"].tolist() for x in b]
+        assert all("teacher_pixel_values" in x and "teacher_pixel_values" not in y for x, y in zip(a, b))
+        assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
 
 
 def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values():
