@@ -16,15 +16,17 @@ Teacher precision (--teacher-precision): a torch teacher may fill the cache unde
 elsewhere). Before it does, the KL divergence at the run's temperature between the float32 and the reduced-
 precision teacher's distributions is measured on the first SAMPLE_BATCHES batches of the split (float32 math,
 mean over predictions: one per document, or per word / time step for per-position tasks) and logged; above
-KL_TOLERANCE the cache is filled in float32 instead, with a one-line warning. The logits are stored in float32
-whatever the precision, and the precision used is part of the key, so a bf16 cache and a float32 cache of the
-same teacher and split never stand in for each other, except that an existing float32 cache (the reference) is
-reused whatever precision is asked for. Teachers that are not torch modules with floating weights (ONNX,
+KL_TOLERANCE (or not finite: fp16 overflowed) the cache is filled in float32 instead, with a one-line
+warning; a later batch whose reduced-precision outputs are not finite is computed again in float32. The logits
+are stored in float32 whatever the precision, and the precision used is part of the key, so a bf16 cache and a
+float32 cache of the same teacher and split never stand in for each other, except that an existing float32
+cache (the reference) is reused whatever precision is asked for. Teachers that are not torch modules with floating weights (ONNX,
 transcripts) always run as they are: float32, and their key carries no precision.
 """
 import hashlib
 import itertools
 import logging
+import math
 import os
 
 import torch
@@ -130,7 +132,11 @@ def precision_kl(exact, reduced, temperature, mask=None):
     target = F.log_softmax(exact.reshape(-1, classes) / temperature, dim=-1)
     inputs = F.log_softmax(reduced.reshape(-1, classes) / temperature, dim=-1)
     total = F.kl_div(inputs, target, log_target=True, reduction="sum").item()
-    return max(total, 0.0), target.shape[0]  # float32 rounding can leave a KL of ~1e-8 below 0: it is 0
+    if math.isfinite(total):
+        total = max(total, 0.0)  # float32 rounding can leave a KL of ~1e-8 below 0: it is 0
+    else:
+        total = math.inf  # the reduced precision overflowed (inf or nan logits)
+    return total, target.shape[0]
 
 
 class TeacherCache:
@@ -198,7 +204,7 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
                                       for b, e, r in zip(sample, exact, reduced))))
         kl = total / max(count, 1)
         documents = sum(len(b["index"]) for b in sample)
-        if kl > KL_TOLERANCE:
+        if not math.isfinite(kl) or kl > KL_TOLERANCE:  # not finite: fp16 overflowed
             log.warning("teacher precision %s refused: KL(float32 || %s) at T=%g is %.3g nats over %d predictions "
                         "(%d documents), above the tolerance %g; the teacher cache is filled in float32",
                         precision, precision, temperature, kl, count, documents, KL_TOLERANCE)
@@ -209,8 +215,15 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
         for batch, outputs in zip(sample, reduced if precision != "float32" else exact):
             store(batch, outputs)
         done = len(sample)
+    redone = 0
     for batch in tqdm(batches, desc=f"teacher logits (once, {precision})", total=len(loader), initial=done):
-        store(batch, run_teacher(teacher, teacher_forward, batch, precision))
+        outputs = run_teacher(teacher, teacher_forward, batch, precision)
+        if precision != "float32" and not all(bool(torch.isfinite(v).all()) for v in outputs.values()):
+            outputs, redone = run_teacher(teacher, teacher_forward, batch, "float32"), redone + 1
+        store(batch, outputs)
+    if redone:
+        log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
+                    "computed in float32", precision, redone)
     return to_tables(rows), precision, len(rows["logits"])
 
 

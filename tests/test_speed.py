@@ -117,6 +117,39 @@ def test_above_the_tolerance_the_cache_falls_back_to_float32(task, tmp_path, cap
     assert "reused" in caplog.text and "(teacher precision float32)" in caplog.text and "KL" not in caplog.text
 
 
+def test_non_finite_reduced_precision_outputs_are_computed_in_float32(task, tmp_path, caplog):
+    """fp16 can overflow: inf logits in the checked sample refuse the precision; in a later batch, that batch is
+    computed again in float32."""
+    def overflowing(after):
+        calls = []
+
+        def forward(teacher, batch):
+            out = task.teacher_logits(teacher, batch)
+            if torch.is_autocast_enabled("cpu"):
+                calls.append(1)
+                if len(calls) > after:
+                    out = out.clone()
+                    out[0, 0] = float("inf")
+            return out
+        return forward
+
+    def build_with(forward, cache_dir):
+        return teacher_cache.build(Accelerator(cpu=True), task.teacher.eval(), forward, task.splits["train"],
+                                   task.collator, 8, str(cache_dir), precision="bf16", temperature=4.0)
+
+    with caplog.at_level("INFO", logger="docdistill"):
+        cache = build_with(overflowing(after=0), tmp_path / "a")  # from the first batch of the sample on
+    assert "teacher precision bf16 refused" in caplog.text and " is inf nats" in caplog.text
+    assert torch.isfinite(cache.logits).all() and os.listdir(tmp_path / "a" / "teacher") == [
+        teacher_cache.cache_key(task.teacher, task.splits["train"], precision="float32") + ".safetensors"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="docdistill"):
+        cache = build_with(overflowing(after=teacher_cache.SAMPLE_BATCHES), tmp_path / "b")  # the sample passes
+    assert "within the tolerance" in caplog.text
+    assert "gave non-finite outputs on 2 batches after the check" in caplog.text  # 32 documents: batches 3, 4
+    assert torch.isfinite(cache.logits).all()
+
+
 # ----------------------------------------------------------------------------------------- lean batches
 
 def classification_docs():
