@@ -20,8 +20,8 @@ KL_TOLERANCE (or not finite: fp16 overflowed) the cache is filled in float32 ins
 warning; a later batch whose reduced-precision outputs are not finite is computed again in float32. The logits
 are stored in float32 whatever the precision, and the precision used is part of the key, so a bf16 cache and a
 float32 cache of the same teacher and split never stand in for each other, except that an existing float32
-cache (the reference) is reused whatever precision is asked for. Teachers that are not torch modules with floating weights (ONNX,
-transcripts) always run as they are: float32, and their key carries no precision.
+cache (the reference) is reused whatever precision is asked for. Teachers that are not torch modules with
+floating weights (ONNX, transcripts) always run as they are: float32, and their key carries no precision.
 """
 import hashlib
 import itertools
