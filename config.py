@@ -21,6 +21,7 @@ BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
 TRACKERS = ("none", "tensorboard", "mlflow")
+TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
 class UserError(Exception):
@@ -206,8 +207,21 @@ class Config:
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
     teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
-                                "(keyed by teacher weights, data and preprocessing); off = teacher runs every step",
-                                default=True)
+                                "(keyed by teacher weights, data, preprocessing and --teacher-precision); training "
+                                "batches then leave the teacher's pixels out (neither read nor normalised); off = "
+                                "teacher runs every step, on batches that carry its pixels", default=True)
+    teacher_precision: str = _help("precision the teacher fills the teacher-logit cache in (torch.autocast; the "
+                                   "cached logits are stored in float32 either way): auto (bf16 on a CPU with native "
+                                   "bf16, AVX512-BF16 or AMX-BF16, and on a CUDA GPU with bf16; fp16 on a CUDA GPU "
+                                   "without it; float32 elsewhere), float32, bf16 or fp16. Before a reduced precision "
+                                   "fills the cache, the KL divergence at --temperature between its and the float32 "
+                                   "teacher's distributions is measured on the first 2 batches of the training split "
+                                   "and logged; above teacher_cache.KL_TOLERANCE (1e-3 nats per prediction) the cache "
+                                   "is filled in float32, with a warning. The precision used is part of the cache key; "
+                                   "an existing float32 cache is reused whatever this says. A teacher that is not a "
+                                   "torch model (text recognition's ONNX or transcript teachers) always gives float32. "
+                                   "Not for --no-teacher-cache: a live teacher runs in --amp's precision (float32 by "
+                                   "default)", default="auto")
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
     on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, no OCR words, "
@@ -255,6 +269,9 @@ class Config:
                                 f"directory), or leave --lora-r out to train the student in full")
         if self.report_to not in TRACKERS:
             problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            problems.append(f"--teacher-precision must be one of {', '.join(TEACHER_PRECISIONS)}, got "
+                            f"{self.teacher_precision!r}")
         if self.amp not in ("no", "bf16", "fp16"):
             problems.append(f"--amp must be no, bf16 or fp16, got {self.amp!r}")
         if self.student_size not in STUDENT_SIZES:
@@ -374,7 +391,8 @@ def build_parser():
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
-                       "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS}.get(f.name)
+                       "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS,
+                       "teacher_precision": TEACHER_PRECISIONS}.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -3,7 +3,8 @@
 A task builds the teacher and the student, prepares the splits and the collator, runs each model on a batch
 to logits in the dataset's label order, and scores predictions. train.py only sees this interface:
 
-    task.labels, task.splits[name], task.collator
+    task.labels, task.splits[name], task.collator       # teacher_pixels=False: batches without the teacher's
+                                                        # pixels (dataset.without_teacher_pixels: cached teacher)
     task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
@@ -179,7 +180,7 @@ class TokenClassification:
 
     def teacher_logits(self, teacher, batch):
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                         bbox=batch["bbox"], pixel_values=batch["pixel_values"]).logits
+                         bbox=batch["bbox"], pixel_values=batch["teacher_pixel_values"]).logits
         return wordtags.at_words(logits[..., self.teacher_order], batch["teacher_word_pos"])
 
     def student_logits(self, student, batch):

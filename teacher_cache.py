@@ -10,18 +10,37 @@ A teacher forward may return a dict of tensors (text recognition with feature te
 teacher's intermediate features): each is stored as its own table, the features in float16 (half the disk and
 memory; they are regression targets, standardised by the loss) and "logits" in float32, and the cache then
 returns a dict of float32 tensors. Which outputs are stored is part of the key (the caller's `extra`).
+
+Teacher precision (--teacher-precision): a torch teacher may fill the cache under torch.autocast in bf16 or fp16
+(`auto`: bf16 on a CPU with native bf16 and on a CUDA GPU with bf16, fp16 on a CUDA GPU without it, float32
+elsewhere). Before it does, the KL divergence at the run's temperature between the float32 and the reduced-
+precision teacher's distributions is measured on the first SAMPLE_BATCHES batches of the split (float32 math,
+mean over predictions: one per document, or per word / time step for per-position tasks) and logged; above
+KL_TOLERANCE (or not finite: fp16 overflowed) the cache is filled in float32 instead, with a one-line
+warning; a later batch whose reduced-precision outputs are not finite is computed again in float32. The logits
+are stored in float32 whatever the precision, and the precision used is part of the key, so a bf16 cache and a
+float32 cache of the same teacher and split never stand in for each other, except that an existing float32
+cache (the reference) is reused whatever precision is asked for. Teachers that are not torch modules with
+floating weights (ONNX, transcripts) always run as they are: float32, and their key carries no precision.
 """
 import hashlib
+import itertools
 import logging
+import math
 import os
 
 import torch
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 log = logging.getLogger("docdistill")
 CACHE_VERSION = "1"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the reduced precisions; float32: no autocast
+KL_TOLERANCE = 1e-3  # nats per prediction, at the run's temperature: above it a reduced precision is refused
+SAMPLE_BATCHES = 2  # batches of the split on which the reduced precision is checked against float32
 
 
 def weights_fingerprint(model):
@@ -33,10 +52,91 @@ def weights_fingerprint(model):
     return digest.hexdigest()
 
 
-def cache_key(teacher, split, extra=""):
+def cache_key(teacher, split, extra="", precision=None, fingerprint=None):
+    """precision: the one the cache is filled in, for a torch teacher (None: a teacher that has none, ONNX or
+    transcripts). fingerprint: weights_fingerprint(teacher), when already computed."""
     split_files = ",".join(os.path.basename(f["filename"]) for f in split.cache_files) or split._fingerprint
-    blob = "|".join([CACHE_VERSION, weights_fingerprint(teacher), split_files, str(len(split)), extra])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    parts = [CACHE_VERSION, fingerprint or weights_fingerprint(teacher), split_files, str(len(split)), extra]
+    if precision is not None:
+        parts.append(f"teacher precision {precision}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def has_float_weights(teacher):
+    """A torch module with floating-point weights: one whose precision can be chosen (autocast)."""
+    return isinstance(teacher, torch.nn.Module) and any(p.is_floating_point() for p in teacher.parameters())
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16) and PyTorch dispatches AVX512
+    kernels on it. Conservative: elsewhere bf16 is emulated and slower than float32, so False."""
+    try:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        flags |= {"avx512_bf16"} if torch.cpu._is_avx512_bf16_supported() else set()
+    except AttributeError:
+        pass
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cuda_has_bf16(device):
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(requested, teacher, device):
+    """The precision the teacher is asked to fill the cache in (before the KL check): float32 for a teacher
+    without floating torch weights; `auto` by device; otherwise as requested."""
+    if not has_float_weights(teacher):
+        return "float32"
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if cuda_has_bf16(device) else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "float32"
+
+
+def run_teacher(teacher, teacher_forward, batch, precision):
+    """The teacher's outputs on a batch as {name: tensor}, in `precision` (torch.autocast; float32: none)."""
+    device_type = batch["index"].device.type
+    with torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+                        enabled=precision in AUTOCAST_DTYPES):
+        out = teacher_forward(teacher, batch)
+    return out if isinstance(out, dict) else {"logits": out}
+
+
+def precision_kl(exact, reduced, temperature, mask=None):
+    """(sum, count): KL(float32 teacher || reduced-precision teacher) at `temperature`, summed over predictions
+    (rows of the last axis: one per document, or per word / time step; with mask [B, W], only the real ones),
+    computed in float32."""
+    classes = exact.shape[-1]
+    exact, reduced = exact.float(), reduced.float()
+    if mask is not None and exact.dim() == 3 and tuple(mask.shape) == tuple(exact.shape[:2]):
+        exact, reduced = exact[mask.bool()], reduced[mask.bool()]
+    target = F.log_softmax(exact.reshape(-1, classes) / temperature, dim=-1)
+    inputs = F.log_softmax(reduced.reshape(-1, classes) / temperature, dim=-1)
+    total = F.kl_div(inputs, target, log_target=True, reduction="sum").item()
+    if math.isfinite(total):
+        total = max(total, 0.0)  # float32 rounding can leave a KL of ~1e-8 below 0: it is 0
+    else:
+        total = math.inf  # the reduced precision overflowed (inf or nan logits)
+    return total, target.shape[0]
 
 
 class TeacherCache:
@@ -58,37 +158,107 @@ class TeacherCache:
         return self.rows(self.logits, batch)
 
 
+def real_positions(batch):
+    """The real words (token classification: "positions") or time steps (text recognition: "step_mask") of a
+    batch, [B, W]; None for one prediction per document."""
+    return next((batch[k] for k in ("positions", "step_mask") if k in batch), None)
+
+
+def to_tables(rows):
+    """{name: {index: row}} -> {name: table}: rows at their index, per-word rows zero-padded to the longest;
+    "logits" in float32, features in float16."""
+    tables = {}
+    for name, found in rows.items():
+        table = torch.zeros((max(found) + 1, *max(r.shape for r in found.values())),
+                            dtype=torch.float32 if name == "logits" else torch.float16)
+        for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
+            table[i, :row.shape[0]] = row
+        tables[name] = table
+    return tables
+
+
 @torch.no_grad()
-def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra=""):
-    """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them."""
-    path = os.path.join(cache_dir, "teacher", cache_key(teacher, split, extra) + ".safetensors")
-    if accelerator.is_main_process and not os.path.exists(path):
-        # Own generator: building the cache must not advance the global RNG, or a run that builds it and one
-        # that reuses it would draw different dropout masks from the same seed.
-        loader = DataLoader(split, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
-        rows = {}
-        for batch in tqdm(loader, desc="teacher logits (once)"):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                out = teacher_forward(teacher, batch)
-            outputs = out if isinstance(out, dict) else {"logits": out}
-            for name, value in outputs.items():
-                rows.setdefault(name, {}).update(zip(batch["index"].tolist(), value.float().cpu()))
-        tables = {}
-        for name, found in rows.items():
-            table = torch.zeros((max(found) + 1, *max(r.shape for r in found.values())),
-                                dtype=torch.float32 if name == "logits" else torch.float16)
-            for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
-                table[i, :row.shape[0]] = row
-            tables[name] = table
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tables, tmp)
-        os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
-        log.info("teacher logits computed once for %d documents: %s", len(rows["logits"]), path)
-    elif accelerator.is_main_process:
-        log.info("teacher logits reused from %s", path)
+def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature):
+    """The teacher's outputs on every document of the split as tables, the precision they were computed in, and
+    the number of documents.
+
+    A reduced precision is first checked on the first SAMPLE_BATCHES batches against float32 (precision_kl):
+    above KL_TOLERANCE, everything is computed in float32. The sample's outputs in the precision kept are used.
+    """
+    # Own generator: building the cache must not advance the global RNG, or a run that builds it and one
+    # that reuses it would draw different dropout masks from the same seed.
+    loader = DataLoader(split, batch_size=batch_size, collate_fn=collator, generator=torch.Generator())
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+    rows = {}
+
+    def store(batch, outputs):
+        for name, value in outputs.items():
+            rows.setdefault(name, {}).update(zip(batch["index"].tolist(), value.float().cpu()))
+
+    done = 0
+    if precision != "float32":
+        sample = list(itertools.islice(batches, SAMPLE_BATCHES))
+        exact = [run_teacher(teacher, teacher_forward, b, "float32") for b in sample]
+        reduced = [run_teacher(teacher, teacher_forward, b, precision) for b in sample]
+        total, count = map(sum, zip(*(precision_kl(e["logits"], r["logits"], temperature, real_positions(b))
+                                      for b, e, r in zip(sample, exact, reduced))))
+        kl = total / max(count, 1)
+        documents = sum(len(b["index"]) for b in sample)
+        if not math.isfinite(kl) or kl > KL_TOLERANCE:  # not finite: fp16 overflowed
+            log.warning("teacher precision %s refused: KL(float32 || %s) at T=%g is %.3g nats over %d predictions "
+                        "(%d documents), above the tolerance %g; the teacher cache is filled in float32",
+                        precision, precision, temperature, kl, count, documents, KL_TOLERANCE)
+            precision = "float32"
+        else:
+            log.info("teacher precision %s: KL(float32 || %s) at T=%g is %.3g nats over %d predictions (%d documents), "
+                     "within the tolerance %g", precision, precision, temperature, kl, count, documents, KL_TOLERANCE)
+        for batch, outputs in zip(sample, reduced if precision != "float32" else exact):
+            store(batch, outputs)
+        done = len(sample)
+    redone = 0
+    for batch in tqdm(batches, desc=f"teacher logits (once, {precision})", total=len(loader), initial=done):
+        outputs = run_teacher(teacher, teacher_forward, batch, precision)
+        if precision != "float32" and not all(bool(torch.isfinite(v).all()) for v in outputs.values()):
+            outputs, redone = run_teacher(teacher, teacher_forward, batch, "float32"), redone + 1
+        store(batch, outputs)
+    if redone:
+        log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
+                    "computed in float32", precision, redone)
+    return to_tables(rows), precision, len(rows["logits"])
+
+
+def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
+          precision="float32", temperature=1.0):
+    """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them.
+
+    precision: auto, float32, bf16 or fp16 (--teacher-precision; see the module's docstring); temperature: the
+    run's, at which a reduced precision is checked against float32.
+    """
+    path = None
+    if accelerator.is_main_process:
+        wanted = resolve_precision(precision, teacher, accelerator.device)
+        keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
+        fingerprint = weights_fingerprint(teacher)
+
+        def path_of(used):
+            key = cache_key(teacher, split, extra, used if keyed else None, fingerprint)
+            return os.path.join(cache_dir, "teacher", key + ".safetensors")
+
+        for used in dict.fromkeys([wanted, "float32"]):  # the float32 cache, the reference, is as good as any
+            if os.path.exists(path_of(used)):
+                path = path_of(used)
+                log.info("teacher logits reused from %s (teacher precision %s)", path, used)
+                break
+        if path is None:
+            tables, used, documents = fill(teacher, teacher_forward, split, collator, batch_size,
+                                           accelerator.device, wanted, temperature)
+            path = path_of(used)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            save_file(tables, tmp)
+            os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+            log.info("teacher logits computed once for %d documents in %s: %s", documents, used, path)
+    path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
     tables = load_file(path)
     return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables)
-

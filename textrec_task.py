@@ -82,11 +82,12 @@ class Collator:
 
     teacher_image: for a teacher that reads crops of one fixed size (a VisionEncoderDecoder: trocr.ImageSpec.array),
     the clean crop -> [C, H, W] in place of the 48-px BGR crop; the time layout (step_mask) is kept either way.
+    teacher_pixels False: no teacher_pixel_values (a cached teacher; dataset.without_teacher_pixels).
     """
 
-    def __init__(self, cfg, teacher_image=None, student_image=None, tokenize=None):
+    def __init__(self, cfg, teacher_image=None, student_image=None, tokenize=None, teacher_pixels=True):
         self.height, self.seed, self.teacher_image = cfg.student_height, cfg.seed, teacher_image
-        self.student_image, self.tokenize = student_image, tokenize
+        self.student_image, self.tokenize, self.teacher_pixels = student_image, tokenize, teacher_pixels
         self.degrade = dict(height=cfg.degrade_height, blur=cfg.degrade_blur, noise=cfg.degrade_noise,
                             jpeg=cfg.degrade_jpeg)
 
@@ -103,35 +104,42 @@ class Collator:
             labels[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         return labels
 
+    def teacher_array(self, images, padded):
+        if self.teacher_image is not None:
+            return np.stack([self.teacher_image(image) for image in images])
+        teacher = np.zeros((len(images), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
+        for i, image in enumerate(images):
+            array = textrec.teacher_array(image)
+            teacher[i, :, :, :array.shape[2]] = array
+        return teacher
+
     def __call__(self, items):
         images = [Image.open(io.BytesIO(item["image"])) for item in items]
         padded = max(textrec.padded_width(int(item["width"])) for item in items)
-        teacher = np.zeros((len(items), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
-        student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
-        for i, (item, image) in enumerate(zip(items, images)):
-            if self.teacher_image is None:
-                array = textrec.teacher_array(image)
-                teacher[i, :, :, :array.shape[2]] = array
-            if self.student_image is None:
-                array = self.student_array(image, item["key"])
-                student[i, 0, :, :array.shape[1]] = array
-        if self.teacher_image is not None:
-            teacher = np.stack([self.teacher_image(image) for image in images])
         if self.student_image is not None:  # a student reading crops of one fixed size (TrOCR-style)
             student = np.stack([self.student_image(textrec.degrade(image, self.seed, item["key"], **self.degrade))
                                 for image, item in zip(images, items)])
+        else:
+            student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
+            for i, (item, image) in enumerate(zip(items, images)):
+                array = self.student_array(image, item["key"])
+                student[i, 0, :, :array.shape[1]] = array
         steps = torch.tensor([int(item["n_tokens"]) for item in items])
         longest = max(1, max(len(item["labels"]) for item in items))
         labels = torch.full((len(items), longest), textrec.IGNORE_INDEX, dtype=torch.long)
         for i, item in enumerate(items):
             labels[i, :len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
-        extra = {"decoder_labels": self.decoder_labels(items)} if self.tokenize is not None else {}
-        return {**extra, "pixel_values": torch.from_numpy(student), "teacher_pixel_values": torch.from_numpy(teacher),
-                "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
-                "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
-                "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
-                "index": torch.tensor([int(item["index"]) for item in items]),
-                "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+        batch = {"pixel_values": torch.from_numpy(student),
+                 "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
+                 "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
+                 "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
+                 "index": torch.tensor([int(item["index"]) for item in items]),
+                 "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
+        if self.tokenize is not None:
+            batch["decoder_labels"] = self.decoder_labels(items)
+        if self.teacher_pixels:
+            batch["teacher_pixel_values"] = torch.from_numpy(self.teacher_array(images, padded))
+        return batch
 
 
 def padded_predictions(paths, labels):

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import dataset
 import models
 import recipe
 import teacher_cache
@@ -73,15 +74,20 @@ def restore_criterion(criterion, checkpoint):
         criterion.load_state_dict(checkpoint.get("criterion", {}))
 
 
-def make_loader(task, split, cfg, shuffle):
+def make_loader(task, split, cfg, shuffle, lean=False):
+    """lean: batches without the teacher's pixels (training with a cached teacher, whose outputs are looked up by
+    index): the preprocessed teacher pages are neither read from the split nor collated. The order is the same."""
     data = task.splits[split]
+    collator = task.collator
+    if lean:
+        data, collator = dataset.without_teacher_pixel_columns(data), dataset.without_teacher_pixels(collator)
     lengths = None
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
     sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
     # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
     # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
-    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collator,
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -278,7 +284,21 @@ def cached_teacher(accelerator, task, teacher, teacher_forward, cfg):
     return teacher_cache.build(
         accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
         cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
-                                         *getattr(task, "teacher_cache_extra", [])]))
+                                         *getattr(task, "teacher_cache_extra", [])]),
+        precision=cfg.teacher_precision, temperature=cfg.temperature)
+
+
+def peak_memory(accelerator, phase):
+    """The peak memory so far (utils.peak_memory_mb; the largest over processes), logged after `phase` by the
+    main process, and returned for the metrics row. Every process must call it (a gather)."""
+    peak = utils.peak_memory_mb(accelerator.device)
+    values = accelerator.gather(torch.tensor([list(peak.values())], dtype=torch.float64, device=accelerator.device))
+    peak = dict(zip(peak, values.reshape(-1, len(peak)).max(0).values.tolist()))
+    if accelerator.is_main_process:
+        log.info("peak memory after %s: RSS %.0f MiB%s%s", phase, peak["peak_rss_mb"],
+                 f", CUDA {peak['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in peak else "",
+                 " (largest process)" if accelerator.num_processes > 1 else "")
+    return peak
 
 
 def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="student"):
@@ -295,7 +315,9 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         criterion = criterion.to(accelerator.device)
     trained = [*model.parameters(), *criterion_parameters(criterion)]  # what the optimizer steps and clips
     decode = getattr(task, "predictions", None)  # sequence tasks: what is scored is decoded from the logits
-    train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True)
+    # With a cached teacher, training batches carry no teacher pixels: its outputs are looked up by index.
+    # (The cache is filled, and validation runs, with the task's own collator; the data order is the same.)
+    train_loader = make_loader(task, cfg.train_split, cfg, shuffle=True, lean=teacher is not None and cfg.teacher_cache)
     eval_loader = make_loader(task, cfg.eval_split, cfg, shuffle=False)
     optimizer = make_optimizer(cfg, model, criterion)
     # Counted on the unsharded loader: Accelerate steps the scheduler once per process per optimizer step.
@@ -304,6 +326,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
     checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
+    peak_memory(accelerator, "preprocessing (data and models loaded)")
     clock = time.perf_counter()  # training time of the first epoch includes building the teacher cache
     teacher_logits_of = None
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
@@ -311,6 +334,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
         if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
             teacher_logits_of = cached_teacher(accelerator, task, teacher, teacher_forward, cfg)
+            peak_memory(accelerator, "the teacher cache")
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
              "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
@@ -399,9 +423,11 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
             bar.close()
             state.update(step_in_epoch=0, sums=None)
             train_seconds = time.perf_counter() - clock
+            peak_memory(accelerator, f"epoch {epoch + 1} training")
 
             logits, labels = predict(accelerator, eval_loader, forward, model, desc=f"validate {name}",
                                      decode=decode)
+            peak = peak_memory(accelerator, f"epoch {epoch + 1} evaluation")
             scores = task.metrics((logits if decode else logits.argmax(-1)).numpy(), labels.numpy())
             keys = [k for k in sums if k not in COUNTS] + list(COUNTS)  # "total", the loss's terms, the counts
             totals = dict(zip(keys, accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
@@ -413,6 +439,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                    "train_accuracy": totals["correct"] / max(totals["seen"], 1),
                    "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
                    "train_seconds": train_seconds, "train_docs_per_s": totals["docs"] / train_seconds,
+                   **peak,  # peak_rss_mb (and peak_cuda_mb): the process's peak so far, the largest over processes
                    **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
             improved = row[f"val_{task.metric_name}"] > state["best"]
             state["best"] = max(state["best"], row[f"val_{task.metric_name}"])

@@ -255,6 +255,23 @@ def device_info():
     return info
 
 
+def peak_memory_mb(device=None):
+    """The process's peak memory so far, in MiB: {"peak_rss_mb"}: resident set (getrusage's ru_maxrss; psutil's
+    current RSS where there is no resource module), and on a CUDA device {"peak_cuda_mb"}: the allocator's peak
+    (torch.cuda.max_memory_allocated). Both only grow: a phase's value is the peak up to its end."""
+    try:
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    except ImportError:
+        import psutil
+        rss = psutil.Process().memory_info().rss
+    peak = {"peak_rss_mb": rss / 2**20}
+    if device is not None and torch.device(device).type == "cuda":
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 # ----------------------------------------------------------------------------- plots
 
 def plot_curves(history, path):

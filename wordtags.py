@@ -299,11 +299,13 @@ class WordCollator:
     labels [B, W] are IGNORE_INDEX at padding words and at words either model has no token for, so those
     words are in neither the loss nor the metrics. positions [B, W] are the other words, the ones both models
     read; labeled [B] is False for an unlabelled form (--unlabeled: every tag IGNORE_INDEX), which the loss
-    then teaches at its positions by the KD term alone.
+    then teaches at its positions by the KD term alone. The page, which only the teacher reads, is
+    teacher_pixel_values; teacher_pixels False leaves it out (a cached teacher; dataset.without_teacher_pixels).
     """
 
-    def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec):
+    def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec, teacher_pixels=True):
         self.pad_token_id, self.teacher_pad_token_id, self.teacher_spec = pad_token_id, teacher_pad_token_id, teacher_spec
+        self.teacher_pixels = teacher_pixels
 
     def __call__(self, docs):
         input_ids, attention_mask = pad_ids([d["input_ids"] for d in docs], self.pad_token_id)
@@ -322,16 +324,18 @@ class WordCollator:
             labels[i, :n] = torch.where(positions[i, :n], torch.as_tensor(d["ner_tags"]).long(), IGNORE_INDEX)
             word_pos[i, :n] = pos.clamp(min=0)  # dropped words read position 0; their label masks them
             teacher_word_pos[i, :n] = teacher_pos.clamp(min=0)
-        return {
+        batch = {
             "input_ids": input_ids, "attention_mask": attention_mask, "word_pos": word_pos,
             "teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask, "bbox": bbox,
             "teacher_word_pos": teacher_word_pos,
-            "pixel_values": dataset.normalize_pixels(torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]),
-                                                     self.teacher_spec),
             "labels": labels, "positions": positions,
             "labeled": torch.tensor([not bool((torch.as_tensor(d["ner_tags"]) == IGNORE_INDEX).any()) for d in docs]),
             "index": torch.tensor([int(d["index"]) for d in docs]),
         }
+        if self.teacher_pixels:
+            batch["teacher_pixel_values"] = dataset.normalize_pixels(
+                torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec)
+        return batch
 
 
 def at_words(token_logits, word_pos):

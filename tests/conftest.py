@@ -48,7 +48,8 @@ def kill_inside_second_epoch(args, out):
     return torch.load(ckpt, weights_only=True)
 
 
-TIMING = ("train_seconds", "train_docs_per_s")  # wall-clock, the only thing allowed to differ between equal runs
+# wall-clock and peak memory, the only things allowed to differ between equal runs
+TIMING = ("train_seconds", "train_docs_per_s", "peak_rss_mb", "peak_cuda_mb")
 
 
 def metrics(out_dir):

@@ -55,9 +55,9 @@ def test_grid_sweep_end_to_end(tiny_demo, cache, tmp_path, monkeypatch):
         teacher_docs.append(len(batch["labels"]))
         return teacher_logits(self, teacher, batch)
 
-    def recording_loader(task, split, cfg, shuffle):
+    def recording_loader(task, split, cfg, shuffle, **kw):
         events.append(split)
-        return make_loader(task, split, cfg, shuffle)
+        return make_loader(task, split, cfg, shuffle, **kw)
 
     def recording_score(cfg, run_cfg):
         events.append("score")
