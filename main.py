@@ -54,8 +54,13 @@ def main(argv=None):
     cfg = None
     try:
         cfg = parse_config(argv)
-        process = PartialState()  # one per process under `accelerate launch`, a single one otherwise
+        # One per process under `accelerate launch` or `torchrun`, a single one otherwise. Without a GPU the
+        # processes only join (gloo) when told they run on CPU: Accelerate leaves them independent otherwise.
+        process = PartialState(cpu=not torch.cuda.is_available())
         utils.setup_logging(process.is_main_process)
+        if process.num_processes > 1:
+            log.info("%d processes (%s), this one on %s", process.num_processes, process.distributed_type.value,
+                     process.device)
         if not cfg.cache_dir:
             cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "cache")
         # --output-dir is not created here: every write (utils.atomic_*) creates it, so bad input leaves none behind

@@ -180,12 +180,14 @@ def load_records(source, seed):
 
 
 def records_key(rows, **settings):
-    """Content key of a split's records (paths, sizes and dates of the images, boxes, texts) and the settings."""
+    """Content key of a split's records (paths, sizes and dates of the images, boxes, texts, whether each text is a
+    label: --labeled-fraction hides some) and the settings."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for image in sorted({r["image"] for r in rows}):
         stat = os.stat(image)
         digest.update(f"{image}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    digest.update(json.dumps([[r["image"], r["box"], r["text"], r["key"]] for r in rows]).encode())
+    digest.update(json.dumps([[r["image"], r["box"], r["text"], r.get("has_text", True), r["key"]]
+                              for r in rows]).encode())
     return digest.hexdigest()[:20]
 
 

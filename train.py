@@ -16,7 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -44,7 +44,11 @@ def make_accelerator(cfg, track=False):
     """With track, the --report-to tracker too (training only)."""
     if cfg.amp == "fp16" and not torch.cuda.is_available():
         raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU or --amp no")
-    return Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum,
+    # LayoutLMv3 reads its relative position biases under torch.no_grad (as the original implementation does):
+    # they never get a gradient, and DDP must not wait for one.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[unused], mixed_precision=cfg.amp,
+                       gradient_accumulation_steps=cfg.grad_accum,
                        log_with=cfg.report_to if track and cfg.report_to != "none" else None,
                        project_dir=recipe.tracking_dir(cfg))
 

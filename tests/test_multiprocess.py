@@ -1,4 +1,4 @@
-"""Data-parallel training with 2 CPU processes (gloo) through `accelerate launch`."""
+"""Data-parallel training with 2 CPU processes (gloo) through torchrun."""
 import json
 import os
 import subprocess
@@ -10,10 +10,13 @@ FLAGS = ["--preset", "demo", "--max-length", "64", "--batch-size", "3", "--stude
 
 
 def launch(*args):
+    """Two processes through torchrun (`accelerate launch --cpu` starts only one: its CPU launcher is single-process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "main.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "main.py"), *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert "2 processes" in done.stderr, done.stderr[-3000:]  # they joined: one group of two, not two runs
+    return done
 
 
 def test_two_process_training_evaluates_like_one_process(tiny_demo, tmp_path):

@@ -311,3 +311,13 @@ def test_resume_from_a_checkpoint_that_predates_a_setting(setup, uninterrupted, 
     assert train.load_checkpoint(str(old), parse_config(argv), "student")["fingerprint"] == checkpoint["fingerprint"]
     with pytest.raises(UserError, match="labeled_fraction: 1.0 in checkpoint, 0.5 now"):
         train.load_checkpoint(str(old), parse_config([*argv, "--labeled-fraction", "0.5"]), "student")
+
+
+def test_hidden_transcripts_change_the_crop_cache_key(tmp_path):
+    """Crops whose transcripts --labeled-fraction hides are prepared anew, not read from the all-labelled cache."""
+    import textrec
+    from PIL import Image
+    Image.new("RGB", (40, 20), "white").save(tmp_path / "page.png")
+    rows = [{"image": str(tmp_path / "page.png"), "box": [0, 0, 10, 10], "text": "a", "has_text": True, "key": "k"}]
+    hidden = [{**rows[0], "has_text": False}]
+    assert textrec.records_key(rows, max_width=640) != textrec.records_key(hidden, max_width=640)
