@@ -22,7 +22,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-import train
+import checkpoints
 import utils
 from config import UserError, parse_config
 from evaluate import run_eval, saved_label_names
@@ -81,7 +81,7 @@ def main(argv=None):
             import sweep
             return sweep.run(cfg)
         if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident
-            train.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
+            checkpoints.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
         from tasks import build_task
         # Where the teacher's outputs are not used (info, training with alpha 0), a teacher whose head has other
         # labels is accepted with a re-initialised head, as when it is about to be trained.
@@ -98,7 +98,7 @@ def main(argv=None):
             raise
         print(error_line(e, cfg), file=sys.stderr)
         return 2
-    except train.Stopped as e:  # SIGTERM: a resumable checkpoint was saved
+    except checkpoints.Stopped as e:  # SIGTERM: a resumable checkpoint was saved
         print(e, file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:

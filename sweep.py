@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+import checkpoints
 import train
 import utils
 from config import PRESETS, Config, UserError, flag
@@ -47,7 +48,7 @@ NOT_AXES = ("mode", "preset", "config", "task", "dataset", "train_split", "eval_
             "checkpoint", "overwrite", "model", "input", "debug", "sweep", "sweep_sampler", "sweep_trials",
             "sweep_storage", "seeds", "unlabeled")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-AXES = [name for name in train.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
+AXES = [name for name in checkpoints.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
 TEST_SPLIT = "test"
 # train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
 # the trial is recorded as failed and the study goes on. Any other error stops the sweep.
@@ -96,7 +97,7 @@ def trial_config(cfg, params, output_dir, seed=None):
     """The --mode train config of one run: the sweep's settings with the trial's values (validated)."""
     values = {**cfg.to_dict(), **params, "mode": "train", "output_dir": output_dir, "overwrite": False,
               "checkpoint": "", "sweep": [], "seed": cfg.seed if seed is None else seed}
-    checkpoint = train.checkpoint_path(output_dir, "student")
+    checkpoint = checkpoints.checkpoint_path(output_dir, "student")
     if os.path.exists(checkpoint):  # an interrupted run of this trial: continue it
         values["checkpoint"] = checkpoint
     return Config(**values).validate()
@@ -104,7 +105,7 @@ def trial_config(cfg, params, output_dir, seed=None):
 
 def study_name(cfg, axes):
     """The same settings (axes included, --sweep-trials and --seeds not) name the same study."""
-    keys = sorted(set(train.RESUME_KEYS + ("eval_split", "amp", "on_bad_sample")) - set(axes))
+    keys = sorted(set(checkpoints.RESUME_KEYS + ("eval_split", "amp", "on_bad_sample")) - set(axes))
     blob = json.dumps({"settings": {k: getattr(cfg, k) for k in keys}, "axes": axes,
                        "sampler": cfg.sweep_sampler}, sort_keys=True)
     return "docdistill-sweep-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -164,7 +165,7 @@ def run_training(cfg, run_cfg):
     """One ordinary --mode train run (main.py's path: refuse to overwrite, seed, build the task, train)."""
     from tasks import build_task
     from training_modes import run_train
-    train.refuse_to_overwrite(run_cfg, "student")
+    checkpoints.refuse_to_overwrite(run_cfg, "student")
     utils.seed_everything(run_cfg.seed)
     task = build_task(run_cfg, train_teacher=run_cfg.alpha == 0)  # alpha 0: the teacher is not used
     try:
@@ -217,9 +218,9 @@ def run_trials(cfg, study, axes):
         except KeyboardInterrupt:  # the next run of the sweep continues this trial
             trial.set_user_attr("interrupted", True)
             raise
-        except train.Stopped as e:
+        except checkpoints.Stopped as e:
             trial.set_user_attr("interrupted", True)
-            raise train.Stopped(f"stopped by SIGTERM in sweep trial {trial.number}: its checkpoint is saved in "
+            raise checkpoints.Stopped(f"stopped by SIGTERM in sweep trial {trial.number}: its checkpoint is saved in "
                                 f"{out}; run the same --mode sweep command again, it continues the trial from "
                                 f"there") from e
         finally:

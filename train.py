@@ -1,4 +1,4 @@
-"""The training loop, evaluation and checkpoints: one loop for every task, read top to bottom.
+"""The training loop and evaluation: one loop for every task, read top to bottom (checkpoints: checkpoints.py).
 
 fit() trains `model` to match labels and, when a teacher is given, the teacher's softened outputs:
     for each batch:  teacher outputs (frozen, no grad)  ->  student outputs  ->  criterion  ->  step
@@ -20,23 +20,16 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoints
 import dataset
 import models
 import recipe
 import teacher_cache
 import utils
-from config import UserError, defaults
+from config import UserError
 from losses import IGNORE_INDEX
 
 log = logging.getLogger("docdistill")
-# Settings that must match between a checkpoint and the run resuming from it.
-RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
-               "unlabeled", "unlabeled_weight", "labeled_fraction", "train_split", "max_samples", "max_length",
-               "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature",
-               "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",
-               "lora_dropout", "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
-               "student_height", "max_text_width", "max_new_tokens", "degrade_height", "degrade_blur", "degrade_noise",
-               "degrade_jpeg")
 COUNTS = ("batches", "correct", "seen", "docs")  # the running sums that are not loss terms
 
 
@@ -66,16 +59,6 @@ def make_optimizer(cfg, model, criterion):
     """AdamW over the model's trainable parameters (with LoRA: the adapters and the head), then the criterion's."""
     return torch.optim.AdamW([*(p for p in model.parameters() if p.requires_grad), *criterion_parameters(criterion)],
                              lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def criterion_state(criterion):
-    return criterion.state_dict() if isinstance(criterion, torch.nn.Module) else {}
-
-
-def restore_criterion(criterion, checkpoint):
-    """The criterion's parameters from a checkpoint (one written before criteria had any holds none)."""
-    if isinstance(criterion, torch.nn.Module):
-        criterion.load_state_dict(checkpoint.get("criterion", {}))
 
 
 def make_loader(task, split, cfg, shuffle, lean=False):
@@ -131,107 +114,6 @@ def live_teacher(accelerator, teacher, teacher_forward):
         with torch.no_grad(), accelerator.autocast():
             return teacher_forward(teacher, batch)
     return logits_of
-
-
-class Stopped(Exception):
-    """The run was asked to stop (SIGTERM) and saved a resumable checkpoint first; main() exits with 143."""
-    tracking_status = "KILLED"  # of its MLflow run (recipe.tracking)
-
-
-def checkpoint_path(out_dir, name):
-    return os.path.join(out_dir, "latest_checkpoint.pth" if name == "student" else f"{name}_checkpoint.pth")
-
-
-def run_files(out_dir, name):
-    """What a run of `name` (student or teacher) writes in out_dir: checkpoint, metrics, best model."""
-    return [checkpoint_path(out_dir, name), os.path.join(out_dir, f"{name}_metrics.jsonl"),
-            os.path.join(out_dir, f"{name}_model.pth"), os.path.join(out_dir, name)]
-
-
-def refuse_to_overwrite(cfg, name):
-    """Stop when --output-dir holds a run of `name` that this one would replace, before any slow work or write.
-
-    Going on is fine in an empty directory, when resuming from a checkpoint kept in it, or with --overwrite.
-    """
-    existing = [os.path.basename(p) for p in run_files(cfg.output_dir, name) if os.path.exists(p)]
-    if not existing or cfg.overwrite:
-        return
-    resuming_it = bool(cfg.checkpoint) and os.path.samefile(os.path.dirname(os.path.abspath(cfg.checkpoint)),
-                                                            cfg.output_dir)
-    if not resuming_it:
-        raise UserError(f"{cfg.output_dir} already holds a {name} run ({', '.join(existing)}): continue it with "
-                        f"--checkpoint {checkpoint_path(cfg.output_dir, name)}, replace it with --overwrite, or "
-                        f"choose another --output-dir")
-
-
-def position(state):
-    """Where in training a saved state is, in words."""
-    if state["step_in_epoch"]:
-        return f"epoch {state['epoch'] + 1} step {state['step_in_epoch']}"
-    return f"the end of epoch {state['epoch']}"
-
-
-def good_checkpoint(path, state):
-    """What the error messages say is left to resume from."""
-    return f"the last good checkpoint is {path} ({position(state)}), kept as it was"
-
-
-def stopped_by_sigterm(path, state):
-    return Stopped(f"stopped by SIGTERM: saved {path} at {position(state)}; continue with --checkpoint {path}")
-
-
-def save_checkpoint(path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion=None):
-    """Everything needed to continue exactly where we are; tensors and plain values only (weights_only), with a
-    checksum of its tensors.
-
-    The resolved config is written with it, so the directory describes the run whose checkpoint it holds, and a
-    run that fails before its first save (or a refused resume) leaves the previous config in place.
-    """
-    checkpoint = {
-        "name": name,
-        "model": accelerator.unwrap_model(model).state_dict(),
-        "criterion": criterion_state(criterion),  # learned parts of the loss (feature projections), if any
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        "rng": utils.rng_state(),
-        "fingerprint": cfg.fingerprint(RESUME_KEYS),
-        "settings": {k: getattr(cfg, k) for k in RESUME_KEYS},
-        **state,
-    }
-    utils.atomic_torch_save(utils.with_checksum(checkpoint), path)
-    utils.atomic_json(cfg.to_file(), os.path.join(cfg.output_dir, f"{cfg.mode}_config.json"))
-
-
-def load_checkpoint(path, cfg, name):
-    checkpoint = utils.safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or "fingerprint" not in checkpoint:
-        raise UserError(f"{path} is not a docdistill training checkpoint (latest_checkpoint.pth or "
-                        f"teacher_checkpoint.pth)")
-    utils.verify_checksum(checkpoint, path)
-    if checkpoint.get("name", name) != name:
-        raise UserError(f"{path} is a checkpoint of {checkpoint['name']} training, not of the {name}: resume "
-                        f"with --mode {'train' if checkpoint['name'] == 'student' else 'teacher'}")
-    if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
-        # A setting added after the checkpoint was written is not recorded there: it ran at the default.
-        saved = {**defaults(), **checkpoint["settings"]}
-        differing = [f"{k}: {saved.get(k, 'not recorded')!r} in checkpoint, {getattr(cfg, k)!r} now"
-                     for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if differing:
-            raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
-                            f"use the same flags as the run that wrote it")
-    return checkpoint
-
-
-def save_best(task, model, out_dir, name):
-    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory.
-
-    A LoRA model is saved with its adapters merged in: a plain model of its architecture.
-    """
-    model = recipe.merged(model)
-    best = {"state_dict": model.state_dict(), "config": model.config.to_json_string()}
-    utils.atomic_torch_save(utils.with_checksum(best), os.path.join(out_dir, f"{name}_model.pth"))
-    utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))
 
 
 @torch.no_grad()
@@ -310,7 +192,7 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
 
     Nothing in --output-dir is written before the first save but --report-to's files; only weights that pass
     why_not_saveable() are saved.
-    SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises Stopped.
+    SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises checkpoints.Stopped.
     """
     accelerator = make_accelerator(cfg, track=True)
     out_dir = cfg.output_dir
@@ -329,7 +211,8 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     scheduler = recipe.make_scheduler(cfg, optimizer, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
-    checkpoint = load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None  # before the slow part
+    # before the slow part
+    checkpoint = checkpoints.load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None
     peak_memory(accelerator, "preprocessing (data and models loaded)")
     clock = time.perf_counter()  # training time of the first epoch includes building the teacher cache
     teacher_logits_of = None
@@ -342,13 +225,13 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
              "early_stopping": recipe.early_stopping_start(), "stop_reason": ""}
-    ckpt_path = checkpoint_path(out_dir, name)
+    ckpt_path = checkpoints.checkpoint_path(out_dir, name)
     metrics_path = os.path.join(out_dir, f"{name}_metrics.jsonl")
     history = []  # this run's metrics rows; the file is rewritten whole at each epoch end
     last_good = "nothing of this run was saved"
     if checkpoint is not None:
         models.load_student_weights(accelerator.unwrap_model(model), checkpoint["model"], cfg.checkpoint)
-        restore_criterion(criterion, checkpoint)
+        checkpoints.restore_criterion(criterion, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"] is not None and accelerator.scaler is not None:
@@ -356,14 +239,15 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
         utils.set_rng_state(checkpoint["rng"])
         state = {k: checkpoint[k] for k in state}
         history = [row for row in utils.read_jsonl(metrics_path) if row["epoch"] <= state["epoch"]]  # rest: redone
-        last_good = good_checkpoint(cfg.checkpoint, state)
+        last_good = checkpoints.good_checkpoint(cfg.checkpoint, state)
         log.info("resumed from %s at epoch %d, step %d%s", cfg.checkpoint, state["epoch"] + 1,
                  state["step_in_epoch"], state["stop_reason"] and f"; it had stopped ({state['stop_reason']})")
 
     def check_saveable(outputs_finite):
         problem = why_not_saveable(model, optimizer, outputs_finite, criterion)
         if problem:
-            raise UserError(f"the weights at {position(state)} {problem}: lower --lr, or use --amp no; {last_good}")
+            raise UserError(f"the weights at {checkpoints.position(state)} {problem}: lower --lr, or use --amp no; "
+                            f"{last_good}")
 
     with recipe.tracking(accelerator, cfg, name), utils.sigterm_requests() as sigterm:
         for epoch in range(state["epoch"], cfg.epochs):
@@ -413,12 +297,12 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                         state.update(step_in_epoch=step + 1, sums=sums)
                         check_saveable(finite_loss(accelerator, model, forward, criterion, batch, teacher_logits))
                         if accelerator.is_main_process:
-                            save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name,
-                                            criterion)
-                        last_good = good_checkpoint(ckpt_path, state)
+                            checkpoints.save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state,
+                                                        cfg, name, criterion)
+                        last_good = checkpoints.good_checkpoint(ckpt_path, state)
                     if stopping:
                         accelerator.wait_for_everyone()
-                        raise stopped_by_sigterm(ckpt_path, state)
+                        raise checkpoints.stopped_by_sigterm(ckpt_path, state)
                 if step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{sums['total'] / sums['batches']:.3f}",
                                     **{k: f"{v / sums['batches']:.3f}" for k, v in sums.items()
@@ -465,12 +349,13 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                                                 if k not in ("epoch", "metric_name")}, (epoch + 1) * len(train_loader))
                 utils.write_jsonl(history, metrics_path)
                 if improved:
-                    save_best(task, accelerator.unwrap_model(model), out_dir, name)
-                save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name, criterion)
-            last_good = good_checkpoint(ckpt_path, state)
+                    checkpoints.save_best(task, accelerator.unwrap_model(model), out_dir, name)
+                checkpoints.save_checkpoint(ckpt_path, accelerator, model, optimizer, scheduler, state, cfg, name,
+                                            criterion)
+            last_good = checkpoints.good_checkpoint(ckpt_path, state)
             accelerator.wait_for_everyone()
             if epoch + 1 < cfg.epochs and stop_requested(accelerator, sigterm):  # got it during validation
-                raise stopped_by_sigterm(ckpt_path, state)
+                raise checkpoints.stopped_by_sigterm(ckpt_path, state)
             clock = time.perf_counter()
 
     accelerator.end_training()

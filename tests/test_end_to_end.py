@@ -1,6 +1,5 @@
 """Real `main.py` commands on a tiny generated corpus: teacher -> distil -> resume -> eval -> info."""
 import json
-import os
 
 import pytest
 import torch

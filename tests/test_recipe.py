@@ -368,14 +368,14 @@ def layoutlmv3_batch(n=4, words=6):
 
 def test_student_lora_trains_adapters_and_head_and_saves_a_student_eval_and_predict_load(pretrained_student,
                                                                                          tmp_path):
-    """The student as tasks.py builds it, with the adapters as run_train adds them; saved by train.save_best, read
+    """The student as tasks.py builds it, with the adapters as run_train adds them; saved by checkpoints.save_best, read
     back by --mode eval (evaluate.load_saved_student) and --mode predict/export (predict.load_model)."""
     import types
     from transformers import AutoModelForSequenceClassification
 
     import evaluate
     import predict
-    import train
+    import checkpoints
     labels = ["invoice", "letter", "memo"]
 
     def student():
@@ -404,7 +404,7 @@ def test_student_lora_trains_adapters_and_head_and_saves_a_student_eval_and_pred
     plain = student()
     task = types.SimpleNamespace(student=plain, labels=labels,
                                  save_pretrained=lambda m, directory, role: m.save_pretrained(directory))
-    train.save_best(task, model, str(tmp_path), "student")
+    checkpoints.save_best(task, model, str(tmp_path), "student")
     assert hasattr(model, "merge_and_unload")  # save_best merged a copy, the model trains on with its adapters
     saved = torch.load(tmp_path / "student_model.pth", weights_only=True)["state_dict"]
     assert not any("lora" in k or "modules_to_save" in k for k in saved) and saved.keys() == plain.state_dict().keys()

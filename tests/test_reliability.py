@@ -15,7 +15,7 @@ from transformers import BeitImageProcessor
 
 import main
 import models
-import train
+import checkpoints
 import utils
 from config import UserError, parse_config
 from conftest import ROOT, assert_same_run, kill_inside_second_epoch, run_main
@@ -129,7 +129,7 @@ def test_which_directories_hold_a_run(tmp_path, mode, name, leftover):
     def refused(*flags):
         cfg = parse_config(["--mode", mode, "--output-dir", str(out), *map(str, flags)])
         try:
-            train.refuse_to_overwrite(cfg, name)
+            checkpoints.refuse_to_overwrite(cfg, name)
         except UserError as e:
             return str(e)
 

@@ -16,6 +16,7 @@ import pytest
 import main
 import sweep
 import tasks
+import checkpoints
 import train
 from config import UserError, build_parser, parse_config
 from conftest import ROOT
@@ -93,7 +94,7 @@ def test_grid_sweep_end_to_end(tiny_demo, cache, tmp_path, monkeypatch):
     # the command trains exactly the best trial's run: the same settings as its train_config.json
     again = parse_config(shlex.split(best["command"])[2:])
     ran = json.load(open(out / best["dir"] / "train_config.json"))
-    assert {k: getattr(again, k) for k in train.RESUME_KEYS} == {k: ran[k] for k in train.RESUME_KEYS}
+    assert {k: getattr(again, k) for k in checkpoints.RESUME_KEYS} == {k: ran[k] for k in checkpoints.RESUME_KEYS}
     test = best["test"]["roles"]
     assert test["baseline"]["params"]["alpha"] == 0 and test["best"]["params"] == best["params"]
     assert "| **" in open(out / "sweep.md").read()
@@ -122,8 +123,8 @@ def test_killed_sweep_continues_with_the_same_command(tiny_demo, cache, tmp_path
     first_done = (out / "trial-000" / "student_metrics.jsonl").stat().st_mtime
 
     loaded = []
-    load_checkpoint = train.load_checkpoint
-    monkeypatch.setattr(train, "load_checkpoint", lambda path, *a: loaded.append(path) or load_checkpoint(path, *a))
+    load_checkpoint = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path, *a: loaded.append(path) or load_checkpoint(path, *a))
     assert main.main(argv) == 0  # the same command
     assert (out / "trial-000" / "student_metrics.jsonl").stat().st_mtime == first_done  # kept, not trained again
     assert str(second) in loaded  # the interrupted trial resumed from its checkpoint

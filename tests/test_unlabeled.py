@@ -296,11 +296,11 @@ def test_resume_from_a_checkpoint_that_predates_a_setting(setup, uninterrupted, 
     resumes when the setting is at its default, and is refused, naming it, when it is not."""
     import hashlib
 
-    import train
+    import checkpoints
     from config import UserError, parse_config
     out, _ = uninterrupted
     checkpoint = torch.load(out / "latest_checkpoint.pth", weights_only=True)
-    old_keys = [k for k in train.RESUME_KEYS if k != "labeled_fraction"]
+    old_keys = [k for k in checkpoints.RESUME_KEYS if k != "labeled_fraction"]
     checkpoint["settings"].pop("labeled_fraction")
     blob = json.dumps({k: checkpoint["settings"][k] for k in old_keys}, sort_keys=True)
     checkpoint["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -308,9 +308,9 @@ def test_resume_from_a_checkpoint_that_predates_a_setting(setup, uninterrupted, 
     torch.save(checkpoint, old)
     root, args = setup
     argv = ["--mode", "train", *map(str, args), "--output-dir", str(out)]
-    assert train.load_checkpoint(str(old), parse_config(argv), "student")["fingerprint"] == checkpoint["fingerprint"]
+    assert checkpoints.load_checkpoint(str(old), parse_config(argv), "student")["fingerprint"] == checkpoint["fingerprint"]
     with pytest.raises(UserError, match="labeled_fraction: 1.0 in checkpoint, 0.5 now"):
-        train.load_checkpoint(str(old), parse_config([*argv, "--labeled-fraction", "0.5"]), "student")
+        checkpoints.load_checkpoint(str(old), parse_config([*argv, "--labeled-fraction", "0.5"]), "student")
 
 
 def test_hidden_transcripts_change_the_crop_cache_key(tmp_path):
