@@ -21,9 +21,10 @@ import train
 from config import UserError, build_parser, parse_config
 from conftest import ROOT
 
-# 8 pages per split: one batch of 8 (the end-to-end test) or two of 4 (the kill test, which stops mid-epoch)
+# 8 pages per split: one batch of 8 (the end-to-end test) or two of 4 (the kill test, which stops mid-epoch).
+# The teacher in float32: a reduced precision would run it twice more on a sample first (the KL check).
 FAST = ["--preset", "demo", "--mode", "sweep", "--max-length", "32", "--student-image-size", "32", "--student-size",
-        "small", "--max-samples", "8"]
+        "small", "--max-samples", "8", "--teacher-precision", "float32"]
 
 
 @pytest.fixture(scope="module")
