@@ -200,14 +200,18 @@ def run(cfg):
               "split": cfg.eval_split, "amp": cfg.amp, "rows": rows, "summary": summary}
     onnx_dir.cleanup()
     utils.atomic_json(result, os.path.join(cfg.output_dir, "bench.json"))
-    table = bench_table(result, task.metric_name)
+    table = bench_table(result, task.metric_name, ITEMS.get(cfg.task, "document"))
     utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "bench.md"))
     print(table)
     return 0
 
 
-def bench_table(result, metric):
-    lines = [f"| model | device | params | size on disk | p50 ms/page (batch 1) | p95 ms | pages/s (batch "
+ITEMS = {"sequence-classification": "page", "token-classification": "form", "text-recognition": "crop"}
+
+
+def bench_table(result, metric, item="page"):
+    """The bench.md table; `item` is what one input is (a page, a form, a crop)."""
+    lines = [f"| model | device | params | size on disk | p50 ms/{item} (batch 1) | p95 ms | {item}s/s (batch "
              f"{THROUGHPUT_BATCH}) | peak memory MB | {metric} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         score = "-" if r.get(metric) is None else f"{r[metric]:.3f}"
@@ -215,7 +219,7 @@ def bench_table(result, metric):
                      f"{r['latency_ms_p50']:.1f} | {r['latency_ms_p95']:.1f} | {r['throughput_pages_per_s']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} | {score} |")
     s = result["summary"]
-    lines.append(f"\nstudent {s['student_speedup_batch1']:.1f}x faster per page than the teacher at batch 1, "
+    lines.append(f"\nstudent {s['student_speedup_batch1']:.1f}x faster per {item} than the teacher at batch 1, "
                  f"{s['throughput_ratio']:.1f}x the throughput; int8 student {s['int8_student_size_ratio']:.1f}x "
                  f"smaller on disk than the teacher.")
     return "\n".join(lines)
