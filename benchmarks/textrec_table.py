@@ -2,7 +2,9 @@
 
 One row per run directory of OUT with an eval.json; each distilled run is compared with the student alone of the
 same kind (kl, seq -> ctc; lowres-kl -> lowres-ctc; l10-kl -> l10-ctc): the CER difference and its 95% paired
-bootstrap interval over the test crops (predictions.jsonl).
+bootstrap interval over the test crops (predictions.jsonl). "CER, case and spaces ignored" reads the same
+predictions with both sides upper-cased and spaces removed: what is left when a label convention (SROIE's
+upper-case transcripts) and the teacher's reading (letter case as printed, no spaces in lines) disagree.
 """
 import json
 import os
@@ -10,6 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import stats  # noqa: E402
+import textrec  # noqa: E402
 
 NAMES = {"ctc": "CTC on labels alone", "kl": "distilled: + per-step KL", "seq": "distilled: + sequence KD"}
 PREFIXES = {"lowres": None, "l10": "10% of the training crops labelled"}
@@ -32,6 +35,21 @@ def edits(out, run):
     return [(r["student_edits"], len(r["truth"])) for r in rows]
 
 
+def loose_cer(out, run, who):
+    """CER with both sides upper-cased and without spaces, from predictions.jsonl (None without it)."""
+    path = os.path.join(out, run, "predictions.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path)]
+    norm = lambda text: text.replace(" ", "").upper()  # noqa: E731
+    chars = sum(len(norm(r["truth"])) for r in rows)
+    return sum(textrec.char_errors(norm(r["truth"]), norm(r[who])) for r in rows) / max(chars, 1)
+
+
+def fmt(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
 def main(out):
     runs = sorted(d for d in os.listdir(out) if os.path.exists(os.path.join(out, d, "eval.json")))
     results = {run: json.load(open(os.path.join(out, run, "eval.json"))) for run in runs}
@@ -47,7 +65,7 @@ def main(out):
             s = stats.paired_bootstrap(edits(out, baseline), edits(out, run))
             gain = f"{s['difference']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]"
         s = r["student"]
-        rows.append(f"| {name} | {s['cer']:.4f} | {gain} | {s['wer']:.4f} | {s['exact']:.4f} | "
+        rows.append(f"| {name} | {s['cer']:.4f} | {gain} | {fmt(loose_cer(out, run, 'student'))} | {s['wer']:.4f} | {s['exact']:.4f} | "
                     f"{s['exact_nocase']:.4f} | {r['student_parameters'] / 1e6:.2f}M | "
                     f"{r['student_ms_per_crop']:.2f} / {r['teacher_ms_per_crop']:.2f} ({r['speedup_batch1']:.1f}x) | "
                     f"{r['teacher_agreement']:.3f} |")
@@ -55,10 +73,11 @@ def main(out):
     print(f"{teacher['crops']} test crops ({teacher['split']} split); ms per crop at batch 1, {teacher['threads']} "
           f"thread(s); CER change against the student alone of the same kind, 95% paired bootstrap interval over "
           f"the test crops ({stats.RESAMPLES} resamples)\n")
-    print("| model | CER | CER change vs alone | WER | exact | exact (any case) | parameters | ms/crop: student / "
+    print("| model | CER | CER change vs alone | CER, case and spaces ignored | WER | exact | exact (any case) | parameters | ms/crop: student / "
           "teacher, same eval (speed-up) | agrees with teacher |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| teacher: PP-OCRv4 recogniser (ONNX, clean 48 px crops) | {t['cer']:.4f} | - | {t['wer']:.4f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| teacher: PP-OCRv4 recogniser (ONNX, clean 48 px crops) | {t['cer']:.4f} | - | "
+          f"{fmt(loose_cer(out, next(iter(results)), 'teacher'))} | {t['wer']:.4f} | "
           f"{t['exact']:.4f} | {t['exact_nocase']:.4f} | {teacher['teacher_parameters'] / 1e6:.2f}M | "
           f"- / {teacher['teacher_ms_per_crop']:.2f} | - |")
     print("\n".join(rows))
