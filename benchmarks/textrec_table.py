@@ -24,7 +24,9 @@ def describe(run, result):
     where = [f"{low} px" if low else "full resolution"]
     if PREFIXES.get(prefix):
         where.append(PREFIXES[prefix])
-    return prefix, kind, f"student ({', '.join(where)}), {NAMES.get(kind, kind)}"
+    base = kind.rstrip("0123456789")  # e.g. ctc60: the same run kind at another --epochs
+    epochs = f", {kind[len(base):]} epochs" if kind != base else ""
+    return prefix, kind, f"student ({', '.join(where)}), {NAMES.get(base, base)}{epochs}"
 
 
 def edits(out, run):
@@ -61,7 +63,7 @@ def main(out):
         prefix, kind, name = describe(run, r)
         baseline = f"{prefix}-ctc" if prefix else "ctc"
         gain = "-"
-        if kind != "ctc" and baseline in results and edits(out, run) and edits(out, baseline):
+        if not kind.startswith("ctc") and baseline in results and edits(out, run) and edits(out, baseline):
             s = stats.paired_bootstrap(edits(out, baseline), edits(out, run))
             gain = f"{s['difference']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]"
         s = r["student"]
