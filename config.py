@@ -6,6 +6,7 @@ Every field is a flag (`--batch-size` for `batch_size`) and its help text lives 
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +21,8 @@ KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
-TRACKERS = ("none", "tensorboard", "mlflow")
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "trackio")
+UNPINNED_TRACKERS = ("wandb", "trackio")  # handed to Accelerate when installed; not pinned, not tested here
 TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
@@ -172,7 +174,9 @@ class Config:
                            "OUTPUT_DIR/tracking/mlflow.db, experiment NAME, a run per start or resume; written by the "
                            "pinned mlflow-skinny, viewed with the full mlflow package's mlflow ui --backend-store-uri "
                            "sqlite:///OUTPUT_DIR/tracking/mlflow.db, see README): the config, every step's loss terms "
-                           "and learning rate, every epoch's metrics; local files only", default="none")
+                           "and learning rate, every epoch's metrics; local files only. Also wandb (offline: files in "
+                           "OUTPUT_DIR/tracking, unless WANDB_MODE says otherwise) and trackio, handed to Accelerate "
+                           "when you have installed them (not pinned, not tested here)", default="none")
     seed: int = _help("seed for data order, initialisation and dropout", default=42)
     amp: str = _help("mixed precision: no, bf16 or fp16 (fp16 needs CUDA); the loss is always float32",
                      default="no")
@@ -269,6 +273,10 @@ class Config:
                                 f"directory), or leave --lora-r out to train the student in full")
         if self.report_to not in TRACKERS:
             problems.append(f"--report-to must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        elif self.report_to in UNPINNED_TRACKERS and importlib.util.find_spec(self.report_to) is None:
+            problems.append(f"--report-to {self.report_to}: the {self.report_to} package is not installed (it is "
+                            f"not one of docdistill's pinned requirements): pip install {self.report_to}, or use "
+                            f"--report-to tensorboard or mlflow")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             problems.append(f"--teacher-precision must be one of {', '.join(TEACHER_PRECISIONS)}, got "
                             f"{self.teacher_precision!r}")

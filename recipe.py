@@ -102,6 +102,9 @@ def start_tracking(accelerator, cfg, name):
     kwargs = {"tensorboard": {"filename_suffix": f".{time.time_ns()}.{os.getpid()}"}}
     if cfg.report_to == "mlflow":
         kwargs["mlflow"] = start_mlflow(accelerator, cfg, name)
+    if cfg.report_to == "wandb":  # local files unless the user asked for more (WANDB_MODE=online)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        kwargs["wandb"] = {"dir": tracking_dir(cfg)}
     accelerator.init_trackers(name, config={k: json.dumps(v) if isinstance(v, list) else v
                                             for k, v in cfg.to_dict().items()}, init_kwargs=kwargs)
 

@@ -464,3 +464,15 @@ def test_student_lora_run_resumes_like_an_uninterrupted_run(lora_student_args, p
     assert scores["split"] == "validation" and scores["model"].endswith("student_model.pth")
     assert (scores["accuracy"], scores["macro_f1"]) == pytest.approx((best_row["val_accuracy"],
                                                                       best_row["val_macro_f1"]))
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_unpinned_tracker_not_installed_is_one_line(tracker, tmp_path):
+    """wandb and trackio are handed to Accelerate when installed; without them, one line says how to get them."""
+    import importlib.util
+    from config import UserError, parse_config
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    with pytest.raises(UserError, match=f"--report-to {tracker}: the {tracker} package is not installed"):
+        parse_config(["--report-to", tracker, "--output-dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
