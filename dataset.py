@@ -177,9 +177,21 @@ def hidden_labels(n, labeled_fraction, seed):
     return set(random.Random(seed).sample(range(n), n - keep))
 
 
+def keep_labeled_fraction(split, cfg, without_labels):
+    """--labeled-fraction F < 1: a seeded 1 - F share of the training documents unlabelled (without_labels(split,
+    hidden)), or, with alpha 0 (no teacher to teach them), left out; said in the log. `split`: a Dataset or a
+    list of rows."""
+    if cfg.labeled_fraction >= 1:
+        return split
+    hidden = hidden_labels(len(split), cfg.labeled_fraction, cfg.seed)
+    log.info("--labeled-fraction %g: %d of %d training documents keep their labels; the other %d %s",
+             cfg.labeled_fraction, len(split) - len(hidden), len(split), len(hidden),
+             "are left out (alpha 0: no teacher)" if cfg.alpha == 0 else "are taught by the teacher alone")
+    return hide_labels(split, hidden, without_labels, cfg.alpha)
+
+
 def hide_labels(split, hidden, without_labels, alpha):
-    """--labeled-fraction: the documents at `hidden` unlabelled (without_labels(split, hidden)), or, with alpha 0
-    (no teacher to teach them), left out. `split` is a Dataset or a list of rows."""
+    """The documents at `hidden` unlabelled (without_labels(split, hidden)), or, with alpha 0, left out."""
     if alpha == 0:
         kept = [i for i in range(len(split)) if i not in hidden]
         return split.select(kept) if hasattr(split, "select") else [split[i] for i in kept]

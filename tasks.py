@@ -236,13 +236,9 @@ def prepare_splits(task, load_unlabeled, preprocess):
     preprocess(split, desc=..., index_offset=...) -> the split preprocessed (cached), every row kept.
     """
     cfg = task.cfg
-    if cfg.mode == "train" and cfg.labeled_fraction < 1:
-        train = task.documents[cfg.train_split]
-        hidden = dataset.hidden_labels(len(train), cfg.labeled_fraction, cfg.seed)
-        task.documents[cfg.train_split] = dataset.hide_labels(train, hidden, task.without_labels, cfg.alpha)
-        log.info("--labeled-fraction %g: %d of %d training documents keep their labels; the other %d %s",
-                 cfg.labeled_fraction, len(train) - len(hidden), len(train), len(hidden),
-                 "are left out (alpha 0: no teacher)" if cfg.alpha == 0 else "are taught by the teacher alone")
+    if cfg.mode == "train":
+        task.documents[cfg.train_split] = dataset.keep_labeled_fraction(task.documents[cfg.train_split], cfg,
+                                                                        task.without_labels)
 
     def prepare(split, name, index_offset=0):
         return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset),

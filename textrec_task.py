@@ -197,12 +197,8 @@ class TextRecognition:
             if len(usable) < len(rows):
                 log.warning("%s: %d crops with a box under 2 px left out", name, len(rows) - len(usable))
             rows = subset(usable, cfg.max_samples, cfg.seed)
-            if name == cfg.train_split and cfg.mode == "train" and cfg.labeled_fraction < 1:
-                hidden = dataset.hidden_labels(len(rows), cfg.labeled_fraction, cfg.seed)
-                log.info("--labeled-fraction %g: %d of %d training crops keep their transcripts; the other %d %s",
-                         cfg.labeled_fraction, len(rows) - len(hidden), len(rows), len(hidden),
-                         "are left out (alpha 0: no teacher)" if cfg.alpha == 0 else "are taught by the teacher alone")
-                rows = dataset.hide_labels(rows, hidden, untranscribed, cfg.alpha)
+            if name == cfg.train_split and cfg.mode == "train":
+                rows = dataset.keep_labeled_fraction(rows, cfg, untranscribed)
             self.documents[name], self.splits[name] = prepare(
                 rows, cfg.max_text_width, cfg.cache_dir, name)
         self.labels = textrec.student_labels()
