@@ -7,6 +7,7 @@ interval over the test crops (predictions.jsonl). "CER, case and spaces ignored"
 predictions with both sides upper-cased and spaces removed: what is left when a label convention (SROIE's
 upper-case transcripts) and the teacher's reading (letter case as printed, no spaces in lines) disagree.
 """
+import functools
 import json
 import os
 import sys
@@ -30,20 +31,23 @@ def describe(run, result):
     return prefix, kind, f"student ({', '.join(where)}), {NAMES.get(base, base)}{epochs}"
 
 
-def edits(out, run):
+@functools.lru_cache(maxsize=None)
+def predictions(out, run):
+    """A run's predictions.jsonl rows (read once), or None without it."""
     path = os.path.join(out, run, "predictions.jsonl")
-    if not os.path.exists(path):
-        return None
-    rows = [json.loads(line) for line in open(path)]
-    return [(r["student_edits"], len(r["truth"])) for r in rows]
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else None
+
+
+def edits(out, run):
+    rows = predictions(out, run)
+    return None if rows is None else [(r["student_edits"], len(r["truth"])) for r in rows]
 
 
 def loose_cer(out, run, who):
     """CER with both sides upper-cased and without spaces, from predictions.jsonl (None without it)."""
-    path = os.path.join(out, run, "predictions.jsonl")
-    if not os.path.exists(path):
+    rows = predictions(out, run)
+    if rows is None:
         return None
-    rows = [json.loads(line) for line in open(path)]
     norm = lambda text: text.replace(" ", "").upper()  # noqa: E731
     chars = sum(len(norm(r["truth"])) for r in rows)
     return sum(textrec.char_errors(norm(r["truth"]), norm(r[who])) for r in rows) / max(chars, 1)
@@ -64,9 +68,9 @@ def main(out):
         prefix, kind, name = describe(run, r)
         gain = "-"
         # the strongest student alone on the same data (lowest CER; e.g. ctc60, trained as many steps as kl)
-        alone = [a for a in results if describe(a, results[a])[:2][0] == prefix
-                 and describe(a, results[a])[1].startswith("ctc") and edits(out, a)]
-        if not kind.startswith("ctc") and alone and edits(out, run):
+        alone = [a for a in results if describe(a, results[a])[0] == prefix
+                 and describe(a, results[a])[1].startswith("ctc") and predictions(out, a)]
+        if not kind.startswith("ctc") and alone and predictions(out, run):
             baseline = min(alone, key=lambda a: results[a]["student"]["cer"])
             s = stats.paired_bootstrap(edits(out, baseline), edits(out, run))
             gain = f"{s['difference']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}] vs {baseline}"
