@@ -19,7 +19,7 @@ SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")  # = ctc_kd.KD_TERMS
 BAD_SAMPLE = ("fail", "skip")
-STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
+STUDENT_SIZES = ("micro", "small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "trackio")
 UNPINNED_TRACKERS = ("wandb", "trackio")  # handed to Accelerate when installed; not pinned, not tested here
@@ -71,11 +71,12 @@ class Config:
                                 "init, or its model.safetensors; its tokenizer, or a character-level one over the "
                                 "ASCII charset when it has none), with --kd-terms seq",
                                 default="microsoft/layoutlmv3-base")
-    student_size: str = _help("tiny (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights), small (hidden "
-                              "128, 2 layers, 2 heads, intermediate 512; random weights; models.STUDENT_SIZES) or full "
-                              "(config as is; starts from the pretrained weights when --student-config is a hub id "
-                              "or a directory that has them, e.g. distilbert-base-uncased); text-recognition: the "
-                              "CRNN's size, tiny (1.0M parameters) or full (2.6M)",
+    student_size: str = _help("the student's shape, named for every task in models.STUDENT_SIZES (random weights): "
+                              "micro (hidden 64, 2 layers, 2 heads, intermediate 256), small (hidden 128, 2 layers, "
+                              "2 heads, intermediate 512), tiny (hidden 256, 4 layers, 4 heads, intermediate 1024), or "
+                              "full (config as is; starts from the pretrained weights when --student-config is a hub "
+                              "id or a directory that has them, e.g. distilbert-base-uncased); text-recognition: the "
+                              "CRNN's size, micro (0.08M parameters), small (0.29M), tiny (1.0M) or full (2.6M)",
                               default="tiny")
     student_image_size: int = _help("image side the student's visual patch embedding sees (224 in LayoutLMv3; "
                                     "the demo uses 112 to fit 2 CPU cores)", default=224)
@@ -207,7 +208,13 @@ class Config:
                                "disk) lets several machines run trials of the same study with the same command",
                                default="")
     seeds: int = _help("--mode sweep: train the best setting and its alpha-0 baseline with this many seeds "
-                       "(--seed, --seed+1, ...) and report the test mean and std of each", default=1)
+                       "(--seed, --seed+1, ...) and report the test mean and std of each; with student_size an "
+                       "axis, also each size's best distilled setting and its alpha-0 baseline (validation)",
+                       default=1)
+    baseline_epochs: int = _help("--mode sweep: epochs of every alpha-0 run (trials and baselines; 0 = --epochs). "
+                                 "Without the teacher, unlabelled documents (--unlabeled, --labeled-fraction) are "
+                                 "left out, so an alpha-0 run has fewer steps per epoch and may need more epochs",
+                                 default=0)
     group_by_length: bool = _help("batch documents of similar token length together (less padding, faster)",
                                   default=True)
     teacher_cache: bool = _help("compute the teacher's logits once per split and reuse them across epochs and runs "
@@ -341,6 +348,7 @@ NUMERIC_BOUNDS = {
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
+    "baseline_epochs": (0, None, False),
     "feature_weight": (0, None, False), "labeled_fraction": (0, 1, True),
 }
 

@@ -10,10 +10,9 @@ import os
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-SIZES = {  # conv channels per stage, LSTM hidden size per direction
-    "tiny": dict(channels=[32, 64, 128, 256], hidden=176, layers=1),
-    "full": dict(channels=[64, 128, 256, 256], hidden=192, layers=2),
-}
+import models
+
+FULL = dict(channels=[64, 128, 256, 256], hidden=192, layers=2)  # --student-size full; the others: models.STUDENT_SIZES
 
 
 class CRNNConfig:
@@ -87,4 +86,5 @@ class CRNN(nn.Module):
 
 
 def build(chars, height, size):
-    return CRNN(CRNNConfig(chars, height=height, **SIZES[size]))
+    shape = FULL if size == "full" else models.STUDENT_SIZES[size]["crnn"]
+    return CRNN(CRNNConfig(chars, height=height, **shape))

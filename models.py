@@ -12,15 +12,23 @@ from config import UserError
 log = logging.getLogger("docdistill")
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-# The named student sizes (--student-size), for each student architecture; 'full' keeps the config as is.
+# The named student sizes (--student-size), the one place they are defined, for each student architecture; 'full'
+# keeps the config as is (a pretrained student keeps its weights; the CRNN's full shape is crnn.FULL).
 # LayoutLMv3: 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
+# CRNN (text recognition): conv channels per stage, LSTM hidden size per direction, LSTM layers.
 STUDENT_SIZES = {
-    "tiny": {"layoutlmv3": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                                coordinate_size=48, shape_size=32),
-             "distilbert": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)},
+    "micro": {"layoutlmv3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                 coordinate_size=12, shape_size=8),
+              "distilbert": dict(dim=64, n_layers=2, n_heads=2, hidden_dim=256),
+              "crnn": dict(channels=[8, 16, 32, 64], hidden=48, layers=1)},
     "small": {"layoutlmv3": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
                                  coordinate_size=24, shape_size=16),
-              "distilbert": dict(dim=128, n_layers=2, n_heads=2, hidden_dim=512)},
+              "distilbert": dict(dim=128, n_layers=2, n_heads=2, hidden_dim=512),
+              "crnn": dict(channels=[16, 32, 64, 128], hidden=96, layers=1)},
+    "tiny": {"layoutlmv3": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                                coordinate_size=48, shape_size=32),
+             "distilbert": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024),
+             "crnn": dict(channels=[32, 64, 128, 256], hidden=176, layers=1)},
 }
 TINY_LAYOUTLMV3 = STUDENT_SIZES["tiny"]["layoutlmv3"]
 TINY_DISTILBERT = STUDENT_SIZES["tiny"]["distilbert"]

@@ -20,9 +20,13 @@ test split, each with --seeds seeds (the trial's own run is reused for the first
 machine; other seeds train in OUTPUT_DIR/final/), and the outputs are written:
 sweep.csv, sweep.md (one row per trial: settings, validation score, seconds; the test results),
 sweep_heatmap.png (validation score over temperature x alpha, when both are axes), best_config.json (with the
-command that trains the best setting) and sweep_test.json.
+command that trains the best setting) and sweep_test.json (sweep_report.py writes them).
+
+With student_size an axis, a size study too: each size's best distilled setting and the same setting at alpha 0,
+each with --seeds seeds, scored on validation; the gain (distilled minus alpha 0, paired by seed) per size goes to
+sweep.md and sweep_sizes.png. --baseline-epochs gives alpha-0 runs their own number of epochs (without the
+teacher, unlabelled documents are left out, so an epoch has fewer steps).
 """
-import csv
 import dataclasses
 import gc
 import hashlib
@@ -37,9 +41,10 @@ import time
 import numpy as np
 
 import checkpoints
+import sweep_report
 import train
 import utils
-from config import PRESETS, Config, UserError, flag
+from config import PRESETS, STUDENT_SIZES, Config, UserError, flag
 
 log = logging.getLogger("docdistill")
 
@@ -97,6 +102,8 @@ def trial_config(cfg, params, output_dir, seed=None):
     """The --mode train config of one run: the sweep's settings with the trial's values (validated)."""
     values = {**cfg.to_dict(), **params, "mode": "train", "output_dir": output_dir, "overwrite": False,
               "checkpoint": "", "sweep": [], "seed": cfg.seed if seed is None else seed}
+    if values["alpha"] == 0 and cfg.baseline_epochs:  # --baseline-epochs: alpha-0 runs train longer
+        values["epochs"] = cfg.baseline_epochs
     checkpoint = checkpoints.checkpoint_path(output_dir, "student")
     if os.path.exists(checkpoint):  # an interrupted run of this trial: continue it
         values["checkpoint"] = checkpoint
@@ -106,7 +113,10 @@ def trial_config(cfg, params, output_dir, seed=None):
 def study_name(cfg, axes):
     """The same settings (axes included, --sweep-trials and --seeds not) name the same study."""
     keys = sorted(set(checkpoints.RESUME_KEYS + ("eval_split", "amp", "on_bad_sample")) - set(axes))
-    blob = json.dumps({"settings": {k: getattr(cfg, k) for k in keys}, "axes": axes,
+    settings = {k: getattr(cfg, k) for k in keys}
+    if cfg.baseline_epochs:  # only when given: the studies made before the flag keep their names
+        settings["baseline_epochs"] = cfg.baseline_epochs
+    blob = json.dumps({"settings": settings, "axes": axes,
                        "sampler": cfg.sweep_sampler}, sort_keys=True)
     return "docdistill-sweep-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -119,7 +129,7 @@ def train_command(cfg, params, output_dir, seed=None):
     for name in FIELDS:
         value = getattr(run, name)
         if name in ("mode", "preset", "config", "checkpoint", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage",
-                    "seeds", "input", "overwrite", "debug") or \
+                    "seeds", "baseline_epochs", "input", "overwrite", "debug") or \
                 (value == defaults.get(name) and name not in params and name != "output_dir"):  # axes: always
             continue
         if isinstance(value, bool):
@@ -263,134 +273,106 @@ def score_on_test(cfg, run_cfg):
     return metric, {k: v for k, v in scores.items() if isinstance(v, float)}
 
 
+class Runs:
+    """The runs behind the final scores: a trial's own run for the first seed (where it is on this machine), other
+    seeds trained in OUTPUT_DIR/final/<name>-seed<seed> (a killed one resumes; a finished one is not trained
+    again). A setting asked for twice (the best is also the best of its size) is trained once."""
+
+    def __init__(self, cfg, done, names):
+        self.cfg, self.done, self.names, self.dirs = cfg, done, names, {}
+
+    def local(self, params):
+        for t in sorted(self.done, key=lambda t: -t.value):
+            if same_run(self.cfg, t.params) == same_run(self.cfg, params) and \
+                    os.path.exists(os.path.join(self.cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
+                return os.path.join(self.cfg.output_dir, t.user_attrs["dir"])
+        return None
+
+    def get(self, params, seed, name):
+        """The directory of `params` trained with `seed`; `name` unless the setting has one in self.names."""
+        cfg, key = self.cfg, (same_run(self.cfg, params), seed)
+        if key in self.dirs:
+            return self.dirs[key]
+        out = self.local(params) if seed == cfg.seed else None
+        if out is None:
+            name = self.names.get(key[0], name)
+            out = os.path.join(cfg.output_dir, "final", f"{name}-seed{seed}")
+            run_cfg = trial_config(cfg, params, out, seed)
+            if not os.path.exists(os.path.join(out, "student_model.pth")) or run_cfg.checkpoint and \
+                    utils.safe_torch_load(run_cfg.checkpoint)["epoch"] < run_cfg.epochs:
+                log.info("sweep: training the %s setting %s with seed %d in %s", name, params, seed, out)
+                run_training(cfg, run_cfg)
+        self.dirs[key] = out
+        return out
+
+
+def best_validation(out):
+    """(metric name, best validation score) of a finished run, from its student_metrics.jsonl."""
+    with open(os.path.join(out, "student_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    metric = rows[-1]["metric_name"]
+    return metric, max(r[f"val_{metric}"] for r in rows)
+
+
+def spread(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def final_runs(cfg, study, axes):
-    """Best setting and its alpha-0 baseline, each over --seeds seeds, trained where needed, scored on test."""
+    """Best setting and its alpha-0 baseline, each over --seeds seeds, trained where needed, scored on test; with
+    student_size an axis, each size's best distilled setting and its alpha-0 baseline over the seeds, scored on
+    validation (sizes)."""
     import optuna
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not done:
         raise UserError("no trial of the study finished: nothing to score (see the errors above)")
     best = max(done, key=lambda t: t.value)
     baseline = {**best.params, "alpha": 0.0}
-
-    def local_run(params):
-        for t in sorted(done, key=lambda t: -t.value):
-            if same_run(cfg, t.params) == same_run(cfg, params) and \
-                    os.path.exists(os.path.join(cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
-                return os.path.join(cfg.output_dir, t.user_attrs["dir"])
-        return None
-
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results = {"seeds": seeds, "roles": {}}
     roles = [("best", best.params), ("baseline", baseline)]
-    scored, runs = {}, {}  # the best setting may be the baseline (alpha 0): trained and scored once
+    runs = Runs(cfg, done, {same_run(cfg, params): role for role, params in reversed(roles)})
+    scored = {}  # the best setting may be the baseline (alpha 0): trained and scored once
     for role, params in roles:
         rows = []
         for seed in seeds:
-            out = runs.get((same_run(cfg, params), seed)) or (local_run(params) if seed == cfg.seed else None)
-            if out is None:
-                out = os.path.join(cfg.output_dir, "final", f"{role}-seed{seed}")
-                run_cfg = trial_config(cfg, params, out, seed)
-                if not os.path.exists(os.path.join(out, "student_model.pth")) or run_cfg.checkpoint and \
-                        utils.safe_torch_load(run_cfg.checkpoint)["epoch"] < run_cfg.epochs:
-                    log.info("sweep: training the %s setting %s with seed %d in %s", role, params, seed, out)
-                    run_training(cfg, run_cfg)
-            runs[(same_run(cfg, params), seed)] = out
+            out = runs.get(params, seed, role)
             if out not in scored:
                 scored[out] = score_on_test(cfg, trial_config(cfg, params, out, seed))
             metric, scores = scored[out]
             rows.append({"seed": seed, "dir": out, **scores})
             log.info("sweep: %s setting, seed %d, test %s %.4f", role, seed, metric, scores[metric])
-        values = [r[metric] for r in rows]
-        results["roles"][role] = {"params": params, "runs": rows, "metric": metric, "mean": float(np.mean(values)),
-                                  "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        mean, std = spread([r[metric] for r in rows])
+        results["roles"][role] = {"params": params, "runs": rows, "metric": metric, "mean": mean, "std": std}
+    if len(axes.get("student_size", ())) > 1:
+        results["sizes"] = size_study(cfg, axes, done, runs, seeds)
     return best, results
 
 
-def trial_rows(study, axes):
-    import optuna
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.WAITING:
+def size_study(cfg, axes, done, runs, seeds):
+    """For each student size: its best distilled trial (alpha > 0, by validation) and the same setting at alpha 0,
+    each trained with every seed; the gain is distilled minus alpha 0 on validation, paired by seed. The test
+    split is not read (it is kept for the best setting)."""
+    sizes = {}
+    for size in sorted(axes["student_size"], key=STUDENT_SIZES.index):
+        distilled = [t for t in done if t.params.get("student_size") == size and t.params.get("alpha", cfg.alpha) > 0]
+        if not distilled:
+            log.warning("sweep: no distilled trial of student size %s finished: left out of the size study", size)
             continue
-        state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
-        if "same_as" in t.user_attrs:
-            state = f"same run as trial {t.user_attrs['same_as']}"
-        rows.append({"trial": t.number, "dir": t.user_attrs.get("dir", ""), "state": state,
-                     **{k: t.params.get(k, "") for k in axes},
-                     "validation": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",
-                     "seconds": round(t.user_attrs.get("seconds", 0.0), 1) if "seconds" in t.user_attrs else ""})
-    return rows
-
-
-def heatmap(rows, metric, path):
-    """Validation score over temperature x alpha (the best over the other axes), as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    done = [r for r in rows if r["validation"] != ""]  # finished trials, those that reused a run included
-    temps = sorted({r["temperature"] for r in done})
-    alphas = sorted({r["alpha"] for r in done})
-    grid = np.full((len(temps), len(alphas)), np.nan)
-    for r in done:
-        i, j = temps.index(r["temperature"]), alphas.index(r["alpha"])
-        grid[i, j] = r["validation"] if np.isnan(grid[i, j]) else max(grid[i, j], r["validation"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.8 * len(temps) + 2))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("temperature")
-    for i in range(len(temps)):
-        for j in range(len(alphas)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(image, label=f"validation {metric}")
-    ax.set_title(f"validation {metric} (best over the other axes)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_outputs(cfg, study, axes, best, results):
-    out = cfg.output_dir
-    rows = trial_rows(study, axes)
-    metric = results["roles"]["best"]["metric"]
-    columns = ["trial", "dir", "state", *axes, "validation", "seconds"]
-    tmp = os.path.join(out, "sweep.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, os.path.join(out, "sweep.csv"))
-    command = train_command(cfg, best.params, os.path.join(out, "best"))
-    best_row = {"trial": best.number, "dir": best.user_attrs["dir"], "params": best.params,
-                f"validation_{metric}": best.value, "command": command, "test": results}
-    utils.atomic_json(best_row, os.path.join(out, "best_config.json"))
-    utils.atomic_json(results, os.path.join(out, "sweep_test.json"))
-    lines = [f"Study {study.study_name}: {len(rows)} trials ({cfg.sweep_sampler}), validation {metric} on "
-             f"--eval-split {cfg.eval_split}; the best is marked.", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [f"{r[c]:.4f}" if c == "validation" and r[c] != "" else str(r[c]) for c in columns]
-        if r["trial"] == best.number:
-            cells[0] = f"**{cells[0]}** (best)"
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Test split ({TEST_SPLIT}), seeds {', '.join(map(str, results['seeds']))}: mean and std of "
-              f"{metric} over the seeds.", "", f"| setting | test {metric} mean | std | per seed |", "|---|---|---|---|"]
-    for role, title in (("best", "best"), ("baseline", "baseline (alpha 0)")):
-        r = results["roles"][role]
-        settings = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        lines.append(f"| {title}: {settings} | {r['mean']:.4f} | {r['std']:.4f} | "
-                     f"{', '.join(f'{x[metric]:.4f}' for x in r['runs'])} |")
-    lines += ["", "Train the best setting:", "", "    " + command, ""]
-    if "temperature" in axes and "alpha" in axes:
-        heatmap(rows, metric, os.path.join(out, "sweep_heatmap.png"))
-        lines.append("Validation over temperature x alpha: sweep_heatmap.png")
-    text = "\n".join(lines)
-    utils.atomic_text(text + "\n", os.path.join(out, "sweep.md"))
-    print("\n" + text)
+        setting = max(distilled, key=lambda t: t.value).params
+        scores = {}
+        for role, params in (("distilled", setting), ("baseline", {**setting, "alpha": 0.0})):
+            scores[role] = []
+            for seed in seeds:
+                metric, value = best_validation(runs.get(params, seed, f"size-{size}-{role}"))
+                scores[role].append(value)
+        gains = [d - b for d, b in zip(scores["distilled"], scores["baseline"])]
+        sizes[size] = {"params": setting, "metric": metric, **scores, "gain": gains,
+                       **{f"{k}_mean_std": spread(v) for k, v in (*scores.items(), ("gain", gains))}}
+        log.info("sweep: student size %s, %s: validation %s %.4f distilled, %.4f alpha 0, gain %+.4f (mean of %d "
+                 "seeds)", size, setting, metric, *(np.mean(v) for v in (scores["distilled"], scores["baseline"],
+                                                                          gains)), len(seeds))
+    return sizes
 
 
 def run(cfg):
@@ -427,5 +409,6 @@ def run(cfg):
     log.info("sweep: study %s in %s, axes %s", name, storage, axes)
     run_trials(cfg, study, axes)
     best, results = final_runs(cfg, study, axes)
-    write_outputs(cfg, study, axes, best, results)
+    sweep_report.write_outputs(cfg, study, axes, best, results,
+                               train_command(cfg, best.params, os.path.join(cfg.output_dir, "best")), TEST_SPLIT)
     return 0
