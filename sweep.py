@@ -102,8 +102,9 @@ def trial_config(cfg, params, output_dir, seed=None):
     """The --mode train config of one run: the sweep's settings with the trial's values (validated)."""
     values = {**cfg.to_dict(), **params, "mode": "train", "output_dir": output_dir, "overwrite": False,
               "checkpoint": "", "sweep": [], "seed": cfg.seed if seed is None else seed}
-    if values["alpha"] == 0 and cfg.baseline_epochs:  # --baseline-epochs: alpha-0 runs train longer
-        values["epochs"] = cfg.baseline_epochs
+    if values["alpha"] == 0:  # without the teacher: no unlabelled documents (nothing teaches them), own epochs
+        values["unlabeled"] = ""
+        values["epochs"] = cfg.baseline_epochs or values["epochs"]
     checkpoint = checkpoints.checkpoint_path(output_dir, "student")
     if os.path.exists(checkpoint):  # an interrupted run of this trial: continue it
         values["checkpoint"] = checkpoint

@@ -161,3 +161,41 @@ def test_sweep_axes_syntax():
         parse_config(["--mode", "sweep"])
     help_text = build_parser().format_help()
     assert "--sweep-storage" in help_text and "temperature=1,2,4,8" in help_text
+
+
+def test_size_study_gain_per_size_over_seeds(tiny_demo, cache, tmp_path, monkeypatch):
+    """student_size an axis with --seeds 2: each size's best distilled setting and its alpha-0 baseline trained
+    with both seeds, scored on validation (the test split only for the best setting and its baseline), alpha-0
+    runs with --baseline-epochs and without the unlabelled pages."""
+    scored = []
+    score = sweep.score_on_test
+    monkeypatch.setattr(sweep, "score_on_test", lambda cfg, run_cfg: scored.append(run_cfg.output_dir) or
+                        score(cfg, run_cfg))
+    out = tmp_path / "sizes"
+    argv = [*FAST, "--epochs", "1", "--baseline-epochs", "2", "--batch-size", "8", "--dataset", tiny_demo,
+            "--unlabeled", tiny_demo, "--cache-dir", cache, "--output-dir", out, "--seeds", "2",
+            "--sweep", "student_size=small,micro", "alpha=0,0.5"]
+    assert main.main(list(map(str, argv))) == 0
+    sizes = json.load(open(out / "sweep_test.json"))["sizes"]
+    assert list(sizes) == ["micro", "small"]  # smallest first, whatever the axis order
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    runs = {}  # (student size, alpha, seed) -> the run's directory, trials and final runs
+    for config in [*out.glob("trial-*/train_config.json"), *out.glob("final/*/train_config.json")]:
+        c = json.load(open(config))
+        runs[(c["student_size"], c["alpha"], c["seed"])] = config.parent
+    for size, result in sizes.items():
+        assert result["params"] == {"student_size": size, "alpha": 0.5}
+        trial = {float(r["alpha"]): float(r["validation"]) for r in rows if r["student_size"] == size}
+        # seed 42 is the trials' own runs; seed 43 trained in final/
+        assert result["distilled"][0] == pytest.approx(trial[0.5]) and result["baseline"][0] == pytest.approx(trial[0])
+        assert result["gain"] == pytest.approx([d - b for d, b in zip(result["distilled"], result["baseline"])])
+        for alpha, value in ((0.0, result["baseline"][1]), (0.5, result["distilled"][1])):
+            run = runs[(size, alpha, 43)]
+            history = [json.loads(line) for line in open(run / "student_metrics.jsonl")]
+            assert value == pytest.approx(max(h["val_accuracy"] for h in history))
+    baselines = [json.load(open(run / "train_config.json")) for key, run in runs.items() if key[1] == 0]
+    assert baselines and all((c["epochs"], c["unlabeled"]) == (2, "") for c in baselines)
+    # the test split: the best setting and its baseline, two seeds each, once per run; not the size study's runs
+    roles = json.load(open(out / "sweep_test.json"))["roles"]
+    assert sorted(scored) == sorted({r["dir"] for role in roles.values() for r in role["runs"]})
+    assert (out / "sweep_sizes.png").exists() and "Distillation gain by student size" in open(out / "sweep.md").read()
