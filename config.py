@@ -17,7 +17,10 @@ import yaml
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export", "sweep")
 SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
-KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")  # = ctc_kd.KD_TERMS
+# --kd-terms of each task (ctc_kd.KD_TERMS, kd_terms.TERMS); the first is the default
+CLASSIFICATION_TERMS = ("kd", "logit-mse", "feature", "simkd")
+KD_TERMS = {"text-recognition": ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"),
+            "sequence-classification": CLASSIFICATION_TERMS, "token-classification": CLASSIFICATION_TERMS}
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -131,16 +134,24 @@ class Config:
                                default=4.0)
     max_length: int = _help("token limit of the student; longer documents are truncated and the share is "
                             "reported", default=512)
-    kd_terms: str = _help("text-recognition: distillation terms that --alpha weighs, comma-separated: kl (per "
+    kd_terms: str = _help("distillation terms that --alpha weighs, comma-separated (default: kd, text-recognition kl). "
+                          "sequence- and token-classification (kd_terms.py): kd (alpha*T^2*KL), logit-mse (MSE of the "
+                          "logits), feature (MSE between the student's features through a learned linear projection "
+                          "and the teacher's: the pooled representation of a page, the first sub-token of a word), "
+                          "simkd (the student's head becomes a learned projection to the teacher's features and the "
+                          "teacher's frozen head, saved with the student; MSE between projected and teacher features); "
+                          "loss = (1-alpha)*CE + alpha*(kd + logit-mse + feature-weight*(feature + simkd)); feature and "
+                          "simkd exclude each other. text-recognition: kl (per "
                           "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
                           "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
                           "between the student's backbone / BiLSTM features, through learned linear projections to the "
                           "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
                           "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms)); with feature terms the teacher cache "
-                          "holds the teacher's features too (float16)", default="kl")
-    feature_weight: float = _help("text-recognition: lambda, the weight of the feature_* terms of --kd-terms "
-                                  "inside the alpha-weighted distillation part", default=1.0)
+                          "alpha*(kl + seq + feature-weight*(feature terms)). With feature terms the teacher cache "
+                          "holds the teacher's features too (float16)", default="")
+    feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature and simkd; "
+                                  "text-recognition: feature_*) inside the alpha-weighted distillation part",
+                                  default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
     max_new_tokens: int = _help("text-recognition with a TrOCR (VisionEncoderDecoder) teacher or student: the most "
@@ -247,10 +258,7 @@ class Config:
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
                      if (problem := out_of_bounds(flag(name), getattr(self, name), *bounds))]
-        terms = [t for t in self.kd_terms.split(",") if t]
-        if any(t not in KD_TERMS for t in terms):
-            problems.append(f"--kd-terms must be a comma-separated subset of {', '.join(KD_TERMS)}, got "
-                            f"{self.kd_terms!r}")
+        problems += self.kd_terms_problems()
         if self.student_height % 16:
             problems.append(f"--student-height must be a multiple of 16, got {self.student_height}")
         if not 0 <= self.degrade_jpeg <= 95:
@@ -302,6 +310,20 @@ class Config:
         if problems:
             raise UserError("; ".join(problems))
         return self
+
+    def kd_terms_problems(self):
+        """--kd-terms: empty means the task's default; each term one of the task's; feature and simkd apart."""
+        allowed = KD_TERMS.get(self.task, ())
+        self.kd_terms = self.kd_terms or ",".join(allowed[:1])
+        terms = [t for t in self.kd_terms.split(",") if t]
+        if any(t not in allowed for t in terms):
+            return [f"--kd-terms for --task {self.task} must be a comma-separated subset of {', '.join(allowed)}, "
+                    f"got {self.kd_terms!r}"]
+        if "simkd" in terms and "feature" in terms:
+            return ["--kd-terms: choose feature or simkd, not both (simkd's projection replaces feature's)"]
+        if "simkd" in terms and self.lora_r:
+            return ["--kd-terms simkd trains a new head before the teacher's: not with --lora-r"]
+        return []
 
     def to_dict(self):
         return dataclasses.asdict(self)

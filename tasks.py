@@ -9,6 +9,8 @@ to logits in the dataset's label order, and scores predictions. train.py only se
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
     task.make_loss(cfg, with_teacher)  ->  criterion(student_logits, teacher_logits, batch) -> {"total", terms...}
+    task.student_outputs / task.teacher_outputs(model, batch)  # what training feeds the loss, when more than the
+                                                               # logits (optional; kd_terms.FeatureOutputs)
     task.predictions(logits, batch)  ->  (preds, labels) to score, where argmax per position does not fit (optional)
     task.describe(name), task.show(index), task.unit   # statistics, one sample, what is counted (documents/words)
 """
@@ -24,10 +26,10 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 import dataset
+import kd_terms
 import models
 import wordtags
 from config import UserError
-from losses import DistillationLoss
 
 log = logging.getLogger("docdistill")
 
@@ -53,16 +55,12 @@ def load_tokenizer(source, cache_dir, train_split=None):
                         f"or a reachable hub id ({str(e).splitlines()[0]})") from e
 
 
-def distillation_loss(cfg, with_teacher):
-    """alpha * T^2 * KL + (1 - alpha) * CE; without a teacher, CE alone (unlabelled rows: KL only, losses.py)."""
-    return DistillationLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0, cfg.unlabeled_weight)
+class DocumentClassification(kd_terms.FeatureOutputs):
+    """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3).
 
-
-class DocumentClassification:
-    """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3)."""
+    The loss's terms (--kd-terms, kd_terms.py) match the models' features at the pooled representation."""
     metric_name = "accuracy"
     unit = "documents"
-    make_loss = staticmethod(distillation_loss)
     without_labels = staticmethod(dataset.without_labels)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
@@ -94,6 +92,12 @@ class DocumentClassification:
         self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
+        self.init_kd_terms(cfg)
+
+    @staticmethod
+    def matched(features, batch, role):
+        """Features of a page: what the head reads is already one vector per page (pooled or first token)."""
+        return features
 
     def teacher_logits(self, teacher, batch):
         if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
@@ -141,15 +145,15 @@ class DocumentClassification:
             self.student_processor.save_pretrained(directory)
 
 
-class TokenClassification:
+class TokenClassification(kd_terms.FeatureOutputs):
     """One BIO tag per word: words + boxes + image teacher (LayoutLMv3) -> text-only student (DistilBERT).
 
     The teacher's tokenizer is the one saved with it (--teacher). The two tokenizers split words differently,
-    so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags].
+    so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags], and
+    the features of --kd-terms feature/simkd are matched there too ([B, words, width]).
     """
     metric_name = "f1"
     unit = "words"
-    make_loss = staticmethod(distillation_loss)
     without_labels = staticmethod(wordtags.untag_some)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
@@ -177,6 +181,12 @@ class TokenClassification:
             split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, wordtags.WordCollator(self.tokenizer.pad_token_id,
                                                                self.teacher_tokenizer.pad_token_id, spec))
+        self.init_kd_terms(cfg)
+
+    @staticmethod
+    def matched(features, batch, role):
+        """Token features [B, L, width] -> word features [B, W, width], at each word's first sub-token."""
+        return wordtags.at_words(features, batch["word_pos" if role == "student" else "teacher_word_pos"])
 
     def teacher_logits(self, teacher, batch):
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
