@@ -235,3 +235,37 @@ def test_feature_run_trains_checkpoints_and_resumes_its_projection(tiny_demo, tm
     again = [json.loads(line) for line in open(stopped / "student_metrics.jsonl")]
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread):
+    """Token classification (two generated forms, a tiny random LayoutLMv3 teacher): feature and simkd train, the
+    cache holds the teacher's features per word, and the simkd student is scored by --mode eval and loaded by the
+    predict path from its own files."""
+    import main
+    import predict
+    from safetensors.torch import load_file
+    from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
+    from transformers import LayoutLMv3Config
+    from wordtags import FUNSD_TAGS
+    data = write_funsd(tmp_path / "funsd")
+    _, student_tokenizer = wordpiece(tmp_path, TRICKY)
+    teacher_tokenizer, bpe_dir = byte_bpe(tmp_path)
+    teacher = tiny_teacher_dir(tmp_path, bpe_dir, len(teacher_tokenizer))
+    config = LayoutLMv3Config.from_pretrained(teacher)
+    config.update({"id2label": dict(enumerate(FUNSD_TAGS)), "label2id": {t: i for i, t in enumerate(FUNSD_TAGS)}})
+    config.save_pretrained(teacher)  # random weights with FUNSD's tags
+    common = ["--task", "token-classification", "--dataset", data, "--eval-split", "test", "--tokenizer",
+              student_tokenizer, "--student-config", "builtin:distilbert-base-uncased", "--student-size", "tiny",
+              "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2", "--lr", "1e-3", "--teacher", teacher,
+              "--alpha", "0.5", "--epochs", "1"]
+    for terms in ("feature", "simkd"):
+        assert main.main(["--mode", "train", *common, "--kd-terms", terms, "--output-dir", str(tmp_path / terms)]) == 0
+        row = json.loads(open(tmp_path / terms / "student_metrics.jsonl").readline())
+        assert row[f"train_{terms}"] > 0 and "train_kd" not in row
+    [path] = (tmp_path / "cache" / "teacher").glob("*.safetensors")  # one cache: both need the same features
+    tables = load_file(str(path))
+    assert tables["features"].shape[0] == 2 and tables["features"].shape[1:] == (tables["logits"].shape[1], 64)
+    assert main.main(["--mode", "eval", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
+    assert 0 <= json.load(open(tmp_path / "simkd" / "eval.json"))["f1"] <= 1
+    model, _, _ = predict.load_model(str(tmp_path / "simkd" / "student"))
+    assert isinstance(model.classifier, kd_terms.SimKDHead)
