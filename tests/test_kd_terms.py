@@ -237,10 +237,10 @@ def test_feature_run_trains_checkpoints_and_resumes_its_projection(tiny_demo, tm
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
-def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread):
+def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     """Token classification (two generated forms, a tiny random LayoutLMv3 teacher): feature and simkd train, the
-    cache holds the teacher's features per word, and the simkd student is scored by --mode eval and loaded by the
-    predict path from its own files."""
+    cache holds the teacher's features per word (one cache for both, which info counts), and the simkd student is
+    scored by --mode eval and loaded by the predict path from its own files."""
     import main
     import predict
     from safetensors.torch import load_file
@@ -269,3 +269,6 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread):
     assert 0 <= json.load(open(tmp_path / "simkd" / "eval.json"))["f1"] <= 1
     model, _, _ = predict.load_model(str(tmp_path / "simkd" / "student"))
     assert isinstance(model.classifier, kd_terms.SimKDHead)
+    capsys.readouterr()
+    assert main.main(["--mode", "info", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
+    assert f"{tmp_path / 'cache' / 'teacher'}: 1 caches" in capsys.readouterr().out
