@@ -14,7 +14,7 @@ import utils
 from config import UserError, defaults
 
 # Settings that must match between a checkpoint and the run resuming from it.
-RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
+RESUME_KEYS = ("task", "teacher", "extra_teachers", "teacher_weights", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "labeled_fraction", "train_split", "max_samples", "max_length",
                "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature",
                "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",

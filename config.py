@@ -66,6 +66,14 @@ class Config:
                          "config.json, model.safetensors, tokenizer, optional preprocessor_config.json, e.g. "
                          "microsoft/trocr-large-printed: its greedy transcripts teach with --kd-terms seq only)",
                          default="microsoft/dit-large-finetuned-rvlcdip")
+    extra_teachers: list = _help("the teachers after the first, sequence- and token-classification: give --teacher "
+                                 "several times (--teacher A --teacher B) and their soft targets are averaged in "
+                                 "probability space at --temperature, weighted by --teacher-weights "
+                                 "(kd_terms.TeacherEnsemble); each must read the first one's inputs (its tokenizer and "
+                                 "page size); --kd-terms kd only; a --config file lists them here",
+                                 default_factory=list)
+    teacher_weights: str = _help("weights of the teachers, comma-separated in --teacher order (normalised to sum 1; "
+                                 "default: equal)", default="")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
                                 "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or "
@@ -269,6 +277,7 @@ class Config:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.labeled_fraction < 1 and self.mode == "teacher":
             problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
+        problems += self.teachers_problems()
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.lora_r and self.mode == "demo":
@@ -311,6 +320,20 @@ class Config:
             raise UserError("; ".join(problems))
         return self
 
+    def teachers_problems(self):
+        """Several teachers: for distilling and scoring a classification student, one weight > 0 each."""
+        teachers = 1 + len(self.extra_teachers)
+        try:
+            weights = [float(w) for w in self.teacher_weights.split(",")] if self.teacher_weights else [1.0]
+        except ValueError:
+            weights = []
+        if self.teacher_weights and (len(weights) != teachers or not all(0 < w < math.inf for w in weights)):
+            return [f"--teacher-weights must be {teachers} numbers > 0, one per --teacher, got {self.teacher_weights!r}"]
+        if teachers > 1 and (self.task == "text-recognition" or self.mode in ("teacher", "demo")):
+            return [f"several teachers (--teacher given {teachers} times) are for distilling (--mode train, eval, info, "
+                    f"sweep) page or word classification, not --task {self.task} --mode {self.mode}"]
+        return []
+
     def kd_terms_problems(self):
         """--kd-terms: empty means the task's default; each term one of the task's; feature and simkd apart."""
         allowed = KD_TERMS.get(self.task, ())
@@ -321,6 +344,8 @@ class Config:
                     f"got {self.kd_terms!r}"]
         if "simkd" in terms and "feature" in terms:
             return ["--kd-terms: choose feature or simkd, not both (simkd's projection replaces feature's)"]
+        if self.extra_teachers and terms != ["kd"]:
+            return [f"--kd-terms {self.kd_terms}: with several teachers only kd (their soft targets averaged)"]
         if "simkd" in terms and self.lora_r:
             return ["--kd-terms simkd trains a new head before the teacher's: not with --lora-r"]
         return []
@@ -417,6 +442,11 @@ def build_parser():
                                 help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if f.name == "teacher":  # --teacher A --teacher B: the first is the teacher, the others extra_teachers
+                parser.add_argument(flag, action="append", default=argparse.SUPPRESS,
+                                    help=f"{help_text}; give it several times for several teachers (default: "
+                                         f"{f.default!r})")
+                continue
             if f.type is list:  # several values after one flag
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
@@ -479,6 +509,9 @@ def as_type(value, kind):
 def parse_config(argv=None):
     """Defaults, then the preset, then the --config file, then whatever was given on the command line."""
     given = vars(build_parser().parse_args(argv))
+    if "teacher" in given:
+        given["teacher"], *extra = given["teacher"]
+        given.setdefault("extra_teachers", extra)
     from_file = read_config_file(given["config"]) if given.get("config") else {}
     preset = given.get("preset", from_file.get("preset", Config.preset))
     values = {**PRESETS[preset], **from_file, **given}

@@ -25,13 +25,18 @@ reads, its last hidden layer's representation at
                task already reads both models' logits (wordtags.at_words; words either model has no token for
                are out of every term).
 The teacher's features are stored in the teacher cache (float16) beside its logits when a term needs them.
+
+Several teachers (--teacher A --teacher B, --teacher-weights): TeacherEnsemble averages their soft targets in
+probability space at T; with them only the kd term is available (their features and raw logits do not combine).
 """
 import contextlib
+import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
 from config import UserError
 from losses import DistillationLoss
 from train import logits_of
@@ -128,18 +133,67 @@ def restore_head(model):
 
 # ----------------------------------------------------------------------------- the tasks' side
 
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers as one (--teacher A --teacher B): their soft targets averaged in probability space at
+    the run's temperature T, with weights w_k (--teacher-weights, normalised to sum 1):
+
+        p_T = sum_k w_k softmax(z_k / T),   given as the logits T * log p_T   (whose softmax at T is p_T),
+
+    each teacher's logits z_k first put in the dataset's class order (orders). Its outputs are in the dataset's
+    order, as its config's labels say."""
+
+    def __init__(self, teachers, orders, weights, temperature, labels):
+        super().__init__()
+        self.teachers, self.orders, self.temperature = nn.ModuleList(teachers), orders, temperature
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights))  # in the cache key
+        self.config = types.SimpleNamespace(id2label=dict(enumerate(labels)))  # models.label_names reads it
+
+    def combine(self, logits):
+        """[teacher logits] in the dataset's order -> T * log(sum_k w_k softmax(z_k / T)), float32."""
+        probs = sum(w * F.softmax(z.float() / self.temperature, dim=-1) for w, z in zip(self.weights, logits))
+        return self.temperature * probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 class FeatureOutputs:
     """What a classification task feeds the loss: the logits, or when a term compares features, the dict
-    {"logits", "features"} (features at the matched positions: task.matched(features, batch, role)).
+    {"logits", "features"} (features at the matched positions: task.matched(features, batch, role)); and its
+    teacher as a TeacherEnsemble when there are several.
 
-    The task calls init_kd_terms(cfg) once its teacher, student and teacher_order are built."""
+    The task provides load_teacher(source, trainable) -> (teacher, ...), teacher_input(loaded) (what its batches
+    are made with) and one_teacher_logits(teacher, order, batch); it calls add_teachers(cfg, trainable, first) and
+    init_kd_terms(cfg) once its teacher, student and teacher_order are built."""
+
+    def add_teachers(self, cfg, trainable, first):
+        """With --teacher given several times, self.teacher becomes their TeacherEnsemble. Each teacher must read
+        the batches the first one's preprocessing makes (the same tokenizer and page)."""
+        if not cfg.extra_teachers:
+            return
+        teachers, orders = [self.teacher], [self.teacher_order]
+        for source in cfg.extra_teachers:
+            loaded = self.load_teacher(source, trainable)
+            if self.teacher_input(loaded) != self.teacher_input(first):
+                raise UserError(f"--teacher {source} reads its input otherwise than --teacher {cfg.teacher} (tokenizer "
+                                f"or page size and normalisation): several teachers must read the same inputs")
+            teachers.append(loaded[0])
+            orders.append(models.match_labels(models.label_names(loaded[0]), self.labels))
+        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else [1.0] * len(teachers)
+        self.teacher = TeacherEnsemble(teachers, orders, weights, cfg.temperature, self.labels)
+
+    def teacher_logits(self, teacher, batch):
+        if isinstance(teacher, TeacherEnsemble):
+            return teacher.combine([self.one_teacher_logits(t, order, batch)
+                                    for t, order in zip(teacher.teachers, teacher.orders)])
+        return self.one_teacher_logits(teacher, self.teacher_order, batch)
 
     def init_kd_terms(self, cfg):
         self.kd_terms = chosen(cfg)
         self.feature_terms = [t for t in self.kd_terms if t in FEATURE_TERMS]
-        # The cache's key covers what it stores: a cache of logits and features is another cache.
-        self.teacher_cache_extra = ["outputs: logits, features (classification head input)"] \
-            if self.feature_terms else []
+        # The cache's key covers what it stores: a cache of logits and features is another cache, and an ensemble's
+        # targets depend on the temperature they are averaged at (its weights are in its weights' fingerprint).
+        self.teacher_cache_extra = ((["outputs: logits, features (classification head input)"]
+                                     if self.feature_terms else []) +
+                                    ([f"teachers averaged in probability at T={cfg.temperature}"]
+                                     if isinstance(self.teacher, TeacherEnsemble) else []))
         if "simkd" in self.kd_terms:
             attach_simkd_head(self.student, head_of(self.teacher), self.teacher_order)
 

@@ -68,13 +68,8 @@ class DocumentClassification(kd_terms.FeatureOutputs):
         documents, self.labels = dataset.load_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
-        self.teacher, teacher_processor = models.load_document_teacher(
-            cfg.teacher, self.labels, trainable=train_teacher, vocab_size=len(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id)
-        if models.reads_text(self.teacher) and self.teacher.config.vocab_size != len(self.tokenizer):
-            raise UserError(f"the teacher {cfg.teacher!r} reads words with a {self.teacher.config.vocab_size}-token "
-                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
-                            f"tokenizer (--tokenizer {cfg.teacher})")
+        first = self.load_teacher(cfg.teacher, train_teacher)
+        self.teacher, teacher_processor = first
         # Teacher logits come in the teacher's label order; reorder them to the dataset's, by name.
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
         self.student_processor = LayoutLMv3ImageProcessorPil(
@@ -86,6 +81,7 @@ class DocumentClassification(kd_terms.FeatureOutputs):
         models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
         teacher_spec = dataset.image_spec(teacher_processor)
+        self.add_teachers(cfg, train_teacher, first)
         self.documents = documents
         prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
@@ -99,12 +95,28 @@ class DocumentClassification(kd_terms.FeatureOutputs):
         """Features of a page: what the head reads is already one vector per page (pooled or first token)."""
         return features
 
-    def teacher_logits(self, teacher, batch):
+    def load_teacher(self, source, trainable):
+        """A teacher and its image processor; one that reads words must read them with the student's tokenizer."""
+        teacher, processor = models.load_document_teacher(
+            source, self.labels, trainable=trainable, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id)
+        if models.reads_text(teacher) and teacher.config.vocab_size != len(self.tokenizer):
+            raise UserError(f"the teacher {source!r} reads words with a {teacher.config.vocab_size}-token "
+                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
+                            f"tokenizer (--tokenizer {source})")
+        return teacher, processor
+
+    @staticmethod
+    def teacher_input(loaded):
+        """What a loaded teacher's batches are made with: its page size and normalisation."""
+        return dataset.image_spec(loaded[1])
+
+    def one_teacher_logits(self, teacher, order, batch):
         if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
             page = {"pixel_values": batch["teacher_pixel_values"]} if models.reads_page(teacher) else {}
             return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
-                           **page).logits[:, self.teacher_order]
-        return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
+                           **page).logits[:, order]
+        return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, order]
 
     def student_logits(self, student, batch):
         return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
@@ -161,22 +173,15 @@ class TokenClassification(kd_terms.FeatureOutputs):
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        config = models.load_pretrained_config(cfg.teacher)
-        if config.model_type != "layoutlmv3":
-            raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
-                            f"page), got a {config.model_type} model from {cfg.teacher!r}")
-        models.check_max_length(cfg.max_length, config, "teacher")
-        self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
-        self.teacher = models.load_teacher(AutoModelForTokenClassification, cfg.teacher, config, self.labels,
-                                           trainable=train_teacher)
+        first = self.load_teacher(cfg.teacher, train_teacher)
+        self.teacher, self.teacher_tokenizer, self.teacher_processor = first
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
-        self.teacher_processor = LayoutLMv3ImageProcessorPil(
-            apply_ocr=False, size={"height": config.input_size, "width": config.input_size})
         self.student = models.build_student(
             AutoModelForTokenClassification, cfg.student_config, self.labels, size=cfg.student_size,
             vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
         models.check_max_length(cfg.max_length, self.student.config, "student")
         spec = dataset.image_spec(self.teacher_processor)
+        self.add_teachers(cfg, train_teacher, first)
         prepare_splits(self, wordtags.load_unlabeled_words, lambda split, **kw: wordtags.preprocess_words(
             split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, wordtags.WordCollator(self.tokenizer.pad_token_id,
@@ -188,10 +193,27 @@ class TokenClassification(kd_terms.FeatureOutputs):
         """Token features [B, L, width] -> word features [B, W, width], at each word's first sub-token."""
         return wordtags.at_words(features, batch["word_pos" if role == "student" else "teacher_word_pos"])
 
-    def teacher_logits(self, teacher, batch):
+    def load_teacher(self, source, trainable):
+        """A LayoutLMv3 teacher, its tokenizer (saved with it) and its image processor."""
+        config = models.load_pretrained_config(source)
+        if config.model_type != "layoutlmv3":
+            raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
+                            f"page), got a {config.model_type} model from {source!r}")
+        models.check_max_length(self.cfg.max_length, config, "teacher")
+        tokenizer = load_tokenizer(source, self.cfg.cache_dir)
+        teacher = models.load_teacher(AutoModelForTokenClassification, source, config, self.labels, trainable=trainable)
+        return teacher, tokenizer, LayoutLMv3ImageProcessorPil(
+            apply_ocr=False, size={"height": config.input_size, "width": config.input_size})
+
+    @staticmethod
+    def teacher_input(loaded):
+        """What a loaded teacher's batches are made with: its tokenizer, its page size and normalisation."""
+        return dataset.tokenizer_fingerprint(loaded[1]), dataset.image_spec(loaded[2])
+
+    def one_teacher_logits(self, teacher, order, batch):
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                          bbox=batch["bbox"], pixel_values=batch["teacher_pixel_values"]).logits
-        return wordtags.at_words(logits[..., self.teacher_order], batch["teacher_word_pos"])
+        return wordtags.at_words(logits[..., order], batch["teacher_word_pos"])
 
     def student_logits(self, student, batch):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -1,6 +1,6 @@
 """--kd-terms of page classification and word tagging (kd_terms.py): each term against a formula written out here,
-kd alone bit for bit DistillationLoss, SimKD's head saved with the student, and a feature run's projection
-optimised, checkpointed and resumed exactly."""
+kd alone bit for bit DistillationLoss, SimKD's head saved with the student, a feature run's projection
+optimised, checkpointed and resumed exactly, and several teachers averaged in probability."""
 import json
 import os
 import signal
@@ -272,3 +272,46 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert main.main(["--mode", "info", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert f"{tmp_path / 'cache' / 'teacher'}: 1 caches" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------- several teachers
+
+def test_teacher_ensemble_averages_probabilities():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 6, generator=g) * 3, torch.randn(4, 6, generator=g) * 3
+    T = 2.0
+    mixed = kd_terms.TeacherEnsemble([nn.Linear(1, 1), nn.Linear(1, 1)], [None, None], [1.0, 3.0], T, list("abcdef"))
+    expected = 0.25 * torch.softmax(a / T, -1) + 0.75 * torch.softmax(b / T, -1)
+    assert torch.allclose(torch.softmax(mixed.combine([a, b]) / T, -1), expected, atol=1e-6)
+    twins = kd_terms.TeacherEnsemble([nn.Linear(1, 1), nn.Linear(1, 1)], [None, None], [1.0, 1.0], T, list("abcdef"))
+    labels = torch.tensor([0, 1, 2, 3])
+    one, two = (DistillationLoss(T, 0.7)(torch.zeros(4, 6), t, labels) for t in (a, twins.combine([a, a])))
+    assert one["kd"].item() == pytest.approx(two["kd"].item(), rel=1e-5, abs=1e-7)
+
+
+def test_two_identical_teachers_teach_as_one(tiny_demo, tmp_path, one_thread):
+    """--teacher D --teacher D (a saved demo teacher) trains the student as --teacher D does: the same metrics up to
+    float rounding; eval scores against the ensemble."""
+    import main
+    import utils
+    from config import parse_config
+    from tasks import build_task
+    common = ["--mode", "train", *FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--epochs",
+              "1", "--teacher-precision", "float32"]
+    cfg = parse_config(common)
+    utils.seed_everything(cfg.seed)
+    task = build_task(cfg)
+    task.teacher.save_pretrained(tmp_path / "teacher")
+    task.teacher_processor.save_pretrained(tmp_path / "teacher")
+    teacher = str(tmp_path / "teacher")
+    assert main.main([*common, "--teacher", teacher, "--output-dir", str(tmp_path / "one")]) == 0
+    assert main.main([*common, "--teacher", teacher, "--teacher", teacher, "--teacher-weights", "1,2",
+                      "--output-dir", str(tmp_path / "two")]) == 0
+    one, two = (json.loads(open(tmp_path / run / "student_metrics.jsonl").readline()) for run in ("one", "two"))
+    for key in ("train_kd", "train_ce", "train_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert two["val_accuracy"] == one["val_accuracy"]
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 2  # the ensemble has its own cache
+    eval_args = [*common[2:], "--mode", "eval", "--teacher", teacher, "--teacher", teacher]
+    assert main.main([*eval_args, "--output-dir", str(tmp_path / "two")]) == 0
+    assert 0 <= json.load(open(tmp_path / "two" / "eval.json"))["teacher_agreement"] <= 1
