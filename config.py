@@ -17,7 +17,7 @@ import yaml
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export", "sweep")
 SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
-# --kd-terms of each task (ctc_kd.KD_TERMS, kd_terms.TERMS); the first is the default
+# --kd-terms of each task (text recognition: ctc_kd.KD_TERMS; the others: kd_terms.py); the first is the default
 CLASSIFICATION_TERMS = ("kd", "logit-mse", "feature", "simkd")
 KD_TERMS = {"text-recognition": ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"),
             "sequence-classification": CLASSIFICATION_TERMS, "token-classification": CLASSIFICATION_TERMS}

@@ -41,7 +41,6 @@ from config import UserError
 from losses import DistillationLoss
 from train import logits_of
 
-TERMS = ("kd", "logit-mse", "feature", "simkd")  # = config.KD_TERMS of the two classification tasks
 FEATURE_TERMS = ("feature", "simkd")
 
 
