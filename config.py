@@ -367,7 +367,7 @@ class Config:
 
 def defaults():
     """Every setting's default value, by name."""
-    return {f.name: f.default for f in fields(Config)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in fields(Config)}
 
 
 def flag(name):

@@ -315,3 +315,28 @@ def test_two_identical_teachers_teach_as_one(tiny_demo, tmp_path, one_thread):
     eval_args = [*common[2:], "--mode", "eval", "--teacher", teacher, "--teacher", teacher]
     assert main.main([*eval_args, "--output-dir", str(tmp_path / "two")]) == 0
     assert 0 <= json.load(open(tmp_path / "two" / "eval.json"))["teacher_agreement"] <= 1
+
+
+def test_resume_from_a_checkpoint_written_before_classification_read_kd_terms(tiny_demo, tmp_path, one_thread):
+    """A page-classification checkpoint from before --kd-terms applied to it recorded kd_terms 'kl' (then the
+    default, ignored) and no teacher settings: it resumes as the kd run it was; another term is refused by name."""
+    import hashlib
+
+    import checkpoints
+    import main
+    from config import UserError, parse_config
+    argv = ["--mode", "train", *FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--output-dir", str(tmp_path / "run")]
+    assert main.main(argv) == 0
+    checkpoint = torch.load(tmp_path / "run" / "latest_checkpoint.pth", weights_only=True)
+    for key in ("extra_teachers", "teacher_weights"):
+        checkpoint["settings"].pop(key)
+    checkpoint["settings"]["kd_terms"] = "kl"
+    old_keys = [k for k in checkpoints.RESUME_KEYS if k in checkpoint["settings"]]
+    blob = json.dumps({k: checkpoint["settings"][k] for k in old_keys}, sort_keys=True)
+    checkpoint["fingerprint"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    torch.save(checkpoint, tmp_path / "old.pth")
+    assert checkpoints.load_checkpoint(str(tmp_path / "old.pth"), parse_config(argv), "student")
+    with pytest.raises(UserError, match="kd_terms: 'kd' in checkpoint, 'logit-mse' now"):
+        checkpoints.load_checkpoint(str(tmp_path / "old.pth"), parse_config([*argv, "--kd-terms", "logit-mse"]),
+                                    "student")
