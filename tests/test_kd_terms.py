@@ -340,3 +340,20 @@ def test_resume_from_a_checkpoint_written_before_classification_read_kd_terms(ti
     with pytest.raises(UserError, match="kd_terms: 'kd' in checkpoint, 'logit-mse' now"):
         checkpoints.load_checkpoint(str(tmp_path / "old.pth"), parse_config([*argv, "--kd-terms", "logit-mse"]),
                                     "student")
+
+
+def test_several_teachers_in_flags_config_files_and_the_sweeps_command(tmp_path):
+    import shlex
+
+    import sweep
+    from config import parse_config
+    cfg = parse_config(["--teacher", "a", "--teacher", "b", "--teacher-weights", "1,2"])
+    assert (cfg.teacher, cfg.extra_teachers, cfg.teacher_weights) == ("a", ["b"], "1,2")
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(cfg.to_file()))
+    assert parse_config(["--config", str(path)]).extra_teachers == ["b"]
+    assert parse_config(["--config", str(path), "--teacher", "c", "--teacher-weights", "1"]).extra_teachers == []
+    study = parse_config(["--mode", "sweep", "--sweep", "alpha=0.5,0.7", "--teacher", "a", "--teacher", "b"])
+    command = sweep.train_command(study, {"alpha": 0.5}, str(tmp_path / "x"))
+    again = parse_config(shlex.split(command)[2:])
+    assert (again.teacher, again.extra_teachers) == ("a", ["b"])
