@@ -136,7 +136,8 @@ class Config:
     early_stopping_min_delta: float = _help("smallest rise of the validation metric that counts as an improvement "
                                             "for --early-stopping-patience", default=0.0)
     alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
-                         "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
+                         "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only; "
+                         "it weighs every term of --kd-terms",
                          default=0.7)
     temperature: float = _help("softmax temperature T applied to both teacher and student logits in the KL term",
                                default=4.0)
