@@ -11,10 +11,10 @@ import torch
 
 import recipe
 import utils
-from config import UserError, defaults
+from config import KD_TERMS, UserError, defaults
 
 # Settings that must match between a checkpoint and the run resuming from it.
-RESUME_KEYS = ("task", "teacher", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
+RESUME_KEYS = ("task", "teacher", "extra_teachers", "teacher_weights", "student_config", "student_size", "student_image_size", "tokenizer", "dataset",
                "unlabeled", "unlabeled_weight", "labeled_fraction", "train_split", "max_samples", "max_length",
                "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio", "alpha", "temperature",
                "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",
@@ -115,6 +115,9 @@ def load_checkpoint(path, cfg, name):
     if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
         # A setting added after the checkpoint was written is not recorded there: it ran at the default.
         saved = {**defaults(), **checkpoint["settings"]}
+        if saved["task"] != "text-recognition" and saved["kd_terms"] == "kl":  # written when page and word
+            saved["kd_terms"] = "kd"  # classification ignored --kd-terms (its default then: kl): their kd term
+        saved["kd_terms"] = saved["kd_terms"] or KD_TERMS[saved["task"]][0]  # not recorded: the task's default
         differing = [f"{k}: {saved.get(k, 'not recorded')!r} in checkpoint, {getattr(cfg, k)!r} now"
                      for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if differing:

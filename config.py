@@ -17,7 +17,10 @@ import yaml
 MODES = ("train", "eval", "info", "teacher", "bench", "demo", "predict", "export", "sweep")
 SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
-KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")  # = ctc_kd.KD_TERMS
+# --kd-terms of each task (text recognition: ctc_kd.KD_TERMS; the others: kd_terms.py); the first is the default
+CLASSIFICATION_TERMS = ("kd", "logit-mse", "feature", "simkd")
+KD_TERMS = {"text-recognition": ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"),
+            "sequence-classification": CLASSIFICATION_TERMS, "token-classification": CLASSIFICATION_TERMS}
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("micro", "small", "tiny", "full")  # shapes in models.STUDENT_SIZES
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -63,6 +66,14 @@ class Config:
                          "config.json, model.safetensors, tokenizer, optional preprocessor_config.json, e.g. "
                          "microsoft/trocr-large-printed: its greedy transcripts teach with --kd-terms seq only)",
                          default="microsoft/dit-large-finetuned-rvlcdip")
+    extra_teachers: list = _help("the teachers after the first, sequence- and token-classification: give --teacher "
+                                 "several times (--teacher A --teacher B) and their soft targets are averaged in "
+                                 "probability space at --temperature, weighted by --teacher-weights "
+                                 "(kd_terms.TeacherEnsemble); each must read the first one's inputs (its tokenizer and "
+                                 "page size); --kd-terms kd only; a --config file lists them here",
+                                 default_factory=list)
+    teacher_weights: str = _help("weights of the teachers, comma-separated in --teacher order (normalised to sum 1; "
+                                 "default: equal)", default="")
     student_config: str = _help("hub id or directory whose config the student is derived from (its embeddings/"
                                 "positions are kept, the size is set by --student-size); builtin:layoutlmv3-base "
                                 "and builtin:distilbert-base-uncased need no network; text-recognition: a directory or "
@@ -126,22 +137,31 @@ class Config:
     early_stopping_min_delta: float = _help("smallest rise of the validation metric that counts as an improvement "
                                             "for --early-stopping-patience", default=0.0)
     alpha: float = _help("weight of the distillation (KL) term: loss = alpha*T^2*KL(teacher||student) + "
-                         "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only",
+                         "(1-alpha)*CE(student, labels); 0 = no distillation (plain fine-tuning), 1 = KL only; "
+                         "it weighs every term of --kd-terms",
                          default=0.7)
     temperature: float = _help("softmax temperature T applied to both teacher and student logits in the KL term",
                                default=4.0)
     max_length: int = _help("token limit of the student; longer documents are truncated and the share is "
                             "reported", default=512)
-    kd_terms: str = _help("text-recognition: distillation terms that --alpha weighs, comma-separated: kl (per "
+    kd_terms: str = _help("distillation terms that --alpha weighs, comma-separated (default: kd, text-recognition kl). "
+                          "sequence- and token-classification (kd_terms.py): kd (alpha*T^2*KL), logit-mse (MSE of the "
+                          "logits), feature (MSE between the student's features through a learned linear projection "
+                          "and the teacher's: the pooled representation of a page, the first sub-token of a word), "
+                          "simkd (the student's head becomes a learned projection to the teacher's features and the "
+                          "teacher's frozen head, saved with the student; MSE between projected and teacher features); "
+                          "loss = (1-alpha)*CE + alpha*(kd + logit-mse + feature-weight*(feature + simkd)); feature and "
+                          "simkd exclude each other. text-recognition: kl (per "
                           "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
                           "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
                           "between the student's backbone / BiLSTM features, through learned linear projections to the "
                           "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
                           "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms)); with feature terms the teacher cache "
-                          "holds the teacher's features too (float16)", default="kl")
-    feature_weight: float = _help("text-recognition: lambda, the weight of the feature_* terms of --kd-terms "
-                                  "inside the alpha-weighted distillation part", default=1.0)
+                          "alpha*(kl + seq + feature-weight*(feature terms)). With feature terms the teacher cache "
+                          "holds the teacher's features too (float16)", default="")
+    feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature and simkd; "
+                                  "text-recognition: feature_*) inside the alpha-weighted distillation part",
+                                  default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
     max_new_tokens: int = _help("text-recognition with a TrOCR (VisionEncoderDecoder) teacher or student: the most "
@@ -254,10 +274,7 @@ class Config:
                 problems.append(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         problems += [problem for name, bounds in NUMERIC_BOUNDS.items()
                      if (problem := out_of_bounds(flag(name), getattr(self, name), *bounds))]
-        terms = [t for t in self.kd_terms.split(",") if t]
-        if any(t not in KD_TERMS for t in terms):
-            problems.append(f"--kd-terms must be a comma-separated subset of {', '.join(KD_TERMS)}, got "
-                            f"{self.kd_terms!r}")
+        problems += self.kd_terms_problems()
         if self.student_height % 16:
             problems.append(f"--student-height must be a multiple of 16, got {self.student_height}")
         if not 0 <= self.degrade_jpeg <= 95:
@@ -268,6 +285,7 @@ class Config:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.labeled_fraction < 1 and self.mode == "teacher":
             problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
+        problems += self.teachers_problems()
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.lora_r and self.mode == "demo":
@@ -310,6 +328,36 @@ class Config:
             raise UserError("; ".join(problems))
         return self
 
+    def teachers_problems(self):
+        """Several teachers: for distilling and scoring a classification student, one weight > 0 each."""
+        teachers = 1 + len(self.extra_teachers)
+        try:
+            weights = [float(w) for w in self.teacher_weights.split(",")] if self.teacher_weights else [1.0]
+        except ValueError:
+            weights = []
+        if self.teacher_weights and (len(weights) != teachers or not all(0 < w < math.inf for w in weights)):
+            return [f"--teacher-weights must be {teachers} numbers > 0, one per --teacher, got {self.teacher_weights!r}"]
+        if teachers > 1 and (self.task == "text-recognition" or self.mode in ("teacher", "demo")):
+            return [f"several teachers (--teacher given {teachers} times) are for distilling (--mode train, eval, info, "
+                    f"sweep) page or word classification, not --task {self.task} --mode {self.mode}"]
+        return []
+
+    def kd_terms_problems(self):
+        """--kd-terms: empty means the task's default; each term one of the task's; feature and simkd apart."""
+        allowed = KD_TERMS.get(self.task, ())
+        self.kd_terms = self.kd_terms or ",".join(allowed[:1])
+        terms = [t for t in self.kd_terms.split(",") if t]
+        if any(t not in allowed for t in terms):
+            return [f"--kd-terms for --task {self.task} must be a comma-separated subset of {', '.join(allowed)}, "
+                    f"got {self.kd_terms!r}"]
+        if "simkd" in terms and "feature" in terms:
+            return ["--kd-terms: choose feature or simkd, not both (simkd's projection replaces feature's)"]
+        if self.extra_teachers and terms != ["kd"]:
+            return [f"--kd-terms {self.kd_terms}: with several teachers only kd (their soft targets averaged)"]
+        if "simkd" in terms and self.lora_r:
+            return ["--kd-terms simkd trains a new head before the teacher's: not with --lora-r"]
+        return []
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -327,7 +375,7 @@ class Config:
 
 def defaults():
     """Every setting's default value, by name."""
-    return {f.name: f.default for f in fields(Config)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in fields(Config)}
 
 
 def flag(name):
@@ -403,6 +451,11 @@ def build_parser():
                                 help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if f.name == "teacher":  # --teacher A --teacher B: the first is the teacher, the others extra_teachers
+                parser.add_argument(flag, action="append", default=argparse.SUPPRESS,
+                                    help=f"{help_text}; give it several times for several teachers (default: "
+                                         f"{f.default!r})")
+                continue
             if f.type is list:  # several values after one flag
                 parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
@@ -465,6 +518,9 @@ def as_type(value, kind):
 def parse_config(argv=None):
     """Defaults, then the preset, then the --config file, then whatever was given on the command line."""
     given = vars(build_parser().parse_args(argv))
+    if "teacher" in given:
+        given["teacher"], *extra = given["teacher"]
+        given.setdefault("extra_teachers", extra)
     from_file = read_config_file(given["config"]) if given.get("config") else {}
     preset = given.get("preset", from_file.get("preset", Config.preset))
     values = {**PRESETS[preset], **from_file, **given}

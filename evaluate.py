@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+import kd_terms
 import model_card
 import models
 import train
@@ -66,7 +67,8 @@ def load_saved_student(task, path):
         student = models.from_pretrained(type(task.student), path)
     else:
         config = type(task.student.config).from_dict(json.loads(saved["config"]))
-        student = models.load_student_weights(type(task.student)(config), saved["state_dict"], path)
+        student = models.load_student_weights(kd_terms.restore_head(type(task.student)(config)), saved["state_dict"],
+                                              path)
     names = models.label_names(student)
     if names != task.labels:
         differ = (f"only in the student: {sorted(set(names) - set(task.labels)) or '-'}; only in the dataset: "

@@ -35,20 +35,33 @@ class DistillationLoss(nn.Module):
         self.alpha = alpha
         self.unlabeled_weight = unlabeled_weight
 
-    def forward(self, student_logits, teacher_logits, batch):
-        """batch: the batch (its "labels", and "labeled"/"positions" when it holds unlabelled rows) or the labels."""
+    def kd_positions(self, batch):
+        """(labels, keep, teach, weight) of a batch: keep [N] the labelled positions (the CE term), teach [N] the
+        positions of the teacher's terms, weight their weights (None: all 1; else [teach.sum()])."""
         labels, labeled, positions = ((batch["labels"], batch.get("labeled"), batch.get("positions"))
                                       if isinstance(batch, dict) else (batch, None, None))
-        num_classes = student_logits.shape[-1]
-        # float32 even under autocast: a bf16/fp16 softmax at T=4 loses the small probabilities KD lives on.
-        student = student_logits.float().reshape(-1, num_classes)
         keep = labels.reshape(-1) != IGNORE_INDEX  # labelled positions: the CE term
         teach, weight = keep, None  # positions of the KL term and their weights
         if labeled is not None and not bool(labeled.all()):
             unlabeled = (~labeled.bool()).view(-1, *[1] * (labels.dim() - 1)).expand_as(labels)
             extra = unlabeled if positions is None else unlabeled & positions.bool()
             teach = keep | extra.reshape(-1)
-            weight = torch.where(extra.reshape(-1), self.unlabeled_weight, 1.0)[teach].to(student.device)
+            weight = torch.where(extra.reshape(-1), self.unlabeled_weight, 1.0)[teach].to(labels.device)
+        return labels, keep, teach, weight
+
+    @staticmethod
+    def position_mean(values, weight):
+        """sum of values [N] (times their weights) / N: the mean per position of a teacher term."""
+        if weight is not None:
+            values = values * weight
+        return values.sum() / max(len(values), 1)
+
+    def forward(self, student_logits, teacher_logits, batch):
+        """batch: the batch (its "labels", and "labeled"/"positions" when it holds unlabelled rows) or the labels."""
+        labels, keep, teach, weight = self.kd_positions(batch)
+        num_classes = student_logits.shape[-1]
+        # float32 even under autocast: a bf16/fp16 softmax at T=4 loses the small probabilities KD lives on.
+        student = student_logits.float().reshape(-1, num_classes)
         targets = labels.reshape(-1)[keep]
         ce = F.cross_entropy(student[keep], targets) if len(targets) else student.sum() * 0
         if teacher_logits is None:  # no teacher (plain fine-tuning): the KL term is absent
@@ -60,8 +73,6 @@ class DistillationLoss(nn.Module):
             # The T^2 factor keeps soft-target gradients on the same scale as the hard-label ones.
             kl = F.kl_div(F.log_softmax(student[teach] / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
                           reduction="none", log_target=True).sum(-1)
-            if weight is not None:
-                kl = kl * weight
-            kd = (kl.sum() / max(len(kl), 1)) * T * T
+            kd = self.position_mean(kl, weight) * T * T
         total = self.alpha * kd + (1.0 - self.alpha) * ce
         return {"total": total, "kd": kd.detach(), "ce": ce.detach()}

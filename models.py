@@ -1,4 +1,5 @@
 """Teacher and student models: loading by hub id or local directory, the tiny student, label matching."""
+import json
 import logging
 import os
 import pickle
@@ -110,7 +111,14 @@ def has_weights(source):
 
 
 def from_pretrained(auto_class, source, **kwargs):
-    """auto_class.from_pretrained(source), refusing weights that need unsafe unpickling in one line."""
+    """auto_class.from_pretrained(source), refusing weights that need unsafe unpickling in one line. A saved
+    student whose head is not its architecture's (--kd-terms simkd: kd_terms.SimKDHead) is built from its config
+    with that head, then given its weights."""
+    if saved_simkd_head(source):
+        import kd_terms
+        from safetensors.torch import load_file
+        model = kd_terms.restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
+        return load_student_weights(model, load_file(os.path.join(source, "model.safetensors")), source)
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError as e:  # a pytorch_model.bin holding more than tensors; nothing in it ran
@@ -119,6 +127,15 @@ def from_pretrained(auto_class, source, **kwargs):
                         f"run code when loaded ({utils.unsafe_pickle_reason(e)}): use a model.safetensors copy of "
                         f"these weights (from their publisher, or converted where you trust their source) "
                         f"instead") from e
+
+
+def saved_simkd_head(source):
+    """Whether a local save_pretrained directory holds a student with a SimKD head (kd_terms.py)."""
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("simkd_head"))
 
 
 def builtin_configs():

@@ -138,8 +138,9 @@ def load_model(path):
         model = models.from_pretrained(auto, path)
     else:
         saved = read_student_file(path)
-        model = models.load_student_weights(auto.from_config(type(config).from_dict(json.loads(saved["config"]))),
-                                            saved["state_dict"], path)
+        import kd_terms
+        model = auto.from_config(type(config).from_dict(json.loads(saved["config"])))
+        model = models.load_student_weights(kd_terms.restore_head(model), saved["state_dict"], path)
     return model.eval(), directory, config
 
 

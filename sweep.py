@@ -135,6 +135,8 @@ def train_command(cfg, params, output_dir, seed=None):
             continue
         if isinstance(value, bool):
             words.append(flag(name) if value else "--no-" + flag(name)[2:])
+        elif isinstance(value, list):  # extra_teachers: one flag, its values after it
+            words += [flag(name), *value]
         else:
             words += [flag(name), str(value)]
     return " ".join(shlex.quote(w) for w in words)

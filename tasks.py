@@ -9,6 +9,8 @@ to logits in the dataset's label order, and scores predictions. train.py only se
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
     task.make_loss(cfg, with_teacher)  ->  criterion(student_logits, teacher_logits, batch) -> {"total", terms...}
+    task.student_outputs / task.teacher_outputs(model, batch)  # what training feeds the loss, when more than the
+                                                               # logits (optional; kd_terms.FeatureOutputs)
     task.predictions(logits, batch)  ->  (preds, labels) to score, where argmax per position does not fit (optional)
     task.describe(name), task.show(index), task.unit   # statistics, one sample, what is counted (documents/words)
 """
@@ -24,10 +26,10 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 import dataset
+import kd_terms
 import models
 import wordtags
 from config import UserError
-from losses import DistillationLoss
 
 log = logging.getLogger("docdistill")
 
@@ -53,16 +55,12 @@ def load_tokenizer(source, cache_dir, train_split=None):
                         f"or a reachable hub id ({str(e).splitlines()[0]})") from e
 
 
-def distillation_loss(cfg, with_teacher):
-    """alpha * T^2 * KL + (1 - alpha) * CE; without a teacher, CE alone (unlabelled rows: KL only, losses.py)."""
-    return DistillationLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0, cfg.unlabeled_weight)
+class DocumentClassification(kd_terms.FeatureOutputs):
+    """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3).
 
-
-class DocumentClassification:
-    """One label per page: image-only teacher (DiT) -> words + boxes + image student (LayoutLMv3)."""
+    The loss's terms (--kd-terms, kd_terms.py) match the models' features at the pooled representation."""
     metric_name = "accuracy"
     unit = "documents"
-    make_loss = staticmethod(distillation_loss)
     without_labels = staticmethod(dataset.without_labels)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
@@ -70,13 +68,8 @@ class DocumentClassification:
         documents, self.labels = dataset.load_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
-        self.teacher, teacher_processor = models.load_document_teacher(
-            cfg.teacher, self.labels, trainable=train_teacher, vocab_size=len(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id)
-        if models.reads_text(self.teacher) and self.teacher.config.vocab_size != len(self.tokenizer):
-            raise UserError(f"the teacher {cfg.teacher!r} reads words with a {self.teacher.config.vocab_size}-token "
-                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
-                            f"tokenizer (--tokenizer {cfg.teacher})")
+        first = self.load_teacher(cfg.teacher, train_teacher)
+        self.teacher, teacher_processor = first
         # Teacher logits come in the teacher's label order; reorder them to the dataset's, by name.
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
         self.student_processor = LayoutLMv3ImageProcessorPil(
@@ -88,19 +81,42 @@ class DocumentClassification:
         models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
         teacher_spec = dataset.image_spec(teacher_processor)
+        self.add_teachers(cfg, train_teacher, first)
         self.documents = documents
         prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
+        self.init_kd_terms(cfg)
 
-    def teacher_logits(self, teacher, batch):
+    @staticmethod
+    def matched(features, batch, role):
+        """Features of a page: what the head reads is already one vector per page (pooled or first token)."""
+        return features
+
+    def load_teacher(self, source, trainable):
+        """A teacher and its image processor; one that reads words must read them with the student's tokenizer."""
+        teacher, processor = models.load_document_teacher(
+            source, self.labels, trainable=trainable, vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id)
+        if models.reads_text(teacher) and teacher.config.vocab_size != len(self.tokenizer):
+            raise UserError(f"the teacher {source!r} reads words with a {teacher.config.vocab_size}-token "
+                            f"vocabulary and the student's tokenizer has {len(self.tokenizer)}: give the teacher's "
+                            f"tokenizer (--tokenizer {source})")
+        return teacher, processor
+
+    @staticmethod
+    def teacher_input(loaded):
+        """What a loaded teacher's batches are made with: its page size and normalisation."""
+        return dataset.image_spec(loaded[1])
+
+    def one_teacher_logits(self, teacher, order, batch):
         if models.reads_text(teacher):  # words and boxes as the student reads them, the page at its own size
             page = {"pixel_values": batch["teacher_pixel_values"]} if models.reads_page(teacher) else {}
             return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
-                           **page).logits[:, self.teacher_order]
-        return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, self.teacher_order]
+                           **page).logits[:, order]
+        return teacher(pixel_values=batch["teacher_pixel_values"]).logits[:, order]
 
     def student_logits(self, student, batch):
         return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], bbox=batch["bbox"],
@@ -141,15 +157,15 @@ class DocumentClassification:
             self.student_processor.save_pretrained(directory)
 
 
-class TokenClassification:
+class TokenClassification(kd_terms.FeatureOutputs):
     """One BIO tag per word: words + boxes + image teacher (LayoutLMv3) -> text-only student (DistilBERT).
 
     The teacher's tokenizer is the one saved with it (--teacher). The two tokenizers split words differently,
-    so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags].
+    so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags], and
+    the features of --kd-terms feature/simkd are matched there too ([B, words, width]).
     """
     metric_name = "f1"
     unit = "words"
-    make_loss = staticmethod(distillation_loss)
     without_labels = staticmethod(wordtags.untag_some)
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
@@ -157,31 +173,47 @@ class TokenClassification:
         self.documents, self.labels = wordtags.load_word_documents(cfg)
         use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        config = models.load_pretrained_config(cfg.teacher)
-        if config.model_type != "layoutlmv3":
-            raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
-                            f"page), got a {config.model_type} model from {cfg.teacher!r}")
-        models.check_max_length(cfg.max_length, config, "teacher")
-        self.teacher_tokenizer = load_tokenizer(cfg.teacher, cfg.cache_dir)
-        self.teacher = models.load_teacher(AutoModelForTokenClassification, cfg.teacher, config, self.labels,
-                                           trainable=train_teacher)
+        first = self.load_teacher(cfg.teacher, train_teacher)
+        self.teacher, self.teacher_tokenizer, self.teacher_processor = first
         self.teacher_order = models.match_labels(models.label_names(self.teacher), self.labels)
-        self.teacher_processor = LayoutLMv3ImageProcessorPil(
-            apply_ocr=False, size={"height": config.input_size, "width": config.input_size})
         self.student = models.build_student(
             AutoModelForTokenClassification, cfg.student_config, self.labels, size=cfg.student_size,
             vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id)
         models.check_max_length(cfg.max_length, self.student.config, "student")
         spec = dataset.image_spec(self.teacher_processor)
+        self.add_teachers(cfg, train_teacher, first)
         prepare_splits(self, wordtags.load_unlabeled_words, lambda split, **kw: wordtags.preprocess_words(
             split, self.tokenizer, self.teacher_tokenizer, spec, cfg.max_length, cfg.cache_dir, **kw))
         self.collator = relabelled(self, wordtags.WordCollator(self.tokenizer.pad_token_id,
                                                                self.teacher_tokenizer.pad_token_id, spec))
+        self.init_kd_terms(cfg)
 
-    def teacher_logits(self, teacher, batch):
+    @staticmethod
+    def matched(features, batch, role):
+        """Token features [B, L, width] -> word features [B, W, width], at each word's first sub-token."""
+        return wordtags.at_words(features, batch["word_pos" if role == "student" else "teacher_word_pos"])
+
+    def load_teacher(self, source, trainable):
+        """A LayoutLMv3 teacher, its tokenizer (saved with it) and its image processor."""
+        config = models.load_pretrained_config(source)
+        if config.model_type != "layoutlmv3":
+            raise UserError(f"the token-classification teacher must be a LayoutLMv3 model (words, boxes and "
+                            f"page), got a {config.model_type} model from {source!r}")
+        models.check_max_length(self.cfg.max_length, config, "teacher")
+        tokenizer = load_tokenizer(source, self.cfg.cache_dir)
+        teacher = models.load_teacher(AutoModelForTokenClassification, source, config, self.labels, trainable=trainable)
+        return teacher, tokenizer, LayoutLMv3ImageProcessorPil(
+            apply_ocr=False, size={"height": config.input_size, "width": config.input_size})
+
+    @staticmethod
+    def teacher_input(loaded):
+        """What a loaded teacher's batches are made with: its tokenizer, its page size and normalisation."""
+        return dataset.tokenizer_fingerprint(loaded[1]), dataset.image_spec(loaded[2])
+
+    def one_teacher_logits(self, teacher, order, batch):
         logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                          bbox=batch["bbox"], pixel_values=batch["teacher_pixel_values"]).logits
-        return wordtags.at_words(logits[..., self.teacher_order], batch["teacher_word_pos"])
+        return wordtags.at_words(logits[..., order], batch["teacher_word_pos"])
 
     def student_logits(self, student, batch):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

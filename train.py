@@ -164,14 +164,18 @@ def stop_requested(accelerator, sigterm):
     return accelerator.check_trigger()
 
 
+def cache_extra(cfg, task, teacher):
+    """What the teacher cache's key holds besides the teacher's weights and the split: the task, both label orders
+    and task.teacher_cache_extra (which outputs a task's teacher forward returns, when more than its logits)."""
+    return json.dumps([cfg.task, models.label_names(teacher), task.labels, *getattr(task, "teacher_cache_extra", [])])
+
+
 def cached_teacher(accelerator, task, teacher, teacher_forward, cfg):
-    """The frozen teacher's outputs on the training split, computed once and stored (teacher_cache.py).
-    teacher_cache_extra: which outputs a task's teacher forward returns, when more than its logits."""
+    """The frozen teacher's outputs on the training split, computed once and stored (teacher_cache.py)."""
     return teacher_cache.build(
         accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
-        cfg.cache_dir, extra=json.dumps([cfg.task, models.label_names(teacher), task.labels,
-                                         *getattr(task, "teacher_cache_extra", [])]),
-        precision=cfg.teacher_precision, temperature=cfg.temperature)
+        cfg.cache_dir, extra=cache_extra(cfg, task, teacher), precision=cfg.teacher_precision,
+        temperature=cfg.temperature)
 
 
 def peak_memory(accelerator, phase):

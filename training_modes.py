@@ -64,4 +64,8 @@ def run_info(cfg, task):
               f"{models.size_mb(model):.1f} MB float32")
     ratio = models.count_parameters(task.teacher) / models.count_parameters(task.student)
     print(f"teacher/student parameter ratio: {ratio:.1f}x")
+    cache = os.path.join(cfg.cache_dir, "teacher")
+    stored = [f for f in os.scandir(cache) if f.name.endswith(".safetensors")] if os.path.isdir(cache) else []
+    print(f"teacher cache {cache}: {len(stored)} caches (teacher outputs per split, teacher and --kd-terms features), "
+          f"{sum(f.stat().st_size for f in stored) / 1e6:.2f} MB on disk")
     print("device: " + json.dumps(utils.device_info()))
