@@ -55,6 +55,7 @@ NOT_AXES = ("mode", "preset", "config", "task", "dataset", "train_split", "eval_
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AXES = [name for name in checkpoints.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
 TEST_SPLIT = "test"
+LATER_SETTINGS = ("baseline_epochs", "extra_teachers", "teacher_weights")
 # train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
 # the trial is recorded as failed and the study goes on. Any other error stops the sweep.
 RESULT_ERRORS = ("loss became", "the weights at")
@@ -113,10 +114,12 @@ def trial_config(cfg, params, output_dir, seed=None):
 
 def study_name(cfg, axes):
     """The same settings (axes included, --sweep-trials and --seeds not) name the same study."""
-    keys = sorted(set(checkpoints.RESUME_KEYS + ("eval_split", "amp", "on_bad_sample")) - set(axes))
-    settings = {k: getattr(cfg, k) for k in keys}
-    if cfg.baseline_epochs:  # only when given: the studies made before the flag keep their names
-        settings["baseline_epochs"] = cfg.baseline_epochs
+    keys = sorted(set(checkpoints.RESUME_KEYS + ("eval_split", "amp", "on_bad_sample", "baseline_epochs")) - set(axes))
+    # Settings added after studies were made count only when given, so that those studies keep their names
+    # (page and word tasks' "kd" was named "kl" then).
+    settings = {k: getattr(cfg, k) for k in keys if k not in LATER_SETTINGS or getattr(cfg, k)}
+    if settings.get("kd_terms") == "kd":
+        settings["kd_terms"] = "kl"
     blob = json.dumps({"settings": settings, "axes": axes,
                        "sampler": cfg.sweep_sampler}, sort_keys=True)
     return "docdistill-sweep-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
