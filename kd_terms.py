@@ -1,6 +1,6 @@
 """Distillation terms for page classification and word tagging, chosen by name with --kd-terms.
 
-    total = (1 - alpha) * CE(student, labels) + alpha * (kd + logit-mse + feature_weight * (feature + simkd))
+    total = (1 - alpha) * CE(student, labels) + alpha * (kd + logit-mse + feature_weight * (feature + simkd + attention))
 
 (only the terms named in --kd-terms; without a teacher, CE alone; `kd` alone is exactly losses.DistillationLoss,
 the default). Each term is a mean over the positions the KL covers (losses.DistillationLoss.kd_positions: the
@@ -17,6 +17,11 @@ simkd      SimKD (Chen et al., CVPR 2022): the student's classification head is 
            difference between the projected student features and the teacher's, averaged over the channels. The
            projector and the teacher head are part of the student (its config's `simkd_head` describes them), so
            the saved student loads and predicts without the teacher (restore_head).
+attention  attention-map transfer: each model's last-layer attention probabilities, averaged over the heads, kept at
+           the matched positions (below) for rows and columns and renormalised over the real columns, so that each
+           row a_i is a distribution over the positions; the term is KL(teacher a_i || student a_i), averaged over
+           the real rows (a row of an unlabelled document weighted by --unlabeled-weight). Both models run with
+           eager attention (output_attentions).
 
 Which positions are matched between the models: the "features" of a model are what its classification head
 reads, its last hidden layer's representation at
@@ -24,7 +29,15 @@ reads, its last hidden layer's representation at
     words      each word's first sub-token in each model's own tokenisation, the positions at which the token
                task already reads both models' logits (wordtags.at_words; words either model has no token for
                are out of every term).
-The teacher's features are stored in the teacher cache (float16) beside its logits when a term needs them.
+The attention maps are matched between the same positions on both axes:
+    words      word x word: each word's first sub-token in each model's tokenisation, as above; real words are
+               those both models read (batch "positions"), padding and dropped words are out;
+    documents  text token x text token, only when both models read the same tokens (a teacher that reads words, which
+               must read them with the student's tokenizer and max_length): LayoutLMv3 appends its visual tokens
+               after the text, so the text part is kept, over the real tokens (attention_mask); an image-only
+               teacher (DiT) is refused (tasks.DocumentClassification).
+The teacher's features, and its word x word or text x text maps, are stored in the teacher cache (float16) beside
+its logits when a term needs them.
 
 Several teachers (--teacher A --teacher B, --teacher-weights): TeacherEnsemble averages their soft targets in
 probability space at T; with them only the kd term is available (their features and raw logits do not combine).
@@ -42,6 +55,7 @@ from losses import DistillationLoss
 from train import logits_of
 
 FEATURE_TERMS = ("feature", "simkd")
+WEIGHTED_TERMS = (*FEATURE_TERMS, "attention")  # weighed by --feature-weight
 
 
 def chosen(cfg):
@@ -68,6 +82,21 @@ def captured(module, output=False):
         yield box
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def attention_maps(model):
+    """Asks every forward of `model` (a Hugging Face model, possibly DDP-wrapped) for its attention maps while the
+    context is open, and collects the last layer's, averaged over the heads: [B, S, S]."""
+    inner, box = getattr(model, "module", model), []
+    ask = inner.register_forward_pre_hook(lambda _, args, kwargs: (args, {**kwargs, "output_attentions": True}),
+                                          with_kwargs=True)
+    keep = inner.register_forward_hook(lambda _, args, result: box.append(result.attentions[-1].mean(1)))
+    try:
+        yield box
+    finally:
+        ask.remove()
+        keep.remove()
 
 
 # ----------------------------------------------------------------------------- SimKD: the teacher's head reused
@@ -154,9 +183,10 @@ class TeacherEnsemble(nn.Module):
 
 
 class FeatureOutputs:
-    """What a classification task feeds the loss: the logits, or when a term compares features, the dict
-    {"logits", "features"} (features at the matched positions: task.matched(features, batch, role)); and its
-    teacher as a TeacherEnsemble when there are several.
+    """What a classification task feeds the loss: the logits, or when a term compares features or attention maps,
+    the dict {"logits", "features", "attention"} (those the terms need, at the matched positions:
+    task.matched(features, batch, role), task.matched_attention(maps, batch, role)); and its teacher as a
+    TeacherEnsemble when there are several.
 
     The task provides load_teacher(source, trainable) -> (teacher, ...), teacher_input(loaded) (what its batches
     are made with) and one_teacher_logits(teacher, order, batch); it calls add_teachers(cfg, trainable, first) and
@@ -187,30 +217,43 @@ class FeatureOutputs:
     def init_kd_terms(self, cfg):
         self.kd_terms = chosen(cfg)
         self.feature_terms = [t for t in self.kd_terms if t in FEATURE_TERMS]
+        self.attention = "attention" in self.kd_terms
         # The cache's key covers what it stores: a cache of logits and features is another cache, and an ensemble's
         # targets depend on the temperature they are averaged at (its weights are in its weights' fingerprint).
-        self.teacher_cache_extra = ((["outputs: logits, features (classification head input)"]
-                                     if self.feature_terms else []) +
+        stored = ((["features (classification head input)"] if self.feature_terms else []) +
+                  (["attention (last layer, mean over heads, matched positions)"] if self.attention else []))
+        self.teacher_cache_extra = (([f"outputs: logits, {', '.join(stored)}"] if stored else []) +
                                     ([f"teachers averaged in probability at T={cfg.temperature}"]
                                      if isinstance(self.teacher, TeacherEnsemble) else []))
         if "simkd" in self.kd_terms:
             attach_simkd_head(self.student, head_of(self.teacher), self.teacher_order)
+        if self.attention:  # sdpa attention returns no maps
+            self.student.set_attn_implementation("eager")
+            self.teacher.set_attn_implementation("eager")
+
+    def outputs(self, model, batch, role, forward, head=None, head_output=False):
+        """forward(model, batch) -> logits; with the terms' captures (features: the input, or the output, of
+        `head`), the dict {"logits", "features", "attention"}."""
+        if not self.feature_terms and not self.attention:
+            return forward(model, batch)
+        with contextlib.ExitStack() as stack:
+            features = stack.enter_context(captured(head, head_output)) if self.feature_terms else None
+            maps = stack.enter_context(attention_maps(model)) if self.attention else None
+            out = {"logits": forward(model, batch)}
+        if features is not None:
+            out["features"] = self.matched(features[0], batch, role)
+        if maps is not None:
+            out["attention"] = self.matched_attention(maps[0], batch, role)
+        return out
 
     def student_outputs(self, student, batch):
-        if not self.feature_terms:
-            return self.student_logits(student, batch)
-        head = head_of(student)  # simkd: the projected features, else what the head reads
-        with captured(head.projector if "simkd" in self.feature_terms else head,
-                      output="simkd" in self.feature_terms) as box:
-            logits = self.student_logits(student, batch)
-        return {"logits": logits, "features": self.matched(box[0], batch, "student")}
+        simkd = "simkd" in self.feature_terms  # simkd: the projected features, else what the head reads
+        head = head_of(student)
+        return self.outputs(student, batch, "student", self.student_logits, head.projector if simkd else head, simkd)
 
     def teacher_outputs(self, teacher, batch):
-        if not self.feature_terms:
-            return self.teacher_logits(teacher, batch)
-        with captured(head_of(teacher)) as box:
-            logits = self.teacher_logits(teacher, batch)
-        return {"logits": logits, "features": self.matched(box[0], batch, "teacher")}
+        return self.outputs(teacher, batch, "teacher", self.teacher_logits,
+                            head_of(teacher) if self.feature_terms else None)
 
     def make_loss(self, cfg, with_teacher):
         widths = (feature_width(head_of(self.student)), feature_width(head_of(self.teacher))) \
@@ -226,6 +269,25 @@ def position_mse(student, teacher, teach, weight):
     width = student.shape[-1]
     diff = student.float().reshape(-1, width)[teach] - teacher.float().reshape(-1, width)[teach]
     return DistillationLoss.position_mean((diff ** 2).mean(-1), weight)
+
+
+def attention_rows(batch):
+    """The real positions of a batch's attention maps [B, R]: its words (word tagging: "positions"), else its text
+    tokens (page classification: "attention_mask")."""
+    return (batch["positions"] if "positions" in batch else batch["attention_mask"]).bool()
+
+
+def attention_kl(student, teacher, real, weight):
+    """KL(teacher row || student row) of attention maps [B, >=R, >=R] cut to the R positions of real [B, R], each
+    row renormalised over its real columns; averaged over the real rows (weighted)."""
+    n, tiny = real.shape[1], torch.finfo(torch.float32).tiny
+
+    def rows(maps):
+        maps = maps.float()[:, :n, :n] * real[:, None, :]
+        return maps / maps.sum(-1, keepdim=True).clamp_min(tiny)
+    t, s = rows(teacher), rows(student)
+    kl = (torch.xlogy(t, t) - t * s.clamp_min(tiny).log()).sum(-1)
+    return DistillationLoss.position_mean(kl[real], weight)
 
 
 class TermsLoss(DistillationLoss):
@@ -255,6 +317,12 @@ class TermsLoss(DistillationLoss):
             terms["feature"] = position_mse(student, teacher_out["features"], teach, weight)
         if "simkd" in self.terms:
             terms["simkd"] = position_mse(student_out["features"], teacher_out["features"], teach, weight)
-        extra = sum(value * (self.feature_weight if name in FEATURE_TERMS else 1.0) for name, value in terms.items())
+        if "attention" in self.terms:
+            real = attention_rows(batch)
+            labeled = batch.get("labeled")
+            rows_weight = None if labeled is None or bool(labeled.all()) else \
+                torch.where(labeled.bool(), 1.0, self.unlabeled_weight)[:, None].expand_as(real)[real]
+            terms["attention"] = attention_kl(student_out["attention"], teacher_out["attention"], real, rows_weight)
+        extra = sum(value * (self.feature_weight if name in WEIGHTED_TERMS else 1.0) for name, value in terms.items())
         total = out["total"] + self.alpha * extra
         return {**out, "total": total, **{k: v.detach() for k, v in terms.items()}}

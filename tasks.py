@@ -88,12 +88,23 @@ class DocumentClassification(kd_terms.FeatureOutputs):
         self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
+        if "attention" in kd_terms.chosen(cfg) and not models.reads_text(self.teacher):
+            raise UserError(f"--kd-terms attention compares text-token attention maps, and the teacher {cfg.teacher!r} "
+                            f"reads no words (its attention is over page patches, not the student's tokens): use a "
+                            f"teacher that reads words with the student's tokenizer")
         self.init_kd_terms(cfg)
 
     @staticmethod
     def matched(features, batch, role):
         """Features of a page: what the head reads is already one vector per page (pooled or first token)."""
         return features
+
+    @staticmethod
+    def matched_attention(maps, batch, role):
+        """Attention maps [B, S, S] -> text-token maps [B, L, L]: both models read the batch's L tokens first (a
+        LayoutLMv3 appends its visual tokens after them)."""
+        length = batch["input_ids"].shape[1]
+        return maps[:, :length, :length]
 
     def load_teacher(self, source, trainable):
         """A teacher and its image processor; one that reads words must read them with the student's tokenizer."""
@@ -162,7 +173,8 @@ class TokenClassification(kd_terms.FeatureOutputs):
 
     The teacher's tokenizer is the one saved with it (--teacher). The two tokenizers split words differently,
     so each model is read at every word's first sub-token of its own sequence: both give [B, words, tags], and
-    the features of --kd-terms feature/simkd are matched there too ([B, words, width]).
+    the features of --kd-terms feature/simkd are matched there too ([B, words, width]), and the attention maps of
+    --kd-terms attention between them ([B, words, words]).
     """
     metric_name = "f1"
     unit = "words"
@@ -192,6 +204,11 @@ class TokenClassification(kd_terms.FeatureOutputs):
     def matched(features, batch, role):
         """Token features [B, L, width] -> word features [B, W, width], at each word's first sub-token."""
         return wordtags.at_words(features, batch["word_pos" if role == "student" else "teacher_word_pos"])
+
+    @staticmethod
+    def matched_attention(maps, batch, role):
+        """Token attention maps [B, L, L] -> word-to-word maps [B, W, W], at each word's first sub-token."""
+        return wordtags.at_word_pairs(maps, batch["word_pos" if role == "student" else "teacher_word_pos"])
 
     def load_teacher(self, source, trainable):
         """A LayoutLMv3 teacher, its tokenizer (saved with it) and its image processor."""

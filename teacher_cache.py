@@ -7,8 +7,9 @@ preprocessed split (whose own cache key covers the source data, the tokenizer an
 preprocessing). Change any of them and the key changes; a stale cache is never read.
 
 A teacher forward may return a dict of tensors (text recognition with feature terms: "logits" and the
-teacher's intermediate features): each is stored as its own table, the features in float16 (half the disk and
-memory; they are regression targets, standardised by the loss) and "logits" in float32, and the cache then
+teacher's intermediate features; classification with --kd-terms attention: its attention maps too): each is
+stored as its own table, the features and maps in float16 (half the disk and memory; they are regression
+targets, standardised by the loss, or renormalised distributions) and "logits" in float32, and the cache then
 returns a dict of float32 tensors. Which outputs are stored is part of the key (the caller's `extra`).
 
 Teacher precision (--teacher-precision): a torch teacher may fill the cache under torch.autocast in bf16 or fp16
@@ -148,8 +149,11 @@ class TeacherCache:
 
     def rows(self, table, batch):
         logits = table[batch["index"].cpu()].float()
-        if logits.dim() > 2:  # per-word (per-step) logits are stored padded to the longest document; cut to this batch
-            logits = logits[:, :(batch["step_mask"] if "step_mask" in batch else batch["labels"]).shape[1]]
+        positions = batch["step_mask"] if "step_mask" in batch else batch["labels"]
+        # Per-word (per-step) rows are stored padded to the longest document: cut to this batch. Attention maps are
+        # cut on their rows here only; kd_terms.attention_kl cuts their columns (and a page's text tokens).
+        if logits.dim() > 2 and positions.dim() > 1:
+            logits = logits[:, :positions.shape[1]]
         return logits.to(batch["labels"].device)
 
     def __call__(self, batch):
@@ -165,14 +169,14 @@ def real_positions(batch):
 
 
 def to_tables(rows):
-    """{name: {index: row}} -> {name: table}: rows at their index, per-word rows zero-padded to the longest;
-    "logits" in float32, features in float16."""
+    """{name: {index: row}} -> {name: table}: rows at their index, per-word rows (and attention maps, on both axes)
+    zero-padded to the longest; "logits" in float32, features and attention maps in float16."""
     tables = {}
     for name, found in rows.items():
-        table = torch.zeros((max(found) + 1, *max(r.shape for r in found.values())),
+        table = torch.zeros((max(found) + 1, *(max(sizes) for sizes in zip(*(r.shape for r in found.values())))),
                             dtype=torch.float32 if name == "logits" else torch.float16)
         for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
-            table[i, :row.shape[0]] = row
+            table[i][tuple(slice(0, n) for n in row.shape)] = row
         tables[name] = table
     return tables
 

@@ -343,6 +343,13 @@ def at_words(token_logits, word_pos):
     return token_logits.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, token_logits.shape[-1]))
 
 
+def at_word_pairs(token_maps, word_pos):
+    """Token-to-token maps [B, L, L] -> word-to-word maps [B, W, W], read at each word's first sub-token (rows and
+    columns)."""
+    rows = at_words(token_maps, word_pos)  # [B, W, L]
+    return rows.gather(2, word_pos.unsqueeze(1).expand(-1, word_pos.shape[1], -1))
+
+
 def tag_metrics(preds, labels, tags):
     """seqeval in strict IOB2 mode over the real words (label != IGNORE_INDEX), plus word accuracy."""
     from seqeval.metrics import classification_report

@@ -1,6 +1,7 @@
 """--kd-terms of page classification and word tagging (kd_terms.py): each term against a formula written out here,
 kd alone bit for bit DistillationLoss, SimKD's head saved with the student, a feature run's projection
-optimised, checkpointed and resumed exactly, and several teachers averaged in probability."""
+optimised, checkpointed and resumed exactly, attention maps transferred and cached, and several teachers averaged
+in probability."""
 import json
 import os
 import signal
@@ -103,6 +104,48 @@ def test_feature_projection_gets_gradients():
                {"logits": torch.randn(2, 2), "features": torch.randn(2, 4)}, labels)
     out["total"].backward()
     assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("per_word", [True, False])
+def test_attention_term_against_formula(per_word):
+    """KL(teacher row || student row) over the real rows, each row renormalised over the real columns, rows of an
+    unlabelled document weighted; the teacher's map longer than the batch (a cached one, zero-padded) is cut."""
+    g = torch.Generator().manual_seed(3 + per_word)
+    B, R, alpha, w, fw = 3, 4, 0.6, 0.5, 0.3
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    labeled = torch.tensor([True, False, True])
+    if per_word:  # one tag per word, and "positions"
+        labels = torch.where(real, torch.randint(0, 3, (B, R), generator=g), IGNORE_INDEX)
+        labels[~labeled] = IGNORE_INDEX
+        batch = {"labels": labels, "labeled": labeled, "positions": real}
+    else:  # one label per page, its real text tokens in the attention mask
+        batch = {"labels": torch.tensor([0, IGNORE_INDEX, 1]), "labeled": labeled, "attention_mask": real.long()}
+    logits = torch.randn(*batch["labels"].shape, 3, generator=g)
+    s = torch.softmax(torch.randn(B, R, R, generator=g), -1)
+    t = torch.zeros(B, R + 2, R + 2)
+    t[:, :R, :R] = torch.softmax(torch.randn(B, R, R, generator=g), -1)
+    loss = kd_terms.TermsLoss(2.0, alpha, w, ["attention"], fw)
+    out = loss({"logits": logits, "attention": s}, {"logits": logits, "attention": t.half()}, batch)
+
+    S, Tm, mask = s.numpy().astype(np.float64), t.half().float().numpy().astype(np.float64), real.numpy()
+    total = n = 0.0
+    for b in range(B):
+        cols = mask[b]
+        for i in np.flatnonzero(mask[b]):
+            p, q = Tm[b, i, :R][cols] / Tm[b, i, :R][cols].sum(), S[b, i][cols] / S[b, i][cols].sum()
+            total += (1.0 if labeled[b] else w) * (p * np.log(p / q)).sum()
+            n += 1
+    expected = total / n
+    assert out["attention"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["total"].item() == pytest.approx((1 - alpha) * out["ce"].item() + alpha * fw * expected, rel=1e-5)
+
+
+def test_word_pairs_read_first_sub_tokens_on_both_axes():
+    import wordtags
+    maps = torch.arange(2 * 5 * 5, dtype=torch.float32).view(2, 5, 5)
+    pos = torch.tensor([[1, 3], [4, 0]])
+    pairs = wordtags.at_word_pairs(maps, pos)
+    assert all(pairs[b, i, j] == maps[b, pos[b, i], pos[b, j]] for b in range(2) for i in range(2) for j in range(2))
 
 
 def tiny_word_student():
@@ -237,13 +280,9 @@ def test_feature_run_trains_checkpoints_and_resumes_its_projection(tiny_demo, tm
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
-def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
-    """Token classification (two generated forms, a tiny random LayoutLMv3 teacher): feature and simkd train, the
-    cache holds the teacher's features per word (one cache for both, which info counts), and the simkd student is
-    scored by --mode eval and loaded by the predict path from its own files."""
-    import main
-    import predict
-    from safetensors.torch import load_file
+def word_tagging_flags(tmp_path):
+    """Token classification on two generated forms with a tiny random LayoutLMv3 teacher (FUNSD's tags) and a tiny
+    DistilBERT student, each with its own tokenizer: the flags of a one-epoch run."""
     from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
     from transformers import LayoutLMv3Config
     from wordtags import FUNSD_TAGS
@@ -258,6 +297,17 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
               student_tokenizer, "--student-config", "builtin:distilbert-base-uncased", "--student-size", "tiny",
               "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2", "--lr", "1e-3", "--teacher", teacher,
               "--alpha", "0.5", "--epochs", "1"]
+    return common
+
+
+def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
+    """Token classification: feature and simkd train, the cache holds the teacher's features per word (one cache for
+    both, which info counts), and the simkd student is scored by --mode eval and loaded by the predict path from its
+    own files."""
+    import main
+    import predict
+    from safetensors.torch import load_file
+    common = word_tagging_flags(tmp_path)
     for terms in ("feature", "simkd"):
         assert main.main(["--mode", "train", *common, "--kd-terms", terms, "--output-dir", str(tmp_path / terms)]) == 0
         row = json.loads(open(tmp_path / terms / "student_metrics.jsonl").readline())
@@ -272,6 +322,33 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert main.main(["--mode", "info", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert f"{tmp_path / 'cache' / 'teacher'}: 1 caches" in capsys.readouterr().out
+
+
+def test_word_tagging_attention_run_trains_and_caches_word_maps(tmp_path, one_thread):
+    """--kd-terms kd,attention: the run trains both terms, the cache stores the teacher's word x word maps (float16,
+    rows of each form renormalisable: its real words' rows hold probability), and a second run reads the cache."""
+    import main
+    from safetensors.torch import load_file
+    common = [*word_tagging_flags(tmp_path), "--kd-terms", "kd,attention"]
+    for run in ("first", "again"):
+        assert main.main(["--mode", "train", *common, "--output-dir", str(tmp_path / run)]) == 0
+        row = json.loads(open(tmp_path / run / "student_metrics.jsonl").readline())
+        assert row["train_attention"] > 0 and row["train_kd"] > 0
+    [path] = (tmp_path / "cache" / "teacher").glob("*.safetensors")  # the second run reused it
+    tables = load_file(str(path))
+    words = tables["logits"].shape[1]
+    assert set(tables) == {"logits", "attention"} and tables["attention"].dtype == torch.float16
+    assert tables["attention"].shape == (2, words, words) and bool((tables["attention"].float().sum(-1) > 0).any())
+
+
+def test_attention_refuses_a_teacher_that_reads_no_words(tiny_demo, tmp_path):
+    from config import UserError, parse_config
+    from tasks import build_task
+    cfg = parse_config([*FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--kd-terms",
+                        "kd,attention"])
+    with pytest.raises(UserError, match="--kd-terms attention compares text-token attention maps, and the teacher .* "
+                                        "reads no words"):
+        build_task(cfg)
 
 
 # ----------------------------------------------------------------------------------- several teachers
