@@ -341,6 +341,19 @@ def test_word_tagging_attention_run_trains_and_caches_word_maps(tmp_path, one_th
     assert tables["attention"].shape == (2, words, words) and bool((tables["attention"].float().sum(-1) > 0).any())
 
 
+def test_page_attention_run_with_a_teacher_reading_the_students_tokens(tiny_demo, tmp_path, one_thread):
+    """A LayoutLMv3 teacher reading the student's tokens: text x text maps, cached at the longest page's tokens."""
+    import main
+    from safetensors.torch import load_file
+    assert main.main(["--mode", "train", *FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"),
+                      "--teacher", "demo-layoutlmv3", "--kd-terms", "kd,attention", "--epochs", "1",
+                      "--output-dir", str(tmp_path / "run")]) == 0
+    assert json.loads(open(tmp_path / "run" / "student_metrics.jsonl").readline())["train_attention"] > 0
+    [path] = (tmp_path / "cache" / "teacher").glob("*.safetensors")
+    maps = load_file(str(path))["attention"]
+    assert maps.dtype == torch.float16 and maps.shape[0] == 32 and maps.shape[1] == maps.shape[2] <= 64
+
+
 def test_attention_refuses_a_teacher_that_reads_no_words(tiny_demo, tmp_path):
     from config import UserError, parse_config
     from tasks import build_task
