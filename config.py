@@ -153,16 +153,17 @@ class Config:
                           "attention (KL(teacher || student) of the last layer's attention rows, averaged over heads, "
                           "between words' first sub-tokens, or a page's text tokens when the teacher reads the "
                           "student's tokens (not a DiT teacher), each row renormalised over the real positions); "
-                          "loss = (1-alpha)*CE + alpha*(kd + logit-mse + feature-weight*(feature + simkd + attention)); "
-                          "feature and simkd exclude each other. text-recognition: kl (per "
+                          "loss = (1-alpha)*CE + alpha*(kd + logit-mse + feature-weight*(feature + simkd + "
+                          "attention)); feature and simkd exclude each other. text-recognition: kl (per "
                           "time-step KL x T^2 on the CTC distributions, teacher folded onto the student's charset), "
                           "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
                           "between the student's backbone / BiLSTM features, through learned linear projections to the "
                           "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
                           "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms)). With feature or attention terms the teacher "
-                          "cache holds the teacher's features or its word x word / text x text maps too (float16)", default="")
-    feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature, simkd and attention; "
+                          "alpha*(kl + seq + feature-weight*(feature terms)). With feature or attention terms the "
+                          "teacher cache holds the teacher's features or its word x word / text x text maps too "
+                          "(float16)", default="")
+    feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature, simkd, attention; "
                                   "text-recognition: feature_*) inside the alpha-weighted distillation part",
                                   default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "

@@ -1,6 +1,7 @@
 """Distillation terms for page classification and word tagging, chosen by name with --kd-terms.
 
-    total = (1 - alpha) * CE(student, labels) + alpha * (kd + logit-mse + feature_weight * (feature + simkd + attention))
+    total = (1 - alpha) * CE(student, labels)
+            + alpha * (kd + logit-mse + feature_weight * (feature + simkd + attention))
 
 (only the terms named in --kd-terms; without a teacher, CE alone; `kd` alone is exactly losses.DistillationLoss,
 the default). Each term is a mean over the positions the KL covers (losses.DistillationLoss.kd_positions: the

@@ -197,7 +197,7 @@ def test_simkd_refuses_a_head_it_cannot_copy():
 
 @pytest.mark.parametrize("argv, message", [
     (["--kd-terms", "kl"], "--kd-terms for --task sequence-classification must be a comma-separated subset of kd, "
-                           "logit-mse, feature, simkd"),
+                           "logit-mse, feature, simkd, attention"),
     (["--kd-terms", "feature,simkd"], "choose feature or simkd"),
     (["--task", "text-recognition", "--kd-terms", "feature"], "--kd-terms for --task text-recognition"),
 ])
