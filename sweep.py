@@ -55,6 +55,7 @@ NOT_AXES = ("mode", "preset", "config", "task", "dataset", "train_split", "eval_
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AXES = [name for name in checkpoints.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
 TEST_SPLIT = "test"
+POLL_SECONDS = 10  # how often a process that has no trial left looks at the trials other processes run
 # train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
 # the trial is recorded as failed and the study goes on. Any other error stops the sweep.
 RESULT_ERRORS = ("loss became", "the weights at")
@@ -238,16 +239,30 @@ def run_trials(cfg, study, axes):
             trial.set_user_attr("seconds", time.perf_counter() - start)
         return best
 
+    told = None
     while True:
         recover_interrupted(study)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
-        if cfg.sweep_sampler == "grid":
-            if not waiting and study.sampler.is_exhausted(study):
+        if cfg.sweep_sampler == "grid":  # grid points (an interrupted one is queued again, and runs as WAITING)
+            started = {t.system_attrs.get("grid_id") for t in trials if t.state != optuna.trial.TrialState.WAITING}
+            started.discard(None)
+        else:
+            started = [t for t in trials if not t.user_attrs.get("interrupted")]
+        if not waiting and len(started) >= target:
+            # Every trial has started. Those other processes still run are waited for, so that the best setting
+            # is chosen among all of them (optuna's grid would hand this process a running point again).
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            if not running:
                 break
-        elif not waiting and sum(not t.user_attrs.get("interrupted") for t in trials) >= target:
-            break
-        # One trial per call: the stopping rule above sees the trials other machines ran meanwhile.
+            names = [f"{t.number} ({t.user_attrs.get('host')}:{t.user_attrs.get('pid')})" for t in running]
+            if names != told:
+                log.info("sweep: every trial has started; waiting for trials %s of other processes to finish (if one "
+                         "of them died, run the same command on its machine)", ", ".join(names))
+                told = names
+            time.sleep(POLL_SECONDS)
+            continue
+        # One trial per call: the stopping rule above sees the trials other processes ran meanwhile.
         study.optimize(objective, n_trials=1, catch=(TrialFailed,))
 
 
