@@ -210,9 +210,10 @@ def run_trials(cfg, study, axes):
                 trial.set_user_attr("same_as", t.number)
                 return t.value
         directory = trial.user_attrs.get("dir") or f"trial-{trial.number:03d}"
-        for key, value in (("dir", directory), ("host", socket.gethostname()), ("pid", os.getpid())):
-            trial.set_user_attr(key, value)
         out = os.path.join(cfg.output_dir, directory)
+        for key, value in (("dir", directory), ("path", os.path.abspath(out)), ("host", socket.gethostname()),
+                           ("pid", os.getpid())):
+            trial.set_user_attr(key, value)
         run_cfg = trial_config(cfg, params, out)
         trial.set_user_attr("resumed", bool(run_cfg.checkpoint))
         log.info("sweep trial %d: %s -> %s%s", trial.number, params, out,
@@ -298,10 +299,16 @@ class Runs:
         self.cfg, self.done, self.names, self.dirs = cfg, done, names, {}
 
     def local(self, params):
+        """The run of `params` by a trial on this machine: in this OUTPUT_DIR, or another process's on this host."""
         for t in sorted(self.done, key=lambda t: -t.value):
-            if same_run(self.cfg, t.params) == same_run(self.cfg, params) and \
-                    os.path.exists(os.path.join(self.cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
-                return os.path.join(self.cfg.output_dir, t.user_attrs["dir"])
+            if same_run(self.cfg, t.params) != same_run(self.cfg, params):
+                continue
+            here = [os.path.join(self.cfg.output_dir, t.user_attrs["dir"])]
+            if t.user_attrs.get("host") == socket.gethostname() and t.user_attrs.get("path"):
+                here.append(t.user_attrs["path"])
+            for out in here:
+                if os.path.exists(os.path.join(out, "student_model.pth")):
+                    return out
         return None
 
     def get(self, params, seed, name):
