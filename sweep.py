@@ -56,6 +56,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AXES = [name for name in checkpoints.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
 TEST_SPLIT = "test"
 LATER_SETTINGS = ("baseline_epochs", "extra_teachers", "teacher_weights")
+POLL_SECONDS = 10  # how often a process that has no trial left looks at the trials other processes run
 # train.fit's errors that are a result of a trial's settings (a loss or weights that became NaN at a high lr):
 # the trial is recorded as failed and the study goes on. Any other error stops the sweep.
 RESULT_ERRORS = ("loss became", "the weights at")
@@ -214,9 +215,10 @@ def run_trials(cfg, study, axes):
                 trial.set_user_attr("same_as", t.number)
                 return t.value
         directory = trial.user_attrs.get("dir") or f"trial-{trial.number:03d}"
-        for key, value in (("dir", directory), ("host", socket.gethostname()), ("pid", os.getpid())):
-            trial.set_user_attr(key, value)
         out = os.path.join(cfg.output_dir, directory)
+        for key, value in (("dir", directory), ("path", os.path.abspath(out)), ("host", socket.gethostname()),
+                           ("pid", os.getpid())):
+            trial.set_user_attr(key, value)
         run_cfg = trial_config(cfg, params, out)
         trial.set_user_attr("resumed", bool(run_cfg.checkpoint))
         log.info("sweep trial %d: %s -> %s%s", trial.number, params, out,
@@ -243,16 +245,30 @@ def run_trials(cfg, study, axes):
             trial.set_user_attr("seconds", time.perf_counter() - start)
         return best
 
+    told = None
     while True:
         recover_interrupted(study)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
-        if cfg.sweep_sampler == "grid":
-            if not waiting and study.sampler.is_exhausted(study):
+        if cfg.sweep_sampler == "grid":  # grid points (an interrupted one is queued again, and runs as WAITING)
+            started = {t.system_attrs.get("grid_id") for t in trials if t.state != optuna.trial.TrialState.WAITING}
+            started.discard(None)
+        else:
+            started = [t for t in trials if not t.user_attrs.get("interrupted")]
+        if not waiting and len(started) >= target:
+            # Every trial has started. Those other processes still run are waited for, so that the best setting
+            # is chosen among all of them (optuna's grid would hand this process a running point again).
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            if not running:
                 break
-        elif not waiting and sum(not t.user_attrs.get("interrupted") for t in trials) >= target:
-            break
-        # One trial per call: the stopping rule above sees the trials other machines ran meanwhile.
+            names = [f"{t.number} ({t.user_attrs.get('host')}:{t.user_attrs.get('pid')})" for t in running]
+            if names != told:
+                log.info("sweep: every trial has started; waiting for trials %s of other processes to finish (if one "
+                         "of them died, run the same command on its machine)", ", ".join(names))
+                told = names
+            time.sleep(POLL_SECONDS)
+            continue
+        # One trial per call: the stopping rule above sees the trials other processes ran meanwhile.
         study.optimize(objective, n_trials=1, catch=(TrialFailed,))
 
 
@@ -288,10 +304,16 @@ class Runs:
         self.cfg, self.done, self.names, self.dirs = cfg, done, names, {}
 
     def local(self, params):
+        """The run of `params` by a trial on this machine: in this OUTPUT_DIR, or another process's on this host."""
         for t in sorted(self.done, key=lambda t: -t.value):
-            if same_run(self.cfg, t.params) == same_run(self.cfg, params) and \
-                    os.path.exists(os.path.join(self.cfg.output_dir, t.user_attrs["dir"], "student_model.pth")):
-                return os.path.join(self.cfg.output_dir, t.user_attrs["dir"])
+            if same_run(self.cfg, t.params) != same_run(self.cfg, params):
+                continue
+            here = [os.path.join(self.cfg.output_dir, t.user_attrs["dir"])]
+            if t.user_attrs.get("host") == socket.gethostname() and t.user_attrs.get("path"):
+                here.append(t.user_attrs["path"])
+            for out in here:
+                if os.path.exists(os.path.join(out, "student_model.pth")):
+                    return out
         return None
 
     def get(self, params, seed, name):

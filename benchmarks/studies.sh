@@ -31,7 +31,7 @@ if [[ " $STUDIES " == *" demo-grid "* ]]; then
 fi
 if [[ " $STUDIES " == *" demo-sizes "* ]]; then
     $PYTHON main.py "${DEMO[@]}" --mode sweep --output-dir "$OUT/demo-sizes" --temperature 4 \
-        --sweep student_size=micro,small,tiny alpha=0,0.7 --seeds 2 &
+        --sweep student_size=micro,small alpha=0,0.7 --seeds 2 &
 fi
 if [[ " $STUDIES " == *" funsd "* ]]; then
     # FUNSD's teacher: LayoutLMv3 (words, boxes, page at 112 px) whose text layers start from MiniLM-L6's weights

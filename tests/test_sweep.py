@@ -199,3 +199,35 @@ def test_size_study_gain_per_size_over_seeds(tiny_demo, cache, tmp_path, monkeyp
     roles = json.load(open(out / "sweep_test.json"))["roles"]
     assert sorted(scored) == sorted({r["dir"] for role in roles.values() for r in role["runs"]})
     assert (out / "sweep_sizes.png").exists() and "Distillation gain by student size" in open(out / "sweep.md").read()
+
+
+def test_a_process_without_trials_left_waits_for_the_others(tmp_path, monkeypatch):
+    """Two processes on one study: when every grid point has started, the one with nothing left waits for the
+    other's running trial (optuna's grid would hand it that point again) and then goes on to the final runs."""
+    cfg = parse_config(["--preset", "demo", "--mode", "sweep", "--output-dir", str(tmp_path), "--sweep", "alpha=0,0.5"])
+    axes = sweep.parse_axes(cfg.sweep)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'sweep.db'}", direction="maximize",
+                                sampler=optuna.samplers.GridSampler(axes, seed=cfg.seed))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the other process, alive
+    try:
+        trials = []
+        for _ in range(2):
+            trial = study.ask()
+            trial.suggest_categorical("alpha", axes["alpha"])
+            for key, value in (("host", sweep.socket.gethostname()), ("pid", other.pid), ("dir", "elsewhere")):
+                trial.set_user_attr(key, value)
+            trials.append(trial)
+        def finish(trial, value):  # through the storage: study.tell would stop the grid, outside optimize()
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [value])
+        finish(trials[0], 0.5)  # the other process finished one point and still runs the other
+        slept = []
+
+        def sleep(seconds):  # meanwhile, the other process finishes its trial
+            slept.append(seconds)
+            finish(trials[1], 0.7)
+        monkeypatch.setattr(sweep.time, "sleep", sleep)
+        monkeypatch.setattr(sweep, "run_training", lambda *a: pytest.fail("a point was trained twice"))
+        sweep.run_trials(cfg, study, axes)
+    finally:
+        other.kill()
+    assert slept == [sweep.POLL_SECONDS] and len(study.get_trials()) == 2
