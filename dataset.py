@@ -1,10 +1,10 @@
-"""Data: loading from any source, OCR when missing, preprocessing cached once, batching with lean padding.
+"""Data: loading from any source, OCR when missing, preprocessing cached once.
 
 A raw document has: image, width, height, ocr_words, word_boxes (pixels) and a label.
 A preprocessed document has: input_ids, bbox (0-1000), the page resized once for the student and once for
 the teacher (uint8, normalised per batch), the label, and bookkeeping (index, n_words, truncated).
+Batches are made in collate.py.
 """
-import copy
 import glob
 import hashlib
 import io
@@ -427,66 +427,6 @@ def drop_bad_documents(prepared, name, on_bad_sample):
     usable = [i for i, p in enumerate(problems) if not p]
     source = os.path.splitext(prepared.cache_files[0]["filename"])[0]
     return prepared.select(usable, indices_cache_file_name=source + ".usable.arrow")
-
-
-# ----------------------------------------------------------------------------- batching
-
-def without_teacher_pixel_columns(split):
-    """The preprocessed split without its teacher pages (the `teacher_pixels` column; a view, nothing is copied),
-    for the training batches of a run with a cached teacher: they are then never read from disk. Text
-    recognition has no such column (its teacher crop is made from the student's image, in the collator)."""
-    drop = [c for c in ("teacher_pixels",) if c in split.column_names]
-    return split.remove_columns(drop) if drop else split
-
-
-def without_teacher_pixels(collator):
-    """A copy of a task's collator whose batches leave out the teacher's page (teacher_pixel_values): for the
-    training batches of a run whose teacher outputs come from the teacher cache (looked up by `index`), so no
-    teacher page is read, resized or normalised. A wrapper (tasks.RelabelledCollator) gets a lean copy inside."""
-    lean = copy.copy(collator)
-    if hasattr(collator, "teacher_pixels"):
-        lean.teacher_pixels = False
-    elif hasattr(collator, "collator"):
-        lean.collator = without_teacher_pixels(collator.collator)
-    else:
-        raise TypeError(f"{type(collator).__name__} has no teacher_pixels switch")
-    return lean
-
-
-class ClassificationCollator:
-    """Pads each batch to its own longest sequence (or to pad_to, the naive way) and normalises the pages.
-
-    teacher_pixels False: no teacher_pixel_values (a cached teacher; without_teacher_pixels)."""
-
-    def __init__(self, pad_token_id, student_spec, teacher_spec, pad_to=None, teacher_pixels=True):
-        self.pad_token_id, self.pad_to = pad_token_id, pad_to
-        self.student_spec = student_spec
-        self.teacher_spec = teacher_spec
-        self.teacher_pixels = teacher_pixels
-
-    def __call__(self, docs):
-        longest = self.pad_to or max(len(d["input_ids"]) for d in docs)
-        labels = torch.tensor([int(d["label"]) for d in docs])
-        input_ids = torch.full((len(docs), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
-        bbox = torch.zeros((len(docs), longest, 4), dtype=torch.long)
-        for i, d in enumerate(docs):
-            n = len(d["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(d["input_ids"])
-            attention_mask[i, :n] = 1
-            bbox[i, :n] = torch.as_tensor(d["bbox"])
-        batch = {
-            "input_ids": input_ids, "attention_mask": attention_mask, "bbox": bbox,
-            "pixel_values": normalize_pixels(torch.stack([torch.as_tensor(d["student_pixels"]) for d in docs]),
-                                             self.student_spec),
-            "labels": labels,
-            "labeled": labels != IGNORE_INDEX,  # unlabelled documents (--unlabeled) are taught by the teacher only
-            "index": torch.tensor([int(d["index"]) for d in docs]),
-        }
-        if self.teacher_pixels:
-            batch["teacher_pixel_values"] = normalize_pixels(
-                torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec)
-        return batch
 
 
 def describe(split, prepared, labels):

@@ -4,7 +4,7 @@ A task builds the teacher and the student, prepares the splits and the collator,
 to logits in the dataset's label order, and scores predictions. train.py only sees this interface:
 
     task.labels, task.splits[name], task.collator       # teacher_pixels=False: batches without the teacher's
-                                                        # pixels (dataset.without_teacher_pixels: cached teacher)
+                                                        # pixels (collate.without_teacher_pixels: cached teacher)
     task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
@@ -23,6 +23,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
+import collate
 import dataset
 import models
 import wordtags
@@ -91,7 +92,7 @@ class DocumentClassification:
         self.documents = documents
         prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
-        self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
+        self.collator = relabelled(self, collate.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
 

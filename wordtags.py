@@ -300,7 +300,7 @@ class WordCollator:
     words are in neither the loss nor the metrics. positions [B, W] are the other words, the ones both models
     read; labeled [B] is False for an unlabelled form (--unlabeled: every tag IGNORE_INDEX), which the loss
     then teaches at its positions by the KD term alone. The page, which only the teacher reads, is
-    teacher_pixel_values; teacher_pixels False leaves it out (a cached teacher; dataset.without_teacher_pixels).
+    teacher_pixel_values; teacher_pixels False leaves it out (a cached teacher; collate.without_teacher_pixels).
     """
 
     def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec, teacher_pixels=True):
