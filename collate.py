@@ -34,13 +34,14 @@ def without_teacher_pixels(collator):
 class ClassificationCollator:
     """Pads each batch to its own longest sequence (or to pad_to, the naive way) and normalises the pages.
 
-    teacher_pixels False: no teacher_pixel_values (a cached teacher; without_teacher_pixels)."""
+    teacher_pixels False: no teacher_pixel_values (a cached teacher; without_teacher_pixels); nor are there any
+    without a teacher_spec (a teacher that reads no page: none were stored)."""
 
     def __init__(self, pad_token_id, student_spec, teacher_spec, pad_to=None, teacher_pixels=True):
         self.pad_token_id, self.pad_to = pad_token_id, pad_to
         self.student_spec = student_spec
         self.teacher_spec = teacher_spec
-        self.teacher_pixels = teacher_pixels
+        self.teacher_pixels = teacher_pixels and teacher_spec is not None
 
     def __call__(self, docs):
         longest = self.pad_to or max(len(d["input_ids"]) for d in docs)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 
 import datasets
 import numpy as np
@@ -215,7 +216,8 @@ def load_documents(cfg):
         split = select_samples(split, cfg.max_samples, cfg.seed)
         if "ocr_words" not in split.column_names:
             import ocr
-            split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}")
+            split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}",
+                                        num_proc=cfg.num_proc)
         out[name] = split
     return datasets.DatasetDict(out), labels
 
@@ -239,7 +241,8 @@ def load_unlabeled(cfg):
     split = split.remove_columns([c for c in ("label", "category") if c in split.column_names])
     if "ocr_words" not in split.column_names:
         import ocr
-        split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled")
+        split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled",
+                                    num_proc=cfg.num_proc)
     return split.add_column("label", [IGNORE_INDEX] * len(split))
 
 
@@ -326,7 +329,12 @@ def normalize_pixels(pixels, spec):
 
 
 def tokenizer_fingerprint(tokenizer):
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """What the tokenizer encodes with, not the truncation and padding its last call left set (a tokenizer that
+    has encoded a split would otherwise key the next split differently from a fresh one)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def preprocess_key(split, **settings):
@@ -334,40 +342,43 @@ def preprocess_key(split, **settings):
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_map(split, fn, features, cache_dir, key, desc):
-    """split.map(fn) computed once: the result lives in cache_dir/key.arrow and is reused by later runs."""
+def cached_map(split, fn, features, cache_dir, key, desc, num_proc=1):
+    """split.map(fn) computed once: the result lives in cache_dir/key.arrow and is reused by later runs.
+
+    num_proc > 1: the split is cut into that many contiguous shards, mapped in parallel (datasets' map; `fn` gets
+    the same global indices) and their files joined into the one file, in order: the same file as with one."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{key}.arrow")
-    if os.path.exists(path):
-        return datasets.Dataset.from_file(path).with_format("torch")
-    tmp = path + f".tmp{os.getpid()}"
-    try:
-        split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names, features=features,
-                  with_indices=True, cache_file_name=tmp, load_from_cache_file=False, desc=desc)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache behind
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if not os.path.exists(path):
+        # beside the cache and swapped in whole: a killed run never leaves a half-written cache behind
+        with tempfile.TemporaryDirectory(prefix=f".{key}.tmp", dir=cache_dir) as tmp:
+            mapped = split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names,
+                               features=features, with_indices=True, cache_file_name=os.path.join(tmp, "map.arrow"),
+                               load_from_cache_file=False, desc=desc, num_proc=num_proc if num_proc > 1 else None)
+            if len(mapped.cache_files) > 1:  # one file per process
+                mapped = mapped.flatten_indices(cache_file_name=os.path.join(tmp, "joined.arrow"))
+            os.replace(mapped.cache_files[0]["filename"], path)
     return datasets.Dataset.from_file(path).with_format("torch")  # arrays, not nested Python lists
 
 
 def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc,
-                              index_offset=0):
+                              index_offset=0, num_proc=1):
     """Tokenise words with boxes, resize pages for student and teacher; cached on disk by content key.
 
     index_offset shifts the `index` column (unlabelled documents are numbered after the labelled ones).
+    teacher_spec None: a teacher that reads no page (the demo's): no teacher pages are made or stored.
     """
     st_h, st_w = student_spec["size"]
-    te_h, te_w = teacher_spec["size"]
     features = datasets.Features({
         "index": datasets.Value("int64"), "label": datasets.Value("int64"),
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=4)),
         "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"), "truncated": datasets.Value("bool"),
         "student_pixels": datasets.Array3D((3, st_h, st_w), "uint8"),
-        "teacher_pixels": datasets.Array3D((3, te_h, te_w), "uint8"),
         "problem": datasets.Value("string"),  # why the document is unusable, "" when it is fine
     })
+    if teacher_spec is not None:
+        features["teacher_pixels"] = datasets.Array3D((3, *teacher_spec["size"]), "uint8")
 
     def encode(batch, indices):
         pages, problems = [], []
@@ -387,23 +398,25 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
             first.setdefault(doc, row)
         mapping = enc["overflow_to_sample_mapping"]
         input_ids = [enc["input_ids"][first[d]] for d in range(len(indices))]
-        return {
+        encoded = {
             "index": [i + index_offset for i in indices], "label": batch["label"], "input_ids": input_ids,
             "n_tokens": [len(ids) for ids in input_ids],
             "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
             "n_words": [len(w) for w in words],
             "truncated": [mapping.count(d) > 1 for d in range(len(indices))],
             "student_pixels": [resize_page(page, student_spec) for page in pages],
-            "teacher_pixels": [resize_page(page, teacher_spec) for page in pages],
             "problem": problems,
         }
+        if teacher_spec is not None:
+            encoded["teacher_pixels"] = [resize_page(page, teacher_spec) for page in pages]
+        return encoded
 
     key = preprocess_key(split, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
                          student=student_spec, teacher=teacher_spec,
                          **({"index_offset": index_offset} if index_offset else {}))
     if isinstance(split.features.get("image"), datasets.Image):  # decoded one by one, so a bad file is caught
         split = split.cast_column("image", datasets.Image(decode=False))
-    return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+    return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc, num_proc)
 
 
 def drop_bad_documents(prepared, name, on_bad_sample):

@@ -88,7 +88,8 @@ class DocumentClassification:
             pad_token_id=self.tokenizer.pad_token_id)
         models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
-        teacher_spec = dataset.image_spec(teacher_processor)
+        # a teacher that reads no page (the demo's) gets none: no 128-px pages made, stored or collated
+        teacher_spec = dataset.image_spec(teacher_processor) if models.reads_page(self.teacher) else None
         self.documents = documents
         prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
@@ -234,7 +235,8 @@ def prepare_splits(task, load_unlabeled, preprocess):
     With --labeled-fraction F < 1, the labels of a seeded 1 - F share of the training documents are hidden first
     (task.without_labels; with alpha 0 those documents are left out). With --unlabeled, load_unlabeled(cfg)'s documents (task.documents["unlabeled"], prepared: task.unlabeled)
     join the training split, numbered after its documents, so the teacher-logit cache holds a row for each.
-    preprocess(split, desc=..., index_offset=...) -> the split preprocessed (cached), every row kept.
+    preprocess(split, desc=..., index_offset=..., num_proc=...) -> the split preprocessed (cached; --num-proc
+    processes), every row kept.
     """
     cfg = task.cfg
     if cfg.mode == "train":
@@ -242,7 +244,8 @@ def prepare_splits(task, load_unlabeled, preprocess):
                                                                         task.without_labels)
 
     def prepare(split, name, index_offset=0):
-        return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset),
+        return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset,
+                                                     num_proc=cfg.num_proc),
                                           name, cfg.on_bad_sample)
 
     task.splits = {name: prepare(split, name) for name, split in task.documents.items()}
