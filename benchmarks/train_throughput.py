@@ -25,7 +25,7 @@ LayoutLMv3-Tiny student at 224 px), float32 and bf16 student:
         --student-config ../shared/models/layoutlmv3-base --student-image-size 224 \
         --max-samples 96 --epochs 6 --student-amp both --output-dir runs/throughput
 
-A quick check that it runs (built-in tiny demo models, a minute on one core):
+A quick check that it runs (the demo preset's built-in small models; about 4 minutes on one busy core):
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --preset demo --max-samples 8 --epochs 2 \
         --student-amp both --output-dir /tmp/throughput

@@ -3,11 +3,11 @@ reads none."""
 import os
 
 import datasets
+import pytest
 
 import dataset
 import models
 from config import UserError, parse_config
-import pytest
 
 SPEC = {"size": [32, 32], "resample": 2, "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}
 
