@@ -263,6 +263,9 @@ class Config:
                                "word boxes inverted or over 2 percent of the page outside it): fail (stop and name "
                                "it) or skip (leave it out, count it and report the count)", default="fail")
     num_workers: int = _help("DataLoader worker processes", default=0)
+    num_proc: int = _help("processes that preprocess the data (tokenising, resizing pages) and run OCR where a "
+                          "dataset has no OCR columns; the result is the same for any number (1 = this process only)",
+                          default=1)
     log_every: int = _help("update the progress bar's loss every N steps", default=10)
     debug: bool = _help("show full tracebacks instead of one-line errors", default=False)
 
@@ -392,6 +395,7 @@ NUMERIC_BOUNDS = {
     "warmup_ratio": (0, 1, False), "batch_size": (1, None, False), "grad_accum": (1, None, False),
     "epochs": (1, None, False), "max_length": (4, None, False),  # room for the special tokens and a word
     "save_every": (0, None, False), "max_samples": (0, None, False), "num_workers": (0, None, False),
+    "num_proc": (1, None, False),
     "log_every": (1, None, False), "seed": (0, 2**32 - 1, False),  # NumPy's seed range
     "student_image_size": (16, None, False),  # at least one 16-pixel patch
     "student_height": (16, None, False), "max_new_tokens": (1, None, False), "max_text_width": (48, None, False),

@@ -1,10 +1,10 @@
-"""Data: loading from any source, OCR when missing, preprocessing cached once, batching with lean padding.
+"""Data: loading from any source, OCR when missing, preprocessing cached once.
 
 A raw document has: image, width, height, ocr_words, word_boxes (pixels) and a label.
 A preprocessed document has: input_ids, bbox (0-1000), the page resized once for the student and once for
 the teacher (uint8, normalised per batch), the label, and bookkeeping (index, n_words, truncated).
+Batches are made in collate.py.
 """
-import copy
 import glob
 import hashlib
 import io
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 
 import datasets
 import numpy as np
@@ -215,7 +216,8 @@ def load_documents(cfg):
         split = select_samples(split, cfg.max_samples, cfg.seed)
         if "ocr_words" not in split.column_names:
             import ocr
-            split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}")
+            split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}",
+                                        num_proc=cfg.num_proc)
         out[name] = split
     return datasets.DatasetDict(out), labels
 
@@ -239,7 +241,8 @@ def load_unlabeled(cfg):
     split = split.remove_columns([c for c in ("label", "category") if c in split.column_names])
     if "ocr_words" not in split.column_names:
         import ocr
-        split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled")
+        split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled",
+                                    num_proc=cfg.num_proc)
     return split.add_column("label", [IGNORE_INDEX] * len(split))
 
 
@@ -326,7 +329,12 @@ def normalize_pixels(pixels, spec):
 
 
 def tokenizer_fingerprint(tokenizer):
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """What the tokenizer encodes with, not the truncation and padding its last call left set (a tokenizer that
+    has encoded a split would otherwise key the next split differently from a fresh one)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def preprocess_key(split, **settings):
@@ -334,40 +342,43 @@ def preprocess_key(split, **settings):
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_map(split, fn, features, cache_dir, key, desc):
-    """split.map(fn) computed once: the result lives in cache_dir/key.arrow and is reused by later runs."""
+def cached_map(split, fn, features, cache_dir, key, desc, num_proc=1):
+    """split.map(fn) computed once: the result lives in cache_dir/key.arrow and is reused by later runs.
+
+    num_proc > 1: the split is cut into that many contiguous shards, mapped in parallel (datasets' map; `fn` gets
+    the same global indices) and their files joined into the one file, in order: the same file as with one."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{key}.arrow")
-    if os.path.exists(path):
-        return datasets.Dataset.from_file(path).with_format("torch")
-    tmp = path + f".tmp{os.getpid()}"
-    try:
-        split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names, features=features,
-                  with_indices=True, cache_file_name=tmp, load_from_cache_file=False, desc=desc)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache behind
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if not os.path.exists(path):
+        # beside the cache and swapped in whole: a killed run never leaves a half-written cache behind
+        with tempfile.TemporaryDirectory(prefix=f".{key}.tmp", dir=cache_dir) as tmp:
+            mapped = split.map(fn, batched=True, batch_size=32, remove_columns=split.column_names,
+                               features=features, with_indices=True, cache_file_name=os.path.join(tmp, "map.arrow"),
+                               load_from_cache_file=False, desc=desc, num_proc=num_proc if num_proc > 1 else None)
+            if len(mapped.cache_files) > 1:  # one file per process
+                mapped = mapped.flatten_indices(cache_file_name=os.path.join(tmp, "joined.arrow"))
+            os.replace(mapped.cache_files[0]["filename"], path)
     return datasets.Dataset.from_file(path).with_format("torch")  # arrays, not nested Python lists
 
 
 def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_length, cache_dir, desc,
-                              index_offset=0):
+                              index_offset=0, num_proc=1):
     """Tokenise words with boxes, resize pages for student and teacher; cached on disk by content key.
 
     index_offset shifts the `index` column (unlabelled documents are numbered after the labelled ones).
+    teacher_spec None: a teacher that reads no page (the demo's): no teacher pages are made or stored.
     """
     st_h, st_w = student_spec["size"]
-    te_h, te_w = teacher_spec["size"]
     features = datasets.Features({
         "index": datasets.Value("int64"), "label": datasets.Value("int64"),
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=4)),
         "n_words": datasets.Value("int32"), "n_tokens": datasets.Value("int32"), "truncated": datasets.Value("bool"),
         "student_pixels": datasets.Array3D((3, st_h, st_w), "uint8"),
-        "teacher_pixels": datasets.Array3D((3, te_h, te_w), "uint8"),
         "problem": datasets.Value("string"),  # why the document is unusable, "" when it is fine
     })
+    if teacher_spec is not None:
+        features["teacher_pixels"] = datasets.Array3D((3, *teacher_spec["size"]), "uint8")
 
     def encode(batch, indices):
         pages, problems = [], []
@@ -387,23 +398,25 @@ def preprocess_classification(split, tokenizer, student_spec, teacher_spec, max_
             first.setdefault(doc, row)
         mapping = enc["overflow_to_sample_mapping"]
         input_ids = [enc["input_ids"][first[d]] for d in range(len(indices))]
-        return {
+        encoded = {
             "index": [i + index_offset for i in indices], "label": batch["label"], "input_ids": input_ids,
             "n_tokens": [len(ids) for ids in input_ids],
             "bbox": [enc["bbox"][first[d]] for d in range(len(indices))],
             "n_words": [len(w) for w in words],
             "truncated": [mapping.count(d) > 1 for d in range(len(indices))],
             "student_pixels": [resize_page(page, student_spec) for page in pages],
-            "teacher_pixels": [resize_page(page, teacher_spec) for page in pages],
             "problem": problems,
         }
+        if teacher_spec is not None:
+            encoded["teacher_pixels"] = [resize_page(page, teacher_spec) for page in pages]
+        return encoded
 
     key = preprocess_key(split, tokenizer=tokenizer_fingerprint(tokenizer), max_length=max_length,
                          student=student_spec, teacher=teacher_spec,
                          **({"index_offset": index_offset} if index_offset else {}))
     if isinstance(split.features.get("image"), datasets.Image):  # decoded one by one, so a bad file is caught
         split = split.cast_column("image", datasets.Image(decode=False))
-    return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+    return cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc, num_proc)
 
 
 def drop_bad_documents(prepared, name, on_bad_sample):
@@ -427,66 +440,6 @@ def drop_bad_documents(prepared, name, on_bad_sample):
     usable = [i for i, p in enumerate(problems) if not p]
     source = os.path.splitext(prepared.cache_files[0]["filename"])[0]
     return prepared.select(usable, indices_cache_file_name=source + ".usable.arrow")
-
-
-# ----------------------------------------------------------------------------- batching
-
-def without_teacher_pixel_columns(split):
-    """The preprocessed split without its teacher pages (the `teacher_pixels` column; a view, nothing is copied),
-    for the training batches of a run with a cached teacher: they are then never read from disk. Text
-    recognition has no such column (its teacher crop is made from the student's image, in the collator)."""
-    drop = [c for c in ("teacher_pixels",) if c in split.column_names]
-    return split.remove_columns(drop) if drop else split
-
-
-def without_teacher_pixels(collator):
-    """A copy of a task's collator whose batches leave out the teacher's page (teacher_pixel_values): for the
-    training batches of a run whose teacher outputs come from the teacher cache (looked up by `index`), so no
-    teacher page is read, resized or normalised. A wrapper (tasks.RelabelledCollator) gets a lean copy inside."""
-    lean = copy.copy(collator)
-    if hasattr(collator, "teacher_pixels"):
-        lean.teacher_pixels = False
-    elif hasattr(collator, "collator"):
-        lean.collator = without_teacher_pixels(collator.collator)
-    else:
-        raise TypeError(f"{type(collator).__name__} has no teacher_pixels switch")
-    return lean
-
-
-class ClassificationCollator:
-    """Pads each batch to its own longest sequence (or to pad_to, the naive way) and normalises the pages.
-
-    teacher_pixels False: no teacher_pixel_values (a cached teacher; without_teacher_pixels)."""
-
-    def __init__(self, pad_token_id, student_spec, teacher_spec, pad_to=None, teacher_pixels=True):
-        self.pad_token_id, self.pad_to = pad_token_id, pad_to
-        self.student_spec = student_spec
-        self.teacher_spec = teacher_spec
-        self.teacher_pixels = teacher_pixels
-
-    def __call__(self, docs):
-        longest = self.pad_to or max(len(d["input_ids"]) for d in docs)
-        labels = torch.tensor([int(d["label"]) for d in docs])
-        input_ids = torch.full((len(docs), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
-        bbox = torch.zeros((len(docs), longest, 4), dtype=torch.long)
-        for i, d in enumerate(docs):
-            n = len(d["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(d["input_ids"])
-            attention_mask[i, :n] = 1
-            bbox[i, :n] = torch.as_tensor(d["bbox"])
-        batch = {
-            "input_ids": input_ids, "attention_mask": attention_mask, "bbox": bbox,
-            "pixel_values": normalize_pixels(torch.stack([torch.as_tensor(d["student_pixels"]) for d in docs]),
-                                             self.student_spec),
-            "labels": labels,
-            "labeled": labels != IGNORE_INDEX,  # unlabelled documents (--unlabeled) are taught by the teacher only
-            "index": torch.tensor([int(d["index"]) for d in docs]),
-        }
-        if self.teacher_pixels:
-            batch["teacher_pixel_values"] = normalize_pixels(
-                torch.stack([torch.as_tensor(d["teacher_pixels"]) for d in docs]), self.teacher_spec)
-        return batch
 
 
 def describe(split, prepared, labels):

@@ -79,6 +79,7 @@ def teacher_job(cfg, student_cfg):
     from tasks import build_task
     from training_modes import run_teacher
     start = time.perf_counter()
+    utils.seed_everything(cfg.seed)  # as main() left it for this run before the teacher had a process of its own
     task = build_task(cfg, train_teacher=True)
     run_teacher(cfg, task)
     trained = time.perf_counter() - start
@@ -139,7 +140,10 @@ def run(cfg):
     results = {"runs": {}, "timings_s": timings}
     start = time.perf_counter()  # the teacher first, on every core; then the students, one thread each
     first_unlabeled = next(j for j in steps(cfg) if j[0] == "distilled_unlabeled")
-    results["teacher"] = teacher_job(teacher_cfg, student_cfg(*first_unlabeled))
+    # In a process of its own, as the students are: its memory (fine-tuning is the demo's peak) goes back to the
+    # system when it ends instead of staying with this process while the two students train beside it.
+    with multiprocessing.get_context("spawn").Pool(1, initializer=utils.setup_logging, maxtasksperchild=1) as pool:
+        results["teacher"] = pool.apply(teacher_job, (teacher_cfg, student_cfg(*first_unlabeled)))
     timings["teacher: training, logits cached, test"] = time.perf_counter() - start
     with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, maxtasksperchild=1) as pool:
         start = time.perf_counter()

@@ -11,7 +11,6 @@ import tempfile
 import datasets
 import pytesseract
 from PIL import Image
-from tqdm import tqdm
 
 import dataset
 from config import UserError
@@ -135,8 +134,11 @@ def _ocr_or_blank(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
                 "height": 0}
 
 
-def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR") -> datasets.Dataset:
-    """Add ocr_words, word_boxes, ocr_paragraphs, paragraph_boxes (and width/height if missing)."""
+def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR", num_proc: int = 1) -> datasets.Dataset:
+    """Add ocr_words, word_boxes, ocr_paragraphs, paragraph_boxes (and width/height if missing).
+
+    num_proc > 1: pages are read in that many processes (datasets' map over contiguous shards, in order); each
+    page's result is its own cache entry, so the columns are the same for any number."""
     if "ocr_words" in dataset.column_names:
         return dataset
     os.makedirs(cache_dir, exist_ok=True)
@@ -144,9 +146,9 @@ def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR"
     decoder = datasets.Image(mode=dataset.features[col].mode)
     # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
     raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
-    with tqdm(raw, desc=desc) as pages:  # closed on an error too, so the error starts a line of its own
-        results = [_ocr_or_blank(ex[col], decoder, cache_dir) for ex in pages]
-    for name, feature in OCR_FEATURES.items():
-        if name not in dataset.column_names:  # keep the dataset's own width/height if it has them
-            dataset = dataset.add_column(name, [r[name] for r in results], feature=feature)
-    return dataset
+    results = raw.map(lambda page: _ocr_or_blank(page[col], decoder, cache_dir), remove_columns=[col],
+                      features=datasets.Features(OCR_FEATURES), keep_in_memory=True, desc=desc,
+                      num_proc=num_proc if num_proc > 1 else None,
+                      new_fingerprint=hashlib.sha256(CACHE_VERSION + raw._fingerprint.encode()).hexdigest()[:16])
+    missing = [name for name in OCR_FEATURES if name not in dataset.column_names]  # keep the data's width/height
+    return datasets.concatenate_datasets([dataset, results.select_columns(missing)], axis=1)

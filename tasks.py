@@ -4,7 +4,7 @@ A task builds the teacher and the student, prepares the splits and the collator,
 to logits in the dataset's label order, and scores predictions. train.py only sees this interface:
 
     task.labels, task.splits[name], task.collator       # teacher_pixels=False: batches without the teacher's
-                                                        # pixels (dataset.without_teacher_pixels: cached teacher)
+                                                        # pixels (collate.without_teacher_pixels: cached teacher)
     task.teacher, task.teacher_logits(teacher, batch)   # frozen teacher, or the model trained in --mode teacher
     task.student, task.student_logits(student, batch)
     task.metrics(preds, labels)  ->  dict with task.metric_name in it
@@ -25,6 +25,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
+import collate
 import dataset
 import kd_terms
 import models
@@ -80,12 +81,13 @@ class DocumentClassification(kd_terms.FeatureOutputs):
             pad_token_id=self.tokenizer.pad_token_id)
         models.check_max_length(cfg.max_length, self.student.config, "student")
         student_spec = dataset.image_spec(self.student_processor)
-        teacher_spec = dataset.image_spec(teacher_processor)
+        # a teacher that reads no page (the demo's) gets none: no 128-px pages made, stored or collated
+        teacher_spec = dataset.image_spec(teacher_processor) if models.reads_page(self.teacher) else None
         self.add_teachers(cfg, train_teacher, first)
         self.documents = documents
         prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw))
-        self.collator = relabelled(self, dataset.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
+        self.collator = relabelled(self, collate.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,
                                                                         teacher_spec))
         self.teacher_processor = teacher_processor
         if "attention" in kd_terms.chosen(cfg) and not models.reads_text(self.teacher):
@@ -282,7 +284,8 @@ def prepare_splits(task, load_unlabeled, preprocess):
     With --labeled-fraction F < 1, the labels of a seeded 1 - F share of the training documents are hidden first
     (task.without_labels; with alpha 0 those documents are left out). With --unlabeled, load_unlabeled(cfg)'s documents (task.documents["unlabeled"], prepared: task.unlabeled)
     join the training split, numbered after its documents, so the teacher-logit cache holds a row for each.
-    preprocess(split, desc=..., index_offset=...) -> the split preprocessed (cached), every row kept.
+    preprocess(split, desc=..., index_offset=..., num_proc=...) -> the split preprocessed (cached; --num-proc
+    processes), every row kept.
     """
     cfg = task.cfg
     if cfg.mode == "train":
@@ -290,7 +293,8 @@ def prepare_splits(task, load_unlabeled, preprocess):
                                                                         task.without_labels)
 
     def prepare(split, name, index_offset=0):
-        return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset),
+        return dataset.drop_bad_documents(preprocess(split, desc=f"preprocess {name}", index_offset=index_offset,
+                                                     num_proc=cfg.num_proc),
                                           name, cfg.on_bad_sample)
 
     task.splits = {name: prepare(split, name) for name, split in task.documents.items()}

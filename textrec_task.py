@@ -82,7 +82,7 @@ class Collator:
 
     teacher_image: for a teacher that reads crops of one fixed size (a VisionEncoderDecoder: trocr.ImageSpec.array),
     the clean crop -> [C, H, W] in place of the 48-px BGR crop; the time layout (step_mask) is kept either way.
-    teacher_pixels False: no teacher_pixel_values (a cached teacher; dataset.without_teacher_pixels).
+    teacher_pixels False: no teacher_pixel_values (a cached teacher; collate.without_teacher_pixels).
     """
 
     def __init__(self, cfg, teacher_image=None, student_image=None, tokenize=None, teacher_pixels=True):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
-import dataset
+import collate
 import models
 import recipe
 import teacher_cache
@@ -67,7 +67,7 @@ def make_loader(task, split, cfg, shuffle, lean=False):
     data = task.splits[split]
     collator = task.collator
     if lean:
-        data, collator = dataset.without_teacher_pixel_columns(data), dataset.without_teacher_pixels(collator)
+        data, collator = collate.without_teacher_pixel_columns(data), collate.without_teacher_pixels(collator)
     lengths = None
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]

@@ -255,18 +255,32 @@ def device_info():
     return info
 
 
-def peak_memory_mb(device=None):
-    """The process's peak memory so far, in MiB: {"peak_rss_mb"}: resident set (getrusage's ru_maxrss; psutil's
-    current RSS where there is no resource module), and on a CUDA device {"peak_cuda_mb"}: the allocator's peak
-    (torch.cuda.max_memory_allocated). Both only grow: a phase's value is the peak up to its end."""
+def peak_rss_bytes():
+    """This process's peak resident set: VmHWM of /proc/self/status on Linux (the high-water mark of this
+    program's own memory); elsewhere getrusage's ru_maxrss, or psutil's current RSS without a resource module.
+    Not ru_maxrss on Linux: it survives exec, so a process started by multiprocessing's spawn (a fork, then an
+    exec) reports at least its parent's peak at the time it was started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
         import sys
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     except ImportError:
         import psutil
-        rss = psutil.Process().memory_info().rss
-    peak = {"peak_rss_mb": rss / 2**20}
+        return psutil.Process().memory_info().rss
+
+
+def peak_memory_mb(device=None):
+    """The process's peak memory so far, in MiB: {"peak_rss_mb"}: resident set (peak_rss_bytes), and on a CUDA
+    device {"peak_cuda_mb"}: the allocator's peak (torch.cuda.max_memory_allocated). Both only grow: a phase's
+    value is the peak up to its end."""
+    peak = {"peak_rss_mb": peak_rss_bytes() / 2**20}
     if device is not None and torch.device(device).type == "cuda":
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak

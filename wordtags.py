@@ -229,7 +229,8 @@ def first_subtokens(word_ids, n_words):
     return positions
 
 
-def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_length, cache_dir, desc, index_offset=0):
+def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_length, cache_dir, desc, index_offset=0,
+                     num_proc=1):
     """Tokenise every form for the student (words) and the teacher (words, boxes, page); cached on disk.
 
     index_offset shifts the `index` column (unlabelled forms are numbered after the labelled ones)."""
@@ -277,7 +278,8 @@ def preprocess_words(split, tokenizer, teacher_tokenizer, teacher_spec, max_leng
                                  max_length=max_length, teacher=teacher_spec,
                                  **({"index_offset": index_offset} if index_offset else {}))
     split = split.cast_column("image", datasets.Image(decode=False))  # opened one by one, so a bad file is caught
-    return dataset.cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc)
+    return dataset.cached_map(split, encode, features, os.path.join(cache_dir, "preprocessed"), key, desc,
+                              num_proc)
 
 
 # ----------------------------------------------------------------------------- batching and reading out
@@ -300,7 +302,7 @@ class WordCollator:
     words are in neither the loss nor the metrics. positions [B, W] are the other words, the ones both models
     read; labeled [B] is False for an unlabelled form (--unlabeled: every tag IGNORE_INDEX), which the loss
     then teaches at its positions by the KD term alone. The page, which only the teacher reads, is
-    teacher_pixel_values; teacher_pixels False leaves it out (a cached teacher; dataset.without_teacher_pixels).
+    teacher_pixel_values; teacher_pixels False leaves it out (a cached teacher; collate.without_teacher_pixels).
     """
 
     def __init__(self, pad_token_id, teacher_pad_token_id, teacher_spec, teacher_pixels=True):

@@ -1,70 +1,154 @@
-"""Training throughput: the naive distillation loop against docdistill's, measured in one run.
+"""Training throughput: whole runs of the naive distillation loop against docdistill's, end to end.
 
-(a) naive:     the teacher runs on every step of every epoch, every batch is padded to 512 tokens, random order
-(b) docdistill: teacher logits computed once and cached, each batch padded to its longest document,
-               documents of similar length batched together
+(a) naive:      the teacher runs on every step of every epoch, every batch is padded to --max-length (512),
+                random order, no cache, float32
+(b) docdistill: teacher logits computed once and cached (the fill is timed: it is part of epoch 1), each batch
+                padded to its longest document, documents of similar length batched together, the teacher's pages
+                left out of training batches; the student in float32 (--student-amp no), bf16 (bf16), or both
 
-Same student initialisation, data, seed and hyper-parameters; documents per second of training (validation
-excluded) for epoch 1 and for the later epochs, their ratio, and the validation accuracy both reach.
+Same student initialisation, data, seed and hyper-parameters. Per loop: documents per second of training
+(validation excluded) in epoch 1 and in the later epochs, train seconds (all epochs, validation excluded),
+wall seconds of the whole run (training, teacher-cache fill, validation each epoch, checkpoints), the final
+validation accuracy, and the peak RSS (MiB) of the process that ran it; then the speed-ups against naive
+(epoch 1, later epochs, total wall time) and, with --student-amp both, bf16 against float32.
 
-    python benchmarks/train_throughput.py --preset demo --teacher ../shared/models/dit-large-finetuned-rvlcdip \
-        --max-samples 96 --epochs 3 --student-image-size 224
+Each loop runs in a fresh process (so each has its own peak RSS); the splits are preprocessed once beforehand
+(not timed), and each docdistill run fills the teacher cache anew (<cache-dir>/teacher is emptied first; the
+default --cache-dir is OUTPUT_DIR/cache). The table goes to OUTPUT_DIR/train_throughput.md, everything to
+OUTPUT_DIR/train_throughput.json, each run's own files to OUTPUT_DIR/<loop>/.
 
-Any main.py flag can be given; --output-dir holds both runs (naive/ and docdistill/).
+A whole default-length run (6 epochs) with the real shapes (DiT-large teacher with random weights,
+LayoutLMv3-Tiny student at 224 px), float32 and bf16 student:
+
+    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --preset demo \
+        --teacher ../shared/models/dit-large-finetuned-rvlcdip --tokenizer ../shared/models/layoutlmv3-base \
+        --student-config ../shared/models/layoutlmv3-base --student-image-size 224 \
+        --max-samples 96 --epochs 6 --student-amp both --output-dir runs/throughput
+
+A quick check that it runs (the demo preset's built-in small models; about 4 minutes on one busy core):
+
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --preset demo --max-samples 8 --epochs 2 \
+        --student-amp both --output-dir /tmp/throughput
+
+Any main.py flag can be given except --amp (the naive loop is float32; --student-amp sets docdistill's).
 """
+import argparse
 import dataclasses
-import json
+import multiprocessing
 import os
+import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
 from config import parse_config  # noqa: E402
-from tasks import build_task  # noqa: E402
-from train import fit  # noqa: E402
+
+STUDENT_AMP = {"no": ["no"], "bf16": ["bf16"], "both": ["no", "bf16"]}
+
+
+def loops(base, student_amp):
+    """(name, Config) of each run, naive first."""
+    runs = [("naive", dict(teacher_cache=False, group_by_length=False, amp="no"))]
+    runs += [("docdistill" + ("" if amp == "no" else f"-{amp}"), dict(teacher_cache=True, group_by_length=True, amp=amp))
+             for amp in STUDENT_AMP[student_amp]]
+    return [(name, dataclasses.replace(base, output_dir=os.path.join(base.output_dir, name), **settings))
+            for name, settings in runs]
+
+
+def preprocess(cfg):
+    """Fill the preprocessing cache once, so that no timed run pays for it."""
+    from tasks import build_task
+    utils.setup_logging()
+    build_task(cfg)
 
 
 def run(cfg, naive):
-    utils.seed_everything(cfg.seed)  # the same student initialisation for both runs
+    """One whole run in this (fresh) process; its per-epoch rows, wall seconds and peak RSS."""
+    from tasks import build_task
+    from train import fit
+    utils.setup_logging()
+    if cfg.teacher_cache:  # each docdistill run fills the cache itself: its epoch 1 includes that
+        shutil.rmtree(os.path.join(cfg.cache_dir, "teacher"), ignore_errors=True)
+    utils.seed_everything(cfg.seed)  # the same student initialisation for every run
     task = build_task(cfg)
     if naive:
         task.collator.pad_to = cfg.max_length
+    start = time.perf_counter()
     fit(cfg, task, task.student, task.student_logits, teacher=task.teacher, teacher_forward=task.teacher_logits)
-    return utils.read_jsonl(os.path.join(cfg.output_dir, "student_metrics.jsonl"))
+    wall = time.perf_counter() - start
+    rows = utils.read_jsonl(os.path.join(cfg.output_dir, "student_metrics.jsonl"))
+    return {"rows": rows, "wall_seconds": wall, "peak_rss_mb": utils.peak_memory_mb()["peak_rss_mb"]}
 
 
-def summarise(rows):
+def summarise(out):
+    rows = out["rows"]
     later = rows[1:] or rows
-    return {"epoch1_docs_per_s": rows[0]["train_docs_per_s"],
+    return {"epochs": len(rows), "epoch1_docs_per_s": rows[0]["train_docs_per_s"],
             "later_docs_per_s": sum(r["train_docs_per_s"] for r in later) / len(later),
-            "total_train_seconds": sum(r["train_seconds"] for r in rows),
-            "final_val_accuracy": rows[-1]["val_accuracy"]}
+            "train_seconds": sum(r["train_seconds"] for r in rows), "wall_seconds": out["wall_seconds"],
+            "final_val_accuracy": rows[-1]["val_accuracy"], "best_val_accuracy": max(r["val_accuracy"] for r in rows),
+            "peak_rss_mb": out["peak_rss_mb"]}
+
+
+def ratios(fast, slow):
+    """How many times faster `fast` is than `slow`: epoch 1, later epochs, the whole run's wall time."""
+    return {"epoch1": fast["epoch1_docs_per_s"] / slow["epoch1_docs_per_s"],
+            "later_epochs": fast["later_docs_per_s"] / slow["later_docs_per_s"],
+            "total": slow["wall_seconds"] / fast["wall_seconds"]}
+
+
+def table(results):
+    lines = ["| loop | epoch 1 docs/s | later epochs docs/s | train s | wall s (whole run) | final val accuracy | "
+             "peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["loops"].items():
+        lines.append(f"| {name} | {r['epoch1_docs_per_s']:.2f} | {r['later_docs_per_s']:.2f} | "
+                     f"{r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['final_val_accuracy']:.3f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines.append("")
+    for pair, s in results["speedups"].items():
+        lines.append(f"- {pair}: {s['epoch1']:.2f}x in epoch 1, {s['later_epochs']:.2f}x in later epochs, "
+                     f"{s['total']:.2f}x in total wall time")
+    lines += ["", f"machine: {results['machine']}"]
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    base = parse_config(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
+    parser.add_argument("--student-amp", choices=tuple(STUDENT_AMP), default="no",
+                        help="the student's training precision in docdistill's loop: no (float32), bf16, or both "
+                             "(two docdistill runs, compared at equal epochs); the naive loop is float32")
+    own, rest = parser.parse_known_args(argv)
+    if "--amp" in rest or any(a.startswith("--amp=") for a in rest):
+        parser.error("--amp: the naive loop is float32; give docdistill's precision with --student-amp")
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nmain.py's flags, all accepted:")
+    base = parse_config(rest)
     utils.setup_logging()
     base.cache_dir = base.cache_dir or os.path.join(base.output_dir, "cache")
-    results = {}
-    for name, naive in (("naive", True), ("docdistill", False)):
-        cfg = dataclasses.replace(base, output_dir=os.path.join(base.output_dir, name),
-                                  teacher_cache=not naive, group_by_length=not naive)
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        results[name] = summarise(run(cfg, naive))
-    naive, ours = results["naive"], results["docdistill"]
-    results["speedup_epoch1"] = ours["epoch1_docs_per_s"] / naive["epoch1_docs_per_s"]
-    results["speedup_later_epochs"] = ours["later_docs_per_s"] / naive["later_docs_per_s"]
+    runs = loops(base, own.student_amp)
+    import demo
+    for corpus in {base.dataset, base.unlabeled} & set(demo.CORPORA):  # generated here: pool workers cannot fork
+        demo.load_corpus(corpus, base.cache_dir)
+    spawn = multiprocessing.get_context("spawn")  # a fresh process per run: its own peak RSS
+    with spawn.Pool(1, maxtasksperchild=1) as pool:
+        pool.apply(preprocess, (runs[-1][1],))
+    results = {"loops": {}}
+    for name, cfg in runs:
+        with spawn.Pool(1, maxtasksperchild=1) as pool:
+            results["loops"][name] = summarise(pool.apply(run, (cfg, name == "naive")))
+    found = results["loops"]
+    results["speedups"] = {f"{name} vs naive": ratios(found[name], found["naive"]) for name in found if name != "naive"}
+    if "docdistill-bf16" in found and "docdistill" in found:
+        results["speedups"]["docdistill-bf16 vs docdistill (float32 student)"] = ratios(found["docdistill-bf16"],
+                                                                                        found["docdistill"])
     results["machine"] = utils.device_info()
+    md = table(results)
     utils.atomic_json(results, os.path.join(base.output_dir, "train_throughput.json"))
-    print("\n| loop | epoch 1 docs/s | later epochs docs/s | train seconds | final val accuracy |")
-    print("|---|---|---|---|---|")
-    for name in ("naive", "docdistill"):
-        r = results[name]
-        print(f"| {name} | {r['epoch1_docs_per_s']:.2f} | {r['later_docs_per_s']:.2f} | "
-              f"{r['total_train_seconds']:.0f} | {r['final_val_accuracy']:.3f} |")
-    print(f"\nspeed-up: {results['speedup_epoch1']:.2f}x in epoch 1, {results['speedup_later_epochs']:.2f}x in later "
-          f"epochs\n{json.dumps(results['machine'])}")
+    utils.atomic_text(md + "\n", os.path.join(base.output_dir, "train_throughput.md"))
+    print("\n" + md)
 
 
 if __name__ == "__main__":

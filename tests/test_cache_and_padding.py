@@ -4,6 +4,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+import collate
 import dataset
 import teacher_cache
 from config import parse_config
@@ -68,7 +69,7 @@ def test_dynamic_padding_gives_the_same_predictions_as_padding_to_512(task):
     student = task.student.eval()
     docs = [task.splits["validation"][i] for i in range(6)]
     lean = task.collator(docs)
-    full = dataset.ClassificationCollator(
+    full = collate.ClassificationCollator(
         task.tokenizer.pad_token_id, task.collator.student_spec, task.collator.teacher_spec, pad_to=512)(docs)
     assert lean["input_ids"].shape[1] < full["input_ids"].shape[1] == 512
     with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import collate
 import dataset
 import models
 from config import UserError
@@ -49,14 +50,14 @@ def test_resize_and_normalize_equal_the_image_processor():
 
 def test_collator_pads_to_longest_in_batch_only():
     spec = {"size": [8, 8], "resample": 2, "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3}
-    collate = dataset.ClassificationCollator(pad_token_id=1, student_spec=spec, teacher_spec=spec)
+    collator = collate.ClassificationCollator(pad_token_id=1, student_spec=spec, teacher_spec=spec)
     docs = [{"input_ids": [0, 5, 6, 2], "bbox": [[0, 0, 0, 0], [1, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 0]],
              "student_pixels": np.zeros((3, 8, 8), np.uint8), "teacher_pixels": np.full((3, 8, 8), 255, np.uint8),
              "label": 3, "index": 0},
             {"input_ids": [0, 7, 2], "bbox": [[0, 0, 0, 0], [9, 9, 9, 9], [0, 0, 0, 0]],
              "student_pixels": np.zeros((3, 8, 8), np.uint8), "teacher_pixels": np.zeros((3, 8, 8), np.uint8),
              "label": 1, "index": 1}]
-    batch = collate(docs)
+    batch = collator(docs)
     assert batch["input_ids"].shape == (2, 4)
     assert batch["input_ids"][1].tolist() == [0, 7, 2, 1]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]

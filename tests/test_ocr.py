@@ -92,3 +92,12 @@ def test_missing_binary_raises(tmp_path, monkeypatch):
         ocr.ocr_page(render_page()[0])
     with pytest.raises(ocr.OCRUnavailable, match="brew install tesseract"):
         ocr.add_ocr_columns(make_dataset([render_page()[0]]), str(tmp_path / "cache"))
+
+
+@needs_tesseract
+def test_ocr_in_two_processes_gives_the_same_columns(tmp_path):
+    ds = make_dataset([render_page()[0], render_page(["TOTAL", "AMOUNT", "DATE"])[0]])
+    one = ocr.add_ocr_columns(ds, str(tmp_path / "one"))
+    two = ocr.add_ocr_columns(ds, str(tmp_path / "two"), num_proc=2)
+    assert two.features == one.features
+    assert two.with_format(None).to_dict() == one.with_format(None).to_dict()

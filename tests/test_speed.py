@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-import dataset
+import collate
 import teacher_cache
 import train
 import wordtags
@@ -183,7 +183,7 @@ def collators():
     from textrec_task import Collator
     crop_cfg = type("C", (), dict(student_height=32, seed=0, degrade_height=0, degrade_blur=0.0, degrade_noise=0.0,
                                   degrade_jpeg=0))()
-    classify = dataset.ClassificationCollator(1, SPEC, SPEC)
+    classify = collate.ClassificationCollator(1, SPEC, SPEC)
     return [("classification", classify, classification_docs()),
             ("classification relabelled", RelabelledCollator(classify, [1, 0]), classification_docs()),
             ("token classification", wordtags.WordCollator(0, 1, SPEC), word_docs()),
@@ -193,7 +193,7 @@ def collators():
 @pytest.mark.parametrize("name, collator, docs", collators(), ids=[c[0] for c in collators()])
 def test_lean_batches_hold_no_teacher_pixels_and_the_same_rest(name, collator, docs):
     full = collator(docs)
-    lean = dataset.without_teacher_pixels(collator)(docs)
+    lean = collate.without_teacher_pixels(collator)(docs)
     assert "teacher_pixel_values" in full and "teacher_pixel_values" not in lean
     assert set(full) - set(lean) == {"teacher_pixel_values"}
     assert all(torch.equal(full[k], lean[k]) for k in lean)
@@ -257,5 +257,5 @@ def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values
         logits = tasks.TokenClassification.teacher_logits(owner, teacher, collator(word_docs()))
         assert logits.shape == (2, 2, 5)
         with pytest.raises(KeyError, match="teacher_pixel_values"):
-            lean = dataset.without_teacher_pixels(collator)(word_docs())
+            lean = collate.without_teacher_pixels(collator)(word_docs())
             tasks.TokenClassification.teacher_logits(owner, teacher, lean)
