@@ -176,6 +176,10 @@ def recover_interrupted(study):
             log.warning("trial %d (%s) was interrupted: it runs again in %s, from its checkpoint if it saved one",
                         t.number, t.params, t.user_attrs.get("dir"))
             study.enqueue_trial(t.params, user_attrs={"dir": t.user_attrs["dir"]})
+            if "grid_id" in t.system_attrs:  # the same grid point: optuna's GridSampler reads it as the trial ends
+                queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[-1]
+                for key in ("grid_id", "search_space"):
+                    storage.set_trial_system_attr(queued._trial_id, key, t.system_attrs[key])
 
 
 def run_training(cfg, run_cfg):

@@ -231,3 +231,26 @@ def test_a_process_without_trials_left_waits_for_the_others(tmp_path, monkeypatc
     finally:
         other.kill()
     assert slept == [sweep.POLL_SECONDS] and len(study.get_trials()) == 2
+
+
+def test_an_interrupted_grid_point_runs_again_as_the_same_point(tmp_path, monkeypatch):
+    """A trial whose process died is queued again with its grid point, so that optuna's grid, which reads the point
+    of every trial that ends while another point is left, neither fails (KeyError 'grid_id') nor runs it twice."""
+    cfg = parse_config(["--preset", "demo", "--mode", "sweep", "--output-dir", str(tmp_path),
+                        "--sweep", "alpha=0.3,0.5,0.7"])
+    axes = sweep.parse_axes(cfg.sweep)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'sweep.db'}", direction="maximize",
+                                sampler=optuna.samplers.GridSampler(axes, seed=cfg.seed))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask()  # a process that died inside its trial
+    alpha = trial.suggest_categorical("alpha", axes["alpha"])
+    for key, value in (("host", sweep.socket.gethostname()), ("pid", dead.pid), ("dir", "trial-000")):
+        trial.set_user_attr(key, value)
+    trained = []
+    monkeypatch.setattr(sweep, "run_training", lambda cfg, run_cfg: trained.append(run_cfg.alpha) or run_cfg.alpha)
+    sweep.run_trials(cfg, study, axes)
+    assert trained[0] == alpha and sorted(trained) == sorted(axes["alpha"])  # the lost point first, each once
+    rerun = study.get_trials()[1]
+    assert rerun.user_attrs["dir"] == "trial-000"
+    assert rerun.system_attrs["grid_id"] == study.get_trials()[0].system_attrs["grid_id"]
