@@ -252,10 +252,10 @@ def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values
                               input_size=8, patch_size=4, num_labels=5, vocab_size=20, coordinate_size=6, shape_size=4)
     teacher = LayoutLMv3ForTokenClassification(config).eval()
     collator = wordtags.WordCollator(0, 1, SPEC)
-    owner = types.SimpleNamespace(teacher_order=list(range(5)))
+    owner, order = types.SimpleNamespace(), list(range(5))
     with torch.no_grad():
-        logits = tasks.TokenClassification.teacher_logits(owner, teacher, collator(word_docs()))
+        logits = tasks.TokenClassification.one_teacher_logits(owner, teacher, order, collator(word_docs()))
         assert logits.shape == (2, 2, 5)
         with pytest.raises(KeyError, match="teacher_pixel_values"):
             lean = collate.without_teacher_pixels(collator)(word_docs())
-            tasks.TokenClassification.teacher_logits(owner, teacher, lean)
+            tasks.TokenClassification.one_teacher_logits(owner, teacher, order, lean)
