@@ -31,8 +31,11 @@ log = logging.getLogger("docdistill")
 # The teacher: LayoutLMv3 with MiniLM-L6's pretrained text weights and pooler (6 layers of 384, 22M parameters;
 # minilm.py, models.demo_minilm_teacher), reading words and boxes, fine-tuned for two epochs on demo-teacher's
 # 1,024 labelled pages. Pretrained as a real teacher is (DiT-large: 42M unlabelled pages, then 320,000 labelled
-# ones). Teachers trained from scratch were tried first and did not learn within the budget (README).
-TEACHER = dict(dataset="demo-teacher", teacher="demo-minilm", epochs=2, lr=3e-4, batch_size=16)
+# ones). Teachers trained from scratch were tried first and did not learn within the budget (README). 16 pages a
+# step, as 2 batches of 8 (gradient accumulation): the same steps at half the activation memory (LayoutLMv3's
+# attention keeps about a dozen [batch, 12, 128, 128] tensors a layer for its backward pass); with batches of 16
+# this fine-tuning, the demo's largest process, peaked at 2.5 GB.
+TEACHER = dict(dataset="demo-teacher", teacher="demo-minilm", epochs=2, lr=3e-4, batch_size=8, grad_accum=2)
 # The students: the small size (2 layers of 128), random weights, the teacher's tokenizer (as a real student takes
 # its teacher's), the same 128 tokens, the page at 64 px.
 STUDENT = dict(student_size="small", tokenizer="minilm", max_length=128, student_image_size=64, lr=1e-3)

@@ -29,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,7 @@ class TeacherCache:
 
     def __init__(self, logits):
         self.logits = logits
+        self.seconds = {}
 
     def rows(self, table, batch):
         logits = table[batch["index"].cpu()].float()
@@ -183,8 +185,8 @@ def to_tables(rows):
 
 @torch.no_grad()
 def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature):
-    """The teacher's outputs on every document of the split as tables, the precision they were computed in, and
-    the number of documents.
+    """The teacher's outputs on every document of the split as tables, the precision they were computed in, the
+    number of documents, and the seconds the precision check took (float32 and reduced precision on its sample).
 
     A reduced precision is first checked on the first SAMPLE_BATCHES batches against float32 (precision_kl):
     above KL_TOLERANCE, everything is computed in float32. The sample's outputs in the precision kept are used.
@@ -199,14 +201,16 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
         for name, value in outputs.items():
             rows.setdefault(name, {}).update(zip(batch["index"].tolist(), value.float().cpu()))
 
-    done = 0
+    done, check_seconds = 0, 0.0
     if precision != "float32":
+        start = time.perf_counter()
         sample = list(itertools.islice(batches, SAMPLE_BATCHES))
         exact = [run_teacher(teacher, teacher_forward, b, "float32") for b in sample]
         reduced = [run_teacher(teacher, teacher_forward, b, precision) for b in sample]
         total, count = map(sum, zip(*(precision_kl(e["logits"], r["logits"], temperature, real_positions(b))
                                       for b, e, r in zip(sample, exact, reduced))))
         kl = total / max(count, 1)
+        check_seconds = time.perf_counter() - start
         documents = sum(len(b["index"]) for b in sample)
         if not math.isfinite(kl) or kl > KL_TOLERANCE:  # not finite: fp16 overflowed
             log.warning("teacher precision %s refused: KL(float32 || %s) at T=%g is %.3g nats over %d predictions "
@@ -228,7 +232,7 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
     if redone:
         log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
                     "computed in float32", precision, redone)
-    return to_tables(rows), precision, len(rows["logits"])
+    return to_tables(rows), precision, len(rows["logits"]), check_seconds
 
 
 def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
@@ -238,7 +242,7 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
     precision: auto, float32, bf16 or fp16 (--teacher-precision; see the module's docstring); temperature: the
     run's, at which a reduced precision is checked against float32.
     """
-    path = None
+    path, seconds = None, {}
     if accelerator.is_main_process:
         wanted = resolve_precision(precision, teacher, accelerator.device)
         keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
@@ -254,15 +258,20 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
                 log.info("teacher logits reused from %s (teacher precision %s)", path, used)
                 break
         if path is None:
-            tables, used, documents = fill(teacher, teacher_forward, split, collator, batch_size,
+            start = time.perf_counter()
+            tables, used, documents, check_seconds = fill(teacher, teacher_forward, split, collator, batch_size,
                                            accelerator.device, wanted, temperature)
             path = path_of(used)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
             save_file(tables, tmp)
             os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
-            log.info("teacher logits computed once for %d documents in %s: %s", documents, used, path)
+            seconds = {"teacher_cache_seconds": time.perf_counter() - start, "precision_check_seconds": check_seconds}
+            log.info("teacher logits computed once for %d documents in %s in %.1f s (of which the precision check "
+                     "%.1f s): %s", documents, used, seconds["teacher_cache_seconds"], check_seconds, path)
     path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
     tables = load_file(path)
-    return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables)
+    cache = TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables)
+    cache.seconds = seconds  # filled here: the fill's and the check's seconds (main process), for epoch 1's row
+    return cache

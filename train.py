@@ -219,12 +219,13 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
     checkpoint = checkpoints.load_checkpoint(cfg.checkpoint, cfg, name) if cfg.checkpoint else None
     peak_memory(accelerator, "preprocessing (data and models loaded)")
     clock = time.perf_counter()  # training time of the first epoch includes building the teacher cache
-    teacher_logits_of = None
+    teacher_logits_of, cache_seconds = None, {}  # the cache's fill seconds go to this run's first metrics row
     if teacher is not None:  # frozen and never wrapped for DDP: it has no gradients to synchronise
         teacher = models.freeze(teacher).to(accelerator.device)
         teacher_logits_of = live_teacher(accelerator, teacher, teacher_forward)
         if cfg.teacher_cache:  # the teacher's input is not augmented, so its logits are the same every epoch
             teacher_logits_of = cached_teacher(accelerator, task, teacher, teacher_forward, cfg)
+            cache_seconds = teacher_logits_of.seconds
             peak_memory(accelerator, "the teacher cache")
 
     state = {"epoch": 0, "step_in_epoch": 0, "best": -1.0, "sums": None,
@@ -331,8 +332,10 @@ def fit(cfg, task, model, forward, teacher=None, teacher_forward=None, name="stu
                    "train_accuracy": totals["correct"] / max(totals["seen"], 1),
                    "metric_name": task.metric_name, "lr": scheduler.get_last_lr()[0],
                    "train_seconds": train_seconds, "train_docs_per_s": totals["docs"] / train_seconds,
+                   **cache_seconds,  # in train_seconds too: teacher_cache_seconds, precision_check_seconds
                    **peak,  # peak_rss_mb (and peak_cuda_mb): the process's peak so far, the largest over processes
                    **{f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}}
+            cache_seconds = {}
             improved = row[f"val_{task.metric_name}"] > state["best"]
             state["best"] = max(state["best"], row[f"val_{task.metric_name}"])
             state["stop_reason"] = recipe.early_stopping(state["early_stopping"], row[f"val_{task.metric_name}"],

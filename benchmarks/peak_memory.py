@@ -1,0 +1,65 @@
+"""Peak resident memory of a command and every process it starts: the largest single process, and the largest sum
+over the processes alive at one time (what the machine must hold), polled every 0.2 s with psutil.
+
+    python benchmarks/peak_memory.py --out runs/demo-memory.json -- python main.py --preset demo --mode demo
+
+Prints one line and writes the peaks (MiB), the command's exit code and its wall seconds to --out (JSON).
+Polling misses peaks shorter than the interval: each process's own high-water mark (VmHWM, which docdistill logs
+per phase) is the exact single-process figure; the sum is only known from polling.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+
+INTERVAL_S = 0.2
+
+
+def tree_rss(process):
+    """{pid: RSS in MiB} of the process and its descendants alive now."""
+    found = {}
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            found[p.pid] = p.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="JSON file for the peaks (default: print only)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to measure after --")
+    start = time.perf_counter()
+    child = subprocess.Popen(command)
+    process = psutil.Process(child.pid)
+    peak_one, peak_sum, processes = 0.0, 0.0, set()
+    while child.poll() is None:
+        try:
+            rss = tree_rss(process)
+        except psutil.NoSuchProcess:
+            break
+        processes |= set(rss)
+        if rss:
+            peak_one, peak_sum = max(peak_one, max(rss.values())), max(peak_sum, sum(rss.values()))
+        time.sleep(INTERVAL_S)
+    code = child.wait()
+    result = {"command": command, "exit_code": code, "wall_seconds": time.perf_counter() - start,
+              "peak_single_process_mib": peak_one, "peak_sum_mib": peak_sum, "processes_seen": len(processes)}
+    print(f"peak RSS: largest process {peak_one:.0f} MiB, sum over the processes alive at once {peak_sum:.0f} MiB "
+          f"({len(processes)} processes seen, {result['wall_seconds']:.0f} s, exit code {code})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
