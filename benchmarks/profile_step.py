@@ -60,6 +60,7 @@ def profiled(fn, device, runs=2):
 def main(argv=None):
     cfg = parse_config(argv if argv is not None else sys.argv[1:])
     utils.setup_logging()
+    cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.output_dir, "cache")  # as main.py, never the working dir
     from tasks import build_task
     utils.seed_everything(cfg.seed)
     task = build_task(cfg)
