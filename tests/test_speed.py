@@ -221,6 +221,17 @@ def test_training_with_a_cached_teacher_reads_lean_batches_and_logs_peak_memory(
         assert f"peak memory after {phase}" in caplog.text, phase
     row = json.loads(open(tmp_path / "cached" / "student_metrics.jsonl").readline())
     assert row["peak_rss_mb"] > 10
+    # epoch 1's row says what filling the cache cost (its seconds are in train_seconds too), and the log says it
+    assert 0 < row["teacher_cache_seconds"] <= row["train_seconds"]
+    checked = teacher_cache.cpu_has_native_bf16()  # only a reduced precision is checked against float32
+    assert (0 < row["precision_check_seconds"] < row["teacher_cache_seconds"]) if checked else \
+        row["precision_check_seconds"] == 0
+    assert f"teacher logits computed once for {len(task.splits['train'])} documents" in caplog.text
+    # a run that reuses the cache filled nothing: no such keys
+    train.fit(dataclasses.replace(cfg, output_dir=str(tmp_path / "reused")), task, task.student, forward,
+              teacher=task.teacher, teacher_forward=task.teacher_logits)
+    row = json.loads(open(tmp_path / "reused" / "student_metrics.jsonl").readline())
+    assert "teacher_cache_seconds" not in row and "precision_check_seconds" not in row
 
 
 
@@ -259,3 +270,23 @@ def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values
         with pytest.raises(KeyError, match="teacher_pixel_values"):
             lean = collate.without_teacher_pixels(collator)(word_docs())
             tasks.TokenClassification.one_teacher_logits(owner, teacher, order, lean)
+
+
+def test_peak_memory_counts_every_process_the_command_starts(tmp_path):
+    """benchmarks/peak_memory.py: a parent holding ~50 MiB starts a child holding ~200 MiB while it waits; the
+    largest process is the child's, the sum over both is above either, the exit code comes back."""
+    import subprocess
+    import sys
+    child = "import time; x = bytearray(200 * 2**20); time.sleep(1.5)"
+    parent = (f"import subprocess, sys; y = bytearray(50 * 2**20); "
+              f"sys.exit(subprocess.call([sys.executable, '-c', {child!r}]) + 3)")
+    out = tmp_path / "peaks.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "peak_memory.py")
+    done = subprocess.run([sys.executable, script, "--out", str(out), "--", sys.executable, "-c", parent],
+                          capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr  # the command's own exit code
+    peaks = json.load(open(out))
+    assert peaks["exit_code"] == 3 and peaks["processes_seen"] >= 2
+    assert 200 <= peaks["peak_single_process_mib"] < 400
+    assert peaks["peak_sum_mib"] >= peaks["peak_single_process_mib"] + 50
+    assert "largest process" in done.stdout
