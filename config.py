@@ -162,8 +162,8 @@ class Config:
                           "feature_logits (MSE of per-step log(p + 1e-4)), simkd (the CRNN's head becomes a learned "
                           "projection to the teacher's encoder width and the ONNX teacher's frozen linear head, folded "
                           "onto the student's charset, saved with the student; MSE between the projected BiLSTM "
-                          "features and the teacher's SVTR-neck output, raw); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms, simkd)). With feature or attention terms the "
+                          "features and the teacher's SVTR-neck output, raw); loss = (1-alpha)*CTC(labels) + alpha*"
+                          "(kl + seq + feature-weight*(feature terms, simkd)). With feature or attention terms the "
                           "teacher cache holds the teacher's features or its word x word / text x text maps too "
                           "(float16)", default="")
     feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature, simkd, attention; "

@@ -113,8 +113,8 @@ class CTCDistillationLoss(nn.Module):
     """criterion(student, teacher, batch) -> {"total", "ctc", <terms>}.
 
     student: logits [B, T, C], or with feature terms the dict {"logits", "backbone", "encoder"} of
-    crnn.CRNN(..., features=True) ("projected" too for simkd); teacher: folded log-probabilities [B, T, C] or the dict of
-    OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
+    crnn.CRNN(..., features=True) ("projected" too for simkd); teacher: folded log-probabilities [B, T, C] or the
+    dict of OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
     the projections (needed only for the feature_backbone / feature_encoder terms).
     """
 

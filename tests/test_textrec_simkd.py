@@ -19,7 +19,10 @@ import ctc_simkd  # noqa: E402
 import ocr_teacher  # noqa: E402
 import textrec  # noqa: E402
 from config import UserError, parse_config  # noqa: E402
-from test_text_recognition import make_batch, tiny_onnx_teacher, word_crops  # noqa: E402,F401
+import test_text_recognition  # noqa: E402
+from test_text_recognition import make_batch, tiny_onnx_teacher  # noqa: E402
+
+word_crops = test_text_recognition.word_crops  # the fixture: rendered words, train/validation/test
 
 
 @pytest.fixture(autouse=True)
