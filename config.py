@@ -19,7 +19,7 @@ SWEEP_SAMPLERS = ("grid", "tpe")
 TASKS = ("sequence-classification", "token-classification", "text-recognition")
 # --kd-terms of each task (text recognition: ctc_kd.KD_TERMS; the others: kd_terms.py); the first is the default
 CLASSIFICATION_TERMS = ("kd", "logit-mse", "feature", "simkd", "attention")
-KD_TERMS = {"text-recognition": ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits"),
+KD_TERMS = {"text-recognition": ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits", "simkd"),
             "sequence-classification": CLASSIFICATION_TERMS, "token-classification": CLASSIFICATION_TERMS}
 BAD_SAMPLE = ("fail", "skip")
 STUDENT_SIZES = ("micro", "small", "tiny", "full")  # shapes in models.STUDENT_SIZES
@@ -159,12 +159,15 @@ class Config:
                           "seq (CTC on the teacher's greedy transcript), feature_backbone and feature_encoder (MSE "
                           "between the student's backbone / BiLSTM features, through learned linear projections to the "
                           "teacher's widths, and PP-OCRv4's backbone / SVTR-neck outputs, standardised per step), "
-                          "feature_logits (MSE of per-step log(p + 1e-4)); loss = (1-alpha)*CTC(labels) + "
-                          "alpha*(kl + seq + feature-weight*(feature terms)). With feature or attention terms the "
+                          "feature_logits (MSE of per-step log(p + 1e-4)), simkd (the CRNN's head becomes a learned "
+                          "projection to the teacher's encoder width and the ONNX teacher's frozen linear head, folded "
+                          "onto the student's charset, saved with the student; MSE between the projected BiLSTM "
+                          "features and the teacher's SVTR-neck output, raw); loss = (1-alpha)*CTC(labels) + alpha*"
+                          "(kl + seq + feature-weight*(feature terms, simkd)). With feature or attention terms the "
                           "teacher cache holds the teacher's features or its word x word / text x text maps too "
                           "(float16)", default="")
     feature_weight: float = _help("lambda, the weight of the feature terms of --kd-terms (feature, simkd, attention; "
-                                  "text-recognition: feature_*) inside the alpha-weighted distillation part",
+                                  "text-recognition: feature_*, simkd) inside the alpha-weighted distillation part",
                                   default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)

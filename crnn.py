@@ -2,7 +2,8 @@
 
 Input: grey crops [B, 1, H, W] normalised to [-1, 1] (H = --student-height, 32 by default). The backbone halves
 the width twice and the height to 1: W / 4 time steps, each a vector of `channels[-1]`; a BiLSTM (1 layer in
-`tiny`, 2 in `full`) reads them in order and a linear head gives per-step logits over blank + the charset.
+`tiny`, 2 in `full`) reads them in order and a linear head gives per-step logits over blank + the charset (a SimKD
+student, --kd-terms simkd: a projector and the teacher's frozen head instead, ctc_simkd.CTCSimKDHead).
 """
 import json
 import os
@@ -18,13 +19,15 @@ FULL = dict(channels=[64, 128, 256, 256], hidden=192, layers=2)  # --student-siz
 class CRNNConfig:
     model_type = "crnn-ctc"
 
-    def __init__(self, chars, height=32, channels=(32, 64, 128, 160), hidden=128, layers=2, **_):
+    def __init__(self, chars, height=32, channels=(32, 64, 128, 160), hidden=128, layers=2, simkd_head=None, **_):
         self.chars, self.height, self.channels, self.hidden, self.layers = chars, height, list(channels), hidden, layers
+        self.simkd_head = simkd_head  # --kd-terms simkd: the head is ctc_simkd.CTCSimKDHead(simkd_head)
         self.id2label = dict(enumerate(["<blank>"] + list(chars)))
 
     def to_dict(self):
         return {"model_type": self.model_type, "chars": self.chars, "height": self.height, "channels": self.channels,
-                "hidden": self.hidden, "layers": self.layers}
+                "hidden": self.hidden, "layers": self.layers,
+                **({"simkd_head": self.simkd_head} if self.simkd_head else {})}
 
     def to_json_string(self):
         return json.dumps(self.to_dict(), indent=2)
@@ -53,6 +56,9 @@ class CRNN(nn.Module):
             *block(c3, c4))
         self.encoder = nn.LSTM(c4, config.hidden, num_layers=config.layers, bidirectional=True, batch_first=True)
         self.head = nn.Linear(2 * config.hidden, len(config.id2label))
+        if config.simkd_head:  # a SimKD student: projector + the teacher's frozen head, folded (ctc_simkd)
+            import ctc_simkd
+            self.head = ctc_simkd.CTCSimKDHead(config.simkd_head)
 
     def features(self, pixels):
         """Backbone features [B, T, c4] and sequence-encoder features [B, T, 2 * hidden]."""
@@ -62,10 +68,15 @@ class CRNN(nn.Module):
 
     def forward(self, pixels, features=False):
         """Per-step logits [B, T, classes]; with features=True a dict of the logits and the features() as well
-        ({"logits", "backbone", "encoder"}: what feature distillation reads; export and predict take the logits)."""
+        ({"logits", "backbone", "encoder"}: what feature distillation reads; export and predict take the logits;
+        a SimKD student adds "projected", its encoder features projected to the teacher's width)."""
         backbone, encoded = self.features(pixels)
-        logits = self.head(encoded)
-        return {"logits": logits, "backbone": backbone, "encoder": encoded} if features else logits
+        if not features:
+            return self.head(encoded)
+        if self.config.simkd_head:
+            logits, projected = self.head(encoded, projected=True)
+            return {"logits": logits, "backbone": backbone, "encoder": encoded, "projected": projected}
+        return {"logits": self.head(encoded), "backbone": backbone, "encoder": encoded}
 
     def feature_dims(self):
         return {"backbone": self.config.channels[-1], "encoder": 2 * self.config.hidden}

@@ -1,7 +1,7 @@
 """Losses for distilling a CTC recogniser: returned as {total, <term>: ...} for the training loop.
 
     total = (1 - alpha) * ctc + alpha * (kl + seq + feature_weight * (feature_backbone + feature_encoder
-                                                                        + feature_logits))
+                                                                        + feature_logits + simkd))
     (only the terms named in --kd-terms; with only feature terms and alpha 0.5 this is (ctc + lambda * sum of
     MSEs) / 2, the issue's L = L_CTC + lambda * (...) at half the scale, which Adam does not see)
 
@@ -21,6 +21,12 @@ feature_backbone, feature_encoder   feature distillation (FitNets-style): the st
 feature_logits   MSE between the per-step log-probabilities of student and folded teacher, each computed as
       log(p + 1e-4) (logits up to a per-step constant, softly floored so that classes both models give ~0 do not
       dominate), averaged over real steps and classes.
+simkd   SimKD (ctc_simkd): the student's head is a learned projector to the teacher's encoder width followed by the
+      teacher's own frozen head (its output folded onto the student's charset: the student's logits); the term is the
+      squared error between the projected student encoder features [B, T, 120] and the teacher's SVTR-neck output
+      (the head's input), averaged over the real steps and the channels, NOT standardised (the teacher's head must
+      read them on its own scale); teacher features pooled to the student's step count as above. The projector and
+      the head belong to the student (saved with it), not to this module.
 The projections are parameters of this module: train.fit optimises them with the student and keeps them in the
 checkpoint (not in student_model.pth: they are only needed for training).
 Unlabelled crops (no transcript) only enter the teacher's terms.
@@ -31,7 +37,8 @@ import torch.nn.functional as F
 
 import textrec
 
-KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits")
+KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits", "simkd")
+WEIGHTED = ("feature_backbone", "feature_encoder", "feature_logits", "simkd")  # weighed by --feature-weight
 FEATURES = {"feature_backbone": "backbone", "feature_encoder": "encoder"}  # term -> the features it compares
 LOGP_FLOOR = 1e-4
 
@@ -82,6 +89,11 @@ def feature_mse(student, teacher, mask, projection):
     return masked_mse(projection(student.float()), target, mask)
 
 
+def simkd_mse(projected, teacher, mask):
+    """MSE(projected student encoder features, the teacher's encoder features), raw (not standardised)."""
+    return masked_mse(projected.float(), align_features(teacher.float(), projected.shape[1]), mask)
+
+
 def logit_mse(student_logits, teacher_logp, mask):
     """MSE of log(p + 1e-4) between the student's and the teacher's per-step distributions."""
     student = torch.log(F.softmax(student_logits.float(), dim=-1) + LOGP_FLOOR)
@@ -101,8 +113,8 @@ class CTCDistillationLoss(nn.Module):
     """criterion(student, teacher, batch) -> {"total", "ctc", <terms>}.
 
     student: logits [B, T, C], or with feature terms the dict {"logits", "backbone", "encoder"} of
-    crnn.CRNN(..., features=True); teacher: folded log-probabilities [B, T, C] or the dict of
-    OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
+    crnn.CRNN(..., features=True) ("projected" too for simkd); teacher: folded log-probabilities [B, T, C] or the
+    dict of OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
     the projections (needed only for the feature_backbone / feature_encoder terms).
     """
 
@@ -142,7 +154,9 @@ class CTCDistillationLoss(nn.Module):
                                         self.projections[name])
         if "feature_logits" in self.terms:
             out["feature_logits"] = logit_mse(student_logits, teacher_logp, mask)
-        kd = sum((out[t] * (self.feature_weight if t.startswith("feature_") else 1.0) for t in self.terms),
+        if "simkd" in self.terms:
+            out["simkd"] = simkd_mse(student_out["projected"], teacher_out["encoder"].to(logp.device), mask)
+        kd = sum((out[t] * (self.feature_weight if t in WEIGHTED else 1.0) for t in self.terms),
                  torch.zeros((), device=logp.device))
         has_ctc = bool(labelled.any())
         total = (1.0 - self.alpha) * out["ctc"] + self.alpha * kd if has_ctc else self.alpha * kd + 0 * out["ctc"]

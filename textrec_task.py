@@ -6,7 +6,7 @@ training loop needs is here, behind the same interface as tasks.py's tasks, plus
     make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss (an nn.Module: its feature projections train
                                       with the student and are saved in the checkpoint)
     student_outputs, teacher_outputs  ->  what training feeds the loss: the logits, or with feature terms
-                                      (--kd-terms feature_*) dicts of logits and features (the teacher cache
+                                      (--kd-terms feature_*, simkd) dicts of logits and features (the teacher cache
                                       then stores the features too, in float16: teacher_cache_extra)
     predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
     load_student(path), evaluate(cfg, student, path)   (--mode eval: CER/WER, ms/crop, worst errors)
@@ -207,7 +207,7 @@ class TextRecognition:
         self.collator = self.make_collator(cfg)
         # Feature terms read the teacher's intermediate tensors as well as its log-probabilities: the teacher
         # cache stores them too (a cache of its own: 600 more values a step for PP-OCRv4, in float16).
-        self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_")] \
+        self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_") or t == "simkd"] \
             if cfg.mode == "train" and cfg.alpha > 0 else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
@@ -219,6 +219,9 @@ class TextRecognition:
         if self.feature_terms and not isinstance(self.teacher, ocr_teacher.OnnxRecognizer):
             raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
                             f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")
+        if "simkd" in self.feature_terms:  # the student's head becomes a projector + the teacher's frozen head
+            import ctc_simkd
+            ctc_simkd.attach(self.student, self.teacher)
 
     def build_student(self, cfg):
         return crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
