@@ -8,13 +8,14 @@ which only the teacher's soft labels can teach. Steps (each a normal --mode teac
 
     teacher                   --mode teacher on demo-teacher
     alone                     student on the labelled pages, no teacher (alpha 0)
-    distilled                 student on the labelled pages, distilled (alpha, T as configured)
+    distilled                 student on the labelled pages, distilled (T 1, alpha 0.9: the demo study's best)
     distilled_unlabeled       student on the labelled + unlabelled pages, distilled (--unlabeled demo-unlabeled)
 
 then every model is scored on the same test pages (demo: 50 per class), with a paired bootstrap interval of
 each student's accuracy minus the alone student's, and the table goes to OUTPUT_DIR/demo_results.md and .json.
 """
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -37,8 +38,10 @@ log = logging.getLogger("docdistill")
 # this fine-tuning, the demo's largest process, peaked at 2.5 GB.
 TEACHER = dict(dataset="demo-teacher", teacher="demo-minilm", epochs=2, lr=3e-4, batch_size=8, grad_accum=2)
 # The students: the small size (2 layers of 128), random weights, the teacher's tokenizer (as a real student takes
-# its teacher's), the same 128 tokens, the page at 64 px.
-STUDENT = dict(student_size="small", tokenizer="minilm", max_length=128, student_image_size=64, lr=1e-3)
+# its teacher's), the same 128 tokens, the page at 64 px. Distilled at T 1, alpha 0.9: the best setting of the
+# demo's temperature x alpha study (README "Studies: measured"; T 4 and alpha 0.7, the flags' defaults, were weaker).
+STUDENT = dict(student_size="small", tokenizer="minilm", max_length=128, student_image_size=64, lr=1e-3,
+               temperature=1.0, alpha=0.9)
 # Epochs per student run: the labelled set is 8x smaller than labelled + unlabelled, so it gets more epochs
 # (the best epoch on validation is kept in every run).
 LABELLED_EPOCHS, UNLABELED_EPOCHS = 20, 8
@@ -52,6 +55,15 @@ def steps(cfg):
     alone = [("alone", seed, dict(alpha=0.0, epochs=LABELLED_EPOCHS)) for seed in SEEDS]
     # longest first, so that two slots finish together (the teacher job has cached their teacher logits)
     return [unlabeled[0], alone[0], unlabeled[1], ("distilled", SEEDS[0], dict(epochs=LABELLED_EPOCHS)), alone[1]]
+
+
+def student_config(cfg, name, seed, overrides):
+    """The Config of one student run of steps(cfg), in OUTPUT_DIR/<name>-seed<seed>: STUDENT, then its overrides."""
+    settings = {**STUDENT, **overrides}
+    # alone: the teacher is not used; an untrained one of the same kind keeps the same preprocessing
+    teacher = os.path.join(cfg.output_dir, "teacher", "teacher") if settings["alpha"] > 0 else TEACHER["teacher"]
+    return dataclasses.replace(cfg, mode="train", teacher=teacher, seed=seed,
+                               output_dir=os.path.join(cfg.output_dir, f"{name}-seed{seed}"), **settings)
 
 
 def predict_test(task, model, forward, cfg):
@@ -86,6 +98,9 @@ def teacher_job(cfg, student_cfg):
     task = build_task(cfg, train_teacher=True)
     run_teacher(cfg, task)
     trained = time.perf_counter() - start
+    labelled_pages = task.describe(cfg.train_split)["documents"]
+    del task  # the fine-tuned teacher is read back from disk below: this one's memory is free for the student task
+    gc.collect()
     student_task = build_task(student_cfg)
     teacher = models.freeze(student_task.teacher)
     train.cached_teacher(train.make_accelerator(student_cfg), student_task, teacher, student_task.teacher_logits,
@@ -95,7 +110,7 @@ def teacher_job(cfg, student_cfg):
     preds, labels, speed = predict_test(student_task, teacher, student_task.teacher_logits, student_cfg)
     torch.set_num_threads(threads)
     return {**student_task.metrics(preds, labels), "correct": (preds == labels).tolist(), "pages_per_second": speed,
-            "parameters": models.count_parameters(teacher), "labelled_pages": task.describe(cfg.train_split)["documents"],
+            "parameters": models.count_parameters(teacher), "labelled_pages": labelled_pages,
             "reads": "words and boxes" + (f", page at {teacher.config.input_size} px" if models.reads_page(teacher)
                                            else ""), "test_pages": int(len(labels)),
             "shape": f"{teacher.config.num_hidden_layers}x{teacher.config.hidden_size}",
@@ -127,7 +142,6 @@ def run(cfg):
     import demo
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
-    teacher_dir = os.path.join(root, "teacher", "teacher")
     start = time.perf_counter()
     for name in demo.CORPORA:  # generated once, in parallel; later runs reuse them
         demo.load_corpus(name, cfg.cache_dir)
@@ -135,22 +149,17 @@ def run(cfg):
     teacher_cfg = dataclasses.replace(cfg, mode="teacher", output_dir=os.path.join(root, "teacher"),
                                       **{**STUDENT, **TEACHER})
 
-    def student_cfg(name, seed, overrides):
-        # alone: the teacher is not used; an untrained one of the same kind keeps the same preprocessing
-        teacher = teacher_dir if overrides.get("alpha", cfg.alpha) > 0 else TEACHER["teacher"]
-        return dataclasses.replace(cfg, mode="train", teacher=teacher, seed=seed,
-                                   output_dir=os.path.join(root, f"{name}-seed{seed}"), **STUDENT, **overrides)
     results = {"runs": {}, "timings_s": timings}
     start = time.perf_counter()  # the teacher first, on every core; then the students, one thread each
     first_unlabeled = next(j for j in steps(cfg) if j[0] == "distilled_unlabeled")
     # In a process of its own, as the students are: its memory (fine-tuning is the demo's peak) goes back to the
     # system when it ends instead of staying with this process while the two students train beside it.
     with multiprocessing.get_context("spawn").Pool(1, initializer=utils.setup_logging, maxtasksperchild=1) as pool:
-        results["teacher"] = pool.apply(teacher_job, (teacher_cfg, student_cfg(*first_unlabeled)))
+        results["teacher"] = pool.apply(teacher_job, (teacher_cfg, student_config(cfg, *first_unlabeled)))
     timings["teacher: training, logits cached, test"] = time.perf_counter() - start
     with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, maxtasksperchild=1) as pool:
         start = time.perf_counter()
-        pending = [pool.apply_async(student_job, (student_cfg(*j), j[0])) for j in steps(cfg)]
+        pending = [pool.apply_async(student_job, (student_config(cfg, *j), j[0])) for j in steps(cfg)]
         for job in pending:
             out = job.get()
             results["runs"][f"{out['name']} (seed {out['seed']})"] = out

@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 import demo
+from config import parse_config
 
 SIZES = dict(train_per_class=2, val_per_class=1, test_per_class=1)
 
@@ -173,3 +174,19 @@ def test_paired_bootstrap_of_a_ratio_like_cer():
     s = stats.paired_bootstrap(a, b)
     assert s["difference"] == pytest.approx(-0.05) and s["low"] < -0.05 < s["high"] < -0.04
     assert stats.paired_bootstrap(a, a)["low"] == stats.paired_bootstrap(a, a)["high"] == 0.0
+
+
+def test_demo_student_runs_are_configured_from_the_study_and_their_step(tmp_path):
+    """Every student run of --mode demo: the demo's student (STUDENT: T 1, alpha 0.9, the study's best), then its
+    step's overrides (alone: alpha 0 with an untrained teacher of the same kind; the others read the fine-tuned
+    teacher), each in a folder of its own."""
+    import demo_run
+    cfg = parse_config(["--preset", "demo", "--output-dir", str(tmp_path / "demo")])
+    runs = [demo_run.student_config(cfg, *step) for step in demo_run.steps(cfg)]
+    assert len({r.output_dir for r in runs}) == len(runs) == 5
+    for (name, seed, overrides), run in zip(demo_run.steps(cfg), runs):
+        assert run.mode == "train" and run.seed == seed and run.student_size == "small"
+        assert run.temperature == 1.0 and run.alpha == (0.0 if name == "alone" else 0.9)
+        assert run.teacher == (demo_run.TEACHER["teacher"] if name == "alone" else
+                               os.path.join(str(tmp_path / "demo"), "teacher", "teacher"))
+        assert run.epochs == overrides["epochs"] and (run.unlabeled == "demo-unlabeled") == (name == "distilled_unlabeled")
