@@ -17,7 +17,8 @@ FUNSD_TEACHER_EPOCHS=${FUNSD_TEACHER_EPOCHS:-10}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
-# The demo's teacher (demo_run.TEACHER): LayoutLMv3 with MiniLM-L6's text weights, 2 epochs on demo-teacher.
+# The demo study's teacher: LayoutLMv3 with MiniLM-L6's text weights, 2 epochs on demo-teacher, 16 pages a batch
+# (demo_run.TEACHER as it was for the studies; --mode demo now takes 16 pages a step as 2 x 8, for memory).
 DEMO=(--preset demo --teacher "$OUT/demo-teacher/teacher" --student-size small --tokenizer minilm --max-length 128
       --student-image-size 64 --lr 1e-3 --unlabeled demo-unlabeled --epochs 8 --baseline-epochs 20)
 if [[ " $STUDIES " == *" demo-"* && ! -e $OUT/demo-teacher/teacher/config.json ]]; then
