@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import kd_terms
+from conftest import TIMING
 from losses import IGNORE_INDEX, DistillationLoss
 
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "8", "--student-image-size", "64"]
@@ -274,7 +275,7 @@ def test_feature_run_trains_checkpoints_and_resumes_its_projection(tiny_demo, tm
     for part in ("criterion", "model"):
         assert resumed[part].keys() == done[part].keys()
         assert all(torch.equal(resumed[part][k], done[part][k]) for k in done[part]), part
-    drop = ("train_seconds", "train_docs_per_s", "peak_rss_mb", "peak_cuda_mb")
+    drop = TIMING
     again = [json.loads(line) for line in open(stopped / "student_metrics.jsonl")]
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, SHARED, run_main
+from conftest import ROOT, SHARED, TIMING, run_main
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -371,7 +371,7 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "teacher logits reused" in resumed.stderr
     again = [json.loads(line) for line in open(killed / "student_metrics.jsonl")]
-    drop = ("train_seconds", "train_docs_per_s", "peak_rss_mb", "peak_cuda_mb")
+    drop = TIMING
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
@@ -468,7 +468,7 @@ def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch
         assert resumed[part].keys() == done[part].keys()
         for k in done[part]:
             assert torch.equal(resumed[part][k], done[part][k]), (part, k)
-    drop = ("train_seconds", "train_docs_per_s", "peak_rss_mb", "peak_cuda_mb")
+    drop = TIMING
     again = [json.loads(line) for line in open(stopped / "student_metrics.jsonl")]
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
