@@ -145,9 +145,9 @@ class TeacherCache:
     """Logits of the teacher for every document of a split, looked up by the batch's `index` column (or a dict of
     such tables: the same dict of outputs as the teacher's forward)."""
 
-    def __init__(self, logits):
+    def __init__(self, logits, seconds=None):
         self.logits = logits
-        self.seconds = {}
+        self.seconds = seconds or {}  # what filling it cost (build(): main process, a cache it filled), else {}
 
     def rows(self, table, batch):
         logits = table[batch["index"].cpu()].float()
@@ -272,6 +272,4 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
     path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
     tables = load_file(path)
-    cache = TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables)
-    cache.seconds = seconds  # filled here: the fill's and the check's seconds (main process), for epoch 1's row
-    return cache
+    return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables, seconds)

@@ -13,6 +13,17 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models: one thread (here and in the runs a test starts) costs less CPU than two on a shared machine,
+    and the result is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_main(*args, timeout=600):
     """Run the real `python main.py ...` command; return the completed process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

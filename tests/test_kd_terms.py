@@ -211,15 +211,6 @@ def test_kd_terms_are_checked_per_task(argv, message):
 
 # ----------------------------------------------------------------------------------- real runs, tiny corpus
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cache_key_covers_the_requested_features(tiny_demo, tmp_path):
     import teacher_cache
     import train

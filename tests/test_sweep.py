@@ -32,14 +32,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-cache")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread costs less CPU than two on a shared machine, and the result is the same."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny models
 
 
 def study_of(out):

@@ -25,12 +25,7 @@ from test_text_recognition import make_batch, tiny_onnx_teacher  # noqa: E402
 word_crops = test_text_recognition.word_crops  # the fixture: rendered words, train/validation/test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny models
 
 
 @pytest.fixture
