@@ -3,13 +3,12 @@
 A checkpoint holds everything needed to continue exactly (model, the loss's learned parameters, optimizer,
 scheduler, grad scaler, RNG states, position, running sums) and the settings that shape the run (RESUME_KEYS);
 tensors and plain values only (loaded with weights_only), with a checksum of its tensors. The best model is saved
-as a safe .pth and a save_pretrained directory.
+by saved.save_best.
 """
 import os
 
 import torch
 
-import recipe
 import utils
 from config import KD_TERMS, UserError, defaults
 
@@ -124,14 +123,3 @@ def load_checkpoint(path, cfg, name):
             raise UserError(f"cannot resume from {path} with different settings ({'; '.join(differing)}): "
                             f"use the same flags as the run that wrote it")
     return checkpoint
-
-
-def save_best(task, model, out_dir, name):
-    """The best model so far: a safe .pth (weights + config, with a checksum) and a save_pretrained directory.
-
-    A LoRA model is saved with its adapters merged in: a plain model of its architecture.
-    """
-    model = recipe.merged(model)
-    best = {"state_dict": model.state_dict(), "config": model.config.to_json_string()}
-    utils.atomic_torch_save(utils.with_checksum(best), os.path.join(out_dir, f"{name}_model.pth"))
-    utils.atomic_dir(os.path.join(out_dir, name), lambda tmp: task.save_pretrained(model, tmp, role=name))

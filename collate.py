@@ -1,12 +1,35 @@
-"""Batching: collators that pad each batch to its own longest document and normalise the pages, and the lean
-variants of a split and a collator for training with a cached teacher (no teacher pages read).
+"""Batching: the DataLoader of a split, collators that pad each batch to its own longest document and normalise
+the pages, and the lean variants of a split and a collator for training with a cached teacher (no teacher pages
+read).
 """
 import copy
 
 import torch
+from torch.utils.data import DataLoader
 
 import dataset
+import recipe
 from losses import IGNORE_INDEX
+
+
+def make_loader(task, split, cfg, shuffle, lean=False):
+    """The DataLoader of task.splits[split]: in the seeded epoch order (recipe.EpochShuffle, batches of similar
+    length with --group-by-length) when shuffle, else in order. lean: batches without the teacher's pixels (training
+    with a cached teacher, whose outputs are looked up by index): the preprocessed teacher pages are neither read
+    from the split nor collated. The order is the same."""
+    data = task.splits[split]
+    collator = task.collator
+    if lean:
+        data, collator = without_teacher_pixel_columns(data), without_teacher_pixels(collator)
+    lengths = None
+    if cfg.group_by_length and "n_tokens" in data.column_names:
+        lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
+    sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
+    # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
+                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def without_teacher_pixel_columns(split):

@@ -1,7 +1,9 @@
 """One plain config object: defaults, presets, a config file and command-line overrides.
 
-Precedence: dataclass defaults < preset < --config file < flags given on the command line.
-Every field is a flag (`--batch-size` for `batch_size`) and its help text lives next to it.
+Precedence: dataclass defaults < preset (a file in presets/) < --config file < flags given on the command line.
+Every field is a flag (`--batch-size` for `batch_size`), its help text lives next to it, and --help shows the flags
+in the groups of FLAG_GROUPS. Whether a run uses its teacher is decided once, by Config.uses_teacher.
+This file is over 400 lines because every flag's help text lives in it.
 """
 import argparse
 import dataclasses
@@ -44,9 +46,8 @@ class Config:
                       "baseline, distilled student and the comparison table, with --preset demo), sweep (a study over --sweep "
                       "axes, one training run per trial, scored on validation; sweep.py)",
                       default="train")
-    preset: str = _help("named set of defaults: " + ", ".join(["rvlcdip", "demo", "funsd", "funsd-words",
-                                                                "sroie-lines"]) +
-                        "; flags given explicitly still win", default="rvlcdip")
+    preset: str = _help("named set of defaults, a file presets/NAME.yaml read like --config: rvlcdip, demo, funsd, "
+                        "funsd-words, sroie-lines; --config and flags given explicitly still win", default="rvlcdip")
     config: str = _help("JSON or YAML (.yaml/.yml) file of settings, keys named like the flags (batch_size or "
                         "batch-size); the *_config.json every training run writes is one, so --config "
                         "runs/x/train_config.json repeats that run; flags given on the command line win, and the "
@@ -291,7 +292,7 @@ class Config:
             problems.append(f"--degrade-jpeg must be in [0, 95], got {self.degrade_jpeg}")
         if self.unlabeled and self.mode == "teacher":
             problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
-        if self.unlabeled and self.mode == "train" and self.alpha == 0:
+        if self.unlabeled and self.mode == "train" and not self.uses_teacher:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
         if self.labeled_fraction < 1 and self.mode == "teacher":
             problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
@@ -301,8 +302,7 @@ class Config:
         if self.lora_r and self.mode == "demo":
             problems.append("--lora-r is for --mode teacher, train or sweep: the demo trains its models in full")
         elif self.lora_r and self.mode in ("train", "sweep"):  # the modes that read a saved model ignore it
-            import models  # here, not at the top: models imports this module
-            if reason := models.why_random_student(self.student_config, self.student_size, self.task):
+            if reason := why_random_student(self.student_config, self.student_size, self.task):
                 problems.append(f"--lora-r needs a student that starts from pretrained weights, and {reason}: use "
                                 f"--student-size full with a --student-config that has weights (hub id or "
                                 f"directory), or leave --lora-r out to train the student in full")
@@ -337,6 +337,12 @@ class Config:
         if problems:
             raise UserError("; ".join(problems))
         return self
+
+    @property
+    def uses_teacher(self):
+        """Whether this run distils: the teacher's outputs enter the loss (--mode train with alpha > 0). The one
+        place this is decided; --mode teacher trains the teacher on labels, alpha 0 trains the student alone."""
+        return self.mode == "train" and self.alpha > 0
 
     def teachers_problems(self):
         """Several teachers: for distilling and scoring a classification student, one weight > 0 each."""
@@ -383,6 +389,29 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def has_weights(source):
+    """Whether a model source has weights: a hub id (asked when loaded), or a directory holding WEIGHT_FILES."""
+    return not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in WEIGHT_FILES)
+
+
+def why_random_student(config_source, size, task="sequence-classification"):
+    """Why the student of these flags starts from random weights (a --student-size shape, a builtin: config, a
+    directory without weights, the CRNN of text recognition), or "" when it loads pretrained ones."""
+    if task == "text-recognition":
+        return "the text-recognition student (a CRNN) is built from random weights"
+    if size != "full":
+        return f"--student-size {size} builds the student from random weights"
+    if config_source.startswith("builtin:"):
+        return f"--student-config {config_source} is a config only: the student gets random weights"
+    if not has_weights(config_source):
+        return (f"--student-config {config_source} holds no weights ({', '.join(WEIGHT_FILES)}): the student gets "
+                f"random weights")
+    return ""
+
+
 def defaults():
     """Every setting's default value, by name."""
     return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in fields(Config)}
@@ -423,29 +452,37 @@ def out_of_bounds(name, value, minimum, maximum, exclusive):
     return "" if value >= minimum else f"{name} must be >= {minimum}, got {value}"
 
 
-PRESETS = {
-    # The original design: DiT-large teacher, LayoutLMv3-Tiny student, OCR-enriched RVL-CDIP subset.
-    "rvlcdip": {},
-    # Offline demo: everything generated or built locally, sized for 2 CPU cores.
-    "demo": dict(teacher="demo-dit", tokenizer="demo", dataset="demo", student_image_size=112,
-                 student_config="builtin:layoutlmv3-base",
-                 output_dir="runs/demo", batch_size=8, epochs=6, lr=3e-4),
-    # Token classification on FUNSD (word-level BIO tags).
-    # --dataset also takes the original FUNSD folder (training_data/, testing_data/). The validation split is
-    # 10% of the training forms, so the best epoch is never chosen on the test forms.
-    "funsd": dict(task="token-classification", teacher="microsoft/layoutlmv3-base",
-                  student_config="distilbert-base-uncased", tokenizer="distilbert-base-uncased",
-                  student_size="full", dataset="nielsr/funsd-layoutlmv3", eval_split="validation",
-                  output_dir="runs/funsd", batch_size=8, epochs=20, lr=5e-5),
-    # Text recognition: PP-OCRv4's recogniser (ONNX, from the rapidocr-onnxruntime wheel) -> a small CRNN.
-    # FUNSD words cut with their ground-truth boxes; validation is 10% of the training forms.
-    "funsd-words": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/funsd/dataset",
-                        student_size="tiny", output_dir="runs/funsd-words", batch_size=16, epochs=10, lr=1e-3,
-                        alpha=0.5, temperature=2.0, max_text_width=640),
-    # SROIE receipt lines (one text line per box): longer crops, so a wider limit.
-    "sroie-lines": dict(task="text-recognition", teacher="ppocrv4", dataset="../shared/data/sroie",
-                        student_size="tiny", output_dir="runs/sroie-lines", batch_size=16, epochs=20, lr=1e-3,
-                        alpha=0.5, temperature=2.0, max_text_width=1600),
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
+def preset_names():
+    """The presets: the .yaml files of presets/, by name."""
+    return sorted(name[:-5] for name in os.listdir(PRESET_DIR) if name.endswith(".yaml"))
+
+
+def preset_settings(name):
+    """A preset's settings, read and checked as a --config file is."""
+    if name not in preset_names():
+        raise UserError(f"--preset must be one of {', '.join(preset_names())}, got {name!r}")
+    return read_config_file(os.path.join(PRESET_DIR, f"{name}.yaml"))
+
+
+# --help shows the flags in these groups, in this order (every field in exactly one).
+FLAG_GROUPS = {
+    "what to run": ("mode", "task", "preset", "config"),
+    "data": ("dataset", "unlabeled", "labeled_fraction", "train_split", "eval_split", "max_samples", "max_length",
+             "on_bad_sample"),
+    "models": ("teacher", "extra_teachers", "teacher_weights", "student_config", "student_size", "student_image_size",
+               "tokenizer", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    "distillation": ("alpha", "temperature", "kd_terms", "feature_weight", "unlabeled_weight"),
+    "training": ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio",
+                 "early_stopping_patience", "early_stopping_min_delta", "seed", "checkpoint", "save_every"),
+    "text recognition": ("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
+                         "degrade_blur", "degrade_noise", "degrade_jpeg"),
+    "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "pdf_dpi", "report_to",
+                        "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs",
+                        "log_every", "debug"),
+    "speed": ("amp", "teacher_cache", "teacher_precision", "group_by_length", "num_workers", "num_proc"),
 }
 
 
@@ -454,27 +491,30 @@ def build_parser():
         prog="main.py",
         description="docdistill: distil a large document model (teacher) into a small one (student).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    titles = {name: title for title, names in FLAG_GROUPS.items() for name in names}
+    groups = {title: parser.add_argument_group(title) for title in FLAG_GROUPS}
     for f in fields(Config):
+        group = groups[titles[f.name]]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {f.default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             if f.name == "teacher":  # --teacher A --teacher B: the first is the teacher, the others extra_teachers
-                parser.add_argument(flag, action="append", default=argparse.SUPPRESS,
-                                    help=f"{help_text}; give it several times for several teachers (default: "
-                                         f"{f.default!r})")
+                group.add_argument(flag, action="append", default=argparse.SUPPRESS,
+                                   help=f"{help_text}; give it several times for several teachers (default: "
+                                        f"{f.default!r})")
                 continue
             if f.type is list:  # several values after one flag
-                parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
+                group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=f"{help_text} (default: none)")
                 continue
-            choices = {"mode": MODES, "task": TASKS, "preset": tuple(PRESETS), "on_bad_sample": BAD_SAMPLE,
+            choices = {"mode": MODES, "task": TASKS, "preset": tuple(preset_names()), "on_bad_sample": BAD_SAMPLE,
                        "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS,
                        "teacher_precision": TEACHER_PRECISIONS}.get(f.name)
-            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {f.default!r})")
+            group.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {f.default!r})")
     return parser
 
 
@@ -501,8 +541,8 @@ def read_config_file(path):
         settings[key] = as_type(value, types[key])
         if settings[key] is None:
             raise UserError(f"--config {path}: {key} must be {TYPE_NAMES[types[key]]}, got {value!r}")
-        if key == "preset" and value not in PRESETS:
-            raise UserError(f"--config {path}: preset must be one of {', '.join(PRESETS)}, got {value!r}")
+        if key == "preset" and value not in preset_names():
+            raise UserError(f"--config {path}: preset must be one of {', '.join(preset_names())}, got {value!r}")
     return settings
 
 
@@ -534,5 +574,5 @@ def parse_config(argv=None):
         given.setdefault("extra_teachers", extra)
     from_file = read_config_file(given["config"]) if given.get("config") else {}
     preset = given.get("preset", from_file.get("preset", Config.preset))
-    values = {**PRESETS[preset], **from_file, **given}
+    values = {**preset_settings(preset), **from_file, **given}
     return Config(**values).validate()

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 import datacheck
+import demo_corpus
+import ocr
 import utils
 from config import UserError
 from losses import IGNORE_INDEX  # also the label of a document without one (--unlabeled)
@@ -32,9 +34,8 @@ PREP_VERSION = "3"  # bump when the preprocessing output changes, so old caches 
 
 def load_source(name, cache_dir):
     """DatasetDict from a hub id, save_to_disk directory, parquet/JSON file(s), image folder, or 'demo'."""
-    import demo
-    if name in demo.CORPORA:  # the built-in generated corpora: demo, demo-teacher, demo-unlabeled
-        return demo.load_corpus(name, cache_dir)
+    if name in demo_corpus.CORPORA:  # the built-in generated corpora: demo, demo-teacher, demo-unlabeled
+        return demo_corpus.load_corpus(name, cache_dir)
     if os.path.exists(name) or glob.glob(name):
         try:
             return _load_local(name)
@@ -133,7 +134,13 @@ def check_labels(split, name, labels):
 
 def ensure_splits(data, cfg):
     """The training and evaluation splits, none empty. Training without a 'validation' split carves one from the
-    training data; any other split the data lacks is an error (--mode eval never scores a carved split)."""
+    training data; --mode eval on data of one split (a folder of class folders: its documents are all 'train')
+    scores that split; any other split the data lacks is an error (--mode eval never scores a carved split)."""
+    if cfg.mode == "eval" and cfg.eval_split not in data and len(data) == 1:
+        (only,) = data
+        log.info("--eval-split %s: the data has one split, %r: all of its %d documents are scored", cfg.eval_split,
+                 only, len(data[only]))
+        data = datasets.DatasetDict({**data, cfg.eval_split: data[only]})
     carve = cfg.eval_split == "validation" and cfg.mode != "eval"
     for name, flag in ((cfg.train_split, "--train-split"), (cfg.eval_split, "--eval-split")):
         if name not in data and not (carve and name == cfg.eval_split):
@@ -215,7 +222,6 @@ def load_documents(cfg):
         check_labels(split, name, labels)
         split = select_samples(split, cfg.max_samples, cfg.seed)
         if "ocr_words" not in split.column_names:
-            import ocr
             split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}",
                                         num_proc=cfg.num_proc)
         out[name] = split
@@ -240,7 +246,6 @@ def load_unlabeled(cfg):
     split = unlabeled_split(load_source(cfg.unlabeled, cfg.cache_dir), cfg)
     split = split.remove_columns([c for c in ("label", "category") if c in split.column_names])
     if "ocr_words" not in split.column_names:
-        import ocr
         split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled",
                                     num_proc=cfg.num_proc)
     return split.add_column("label", [IGNORE_INDEX] * len(split))
@@ -301,23 +306,12 @@ def image_spec(processor):
             "std": [float(s) for s in processor.image_std] if processor.do_normalize else [1.0] * 3}
 
 
-def to_rgb(image):
-    """A page as 8-bit RGB. Deeper grayscale (I;16, I, F) is scaled to 0-255: PIL's own conversion clips every
-    value above 255 to white, so a 16-bit scan would come out blank."""
-    if not image.mode.startswith(("I", "F")):
-        return image.convert("RGB")
-    values = np.asarray(image, dtype=np.float64)
-    peak = values.max(initial=0)
-    scale = 1.0 if peak <= 255 else 255 / 65535 if peak <= 65535 else 255 / peak
-    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
-
-
 def resize_page(image, spec):
     """Page -> uint8 [3, H, W], resized the way the model's processor resizes (None -> a blank placeholder)."""
     height, width = spec["size"]
     if image is None:
         return np.zeros((3, height, width), dtype=np.uint8)
-    page = to_rgb(image).resize((width, height), resample=Image.Resampling(spec["resample"]))
+    page = utils.to_rgb(image).resize((width, height), resample=Image.Resampling(spec["resample"]))
     return np.asarray(page, dtype=np.uint8).transpose(2, 0, 1)
 
 

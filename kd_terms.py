@@ -3,8 +3,8 @@
     total = (1 - alpha) * CE(student, labels)
             + alpha * (kd + logit-mse + feature_weight * (feature + simkd + attention))
 
-(only the terms named in --kd-terms; without a teacher, CE alone; `kd` alone is exactly losses.DistillationLoss,
-the default). Each term is a mean over the positions the KL covers (losses.DistillationLoss.kd_positions: the
+(only the terms named in --kd-terms, in the skeleton of losses.py; without a teacher, CE alone; `kd` alone is exactly
+losses.DistillationLoss, the default). Each term is a mean over the positions the KL covers (DistillationLoss.rows: the
 labelled positions and the real positions of unlabelled rows, those weighted by --unlabeled-weight):
 
 kd         T^2 * KL(softmax(teacher / T) || softmax(student / T)).
@@ -12,12 +12,12 @@ logit-mse  squared difference of the raw logits, averaged over the classes.
 feature    squared difference between P(student features) and the teacher's features, averaged over the
            channels; P is a learned nn.Linear from the student's width to the teacher's, a parameter of this
            loss: train.fit optimises it with the student and keeps it in the checkpoint (not in the saved student).
-simkd      SimKD (Chen et al., CVPR 2022): the student's classification head is replaced by SimKDHead, a learned
+simkd      SimKD (Chen et al., CVPR 2022): the student's classification head is replaced by models.SimKDHead, a learned
            nn.Linear projector to the teacher's width followed by a frozen copy of the teacher's classification
            head, so the student's logits are the teacher head's on its projected features; the term is the squared
            difference between the projected student features and the teacher's, averaged over the channels. The
            projector and the teacher head are part of the student (its config's `simkd_head` describes them), so
-           the saved student loads and predicts without the teacher (restore_head).
+           the saved student loads and predicts without the teacher (models.restore_head).
 attention  attention-map transfer: each model's last-layer attention probabilities, averaged over the heads, kept at
            the matched positions (below) for rows and columns and renormalised over the real columns, so that each
            row a_i is a distribution over the positions; the term is KL(teacher a_i || student a_i), averaged over
@@ -36,7 +36,7 @@ The attention maps are matched between the same positions on both axes:
     documents  text token x text token, only when both models read the same tokens (a teacher that reads words, which
                must read them with the student's tokenizer and max_length): LayoutLMv3 appends its visual tokens
                after the text, so the text part is kept, over the real tokens (attention_mask); an image-only
-               teacher (DiT) is refused (tasks.DocumentClassification).
+               teacher (DiT) is refused (classification.DocumentClassification).
 The teacher's features, and its word x word or text x text maps, are stored in the teacher cache (float16) beside
 its logits when a term needs them.
 
@@ -50,28 +50,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models
-from config import UserError
-from losses import DistillationLoss
-from train import logits_of
+from losses import DistillationLoss, logits_of
 
 FEATURE_TERMS = ("feature", "simkd")
 WEIGHTED_TERMS = (*FEATURE_TERMS, "attention")  # weighed by --feature-weight
 
 
 def chosen(cfg):
-    """The terms of --kd-terms that are trained: none without a teacher (--mode teacher, alpha 0)."""
-    return [t for t in cfg.kd_terms.split(",") if t] if cfg.mode == "train" and cfg.alpha > 0 else []
-
-
-def head_of(model):
-    """The classification head of a (possibly DDP-wrapped) classifier: the module whose input is its features."""
-    return getattr(model, "module", model).classifier
-
-
-def feature_width(head):
-    """Width of the features a classification head reads (its first linear layer's input)."""
-    return next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
+    """The terms of --kd-terms that are trained: none when the run does not use its teacher (Config.uses_teacher)."""
+    return [t for t in cfg.kd_terms.split(",") if t] if cfg.uses_teacher else []
 
 
 @contextlib.contextmanager
@@ -100,66 +87,6 @@ def attention_maps(model):
         keep.remove()
 
 
-# ----------------------------------------------------------------------------- SimKD: the teacher's head reused
-
-def teacher_head_layers(head):
-    """The teacher head as (spec, its linear layers): an nn.Linear, or LayoutLMv3's dense-tanh-out_proj head (its
-    dropout left out: the teacher's head is used as in eval)."""
-    if isinstance(head, nn.Linear):
-        linears = [head]
-    elif type(head).__name__ == "LayoutLMv3ClassificationHead" and not head.pool_feature:
-        linears = [head.dense, head.out_proj]
-    else:
-        raise UserError(f"--kd-terms simkd reuses the teacher's classification head, which must be a linear layer or "
-                        f"LayoutLMv3's head; this teacher's is a {type(head).__name__}")
-    spec = [["linear", m.in_features, m.out_features] for m in linears]
-    return (spec if len(spec) == 1 else [spec[0], ["tanh"], spec[1]]), linears
-
-
-class SimKDHead(nn.Module):
-    """projector (student width -> teacher width, learned), then the teacher's head (frozen copy).
-
-    spec: {"student_width", "teacher_width", "teacher_head": [["linear", in, out] | ["tanh"], ...]}."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.projector = nn.Linear(spec["student_width"], spec["teacher_width"])
-        self.teacher_head = nn.Sequential(*(nn.Linear(*layer[1:]) if layer[0] == "linear" else nn.Tanh()
-                                            for layer in spec["teacher_head"]))
-        self.teacher_head.requires_grad_(False)
-
-    def forward(self, features):
-        return self.teacher_head(self.projector(features))
-
-
-def attach_simkd_head(student, teacher_head, order):
-    """Replace the student's head by a SimKDHead whose teacher part copies `teacher_head`, its classes put in the
-    dataset's order (order: the teacher's class index of each dataset class); recorded in the student's config."""
-    spec, linears = teacher_head_layers(teacher_head)
-    spec = {"student_width": feature_width(student.classifier), "teacher_width": feature_width(teacher_head),
-            "teacher_head": spec}
-    head = SimKDHead(spec)
-    copies = [m for m in head.teacher_head if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        for mine, theirs in zip(copies, linears):
-            mine.weight.copy_(theirs.weight)
-            mine.bias.copy_(theirs.bias)
-        copies[-1].weight.copy_(linears[-1].weight[order])
-        copies[-1].bias.copy_(linears[-1].bias[order])
-    student.classifier = head
-    student.config.simkd_head = spec
-    return student
-
-
-def restore_head(model):
-    """A model built from a saved config: with its SimKDHead (to be filled by the saved weights) where the config
-    says it has one."""
-    spec = getattr(model.config, "simkd_head", None)
-    if spec:
-        model.classifier = SimKDHead(spec)
-    return model
-
-
 # ----------------------------------------------------------------------------- the tasks' side
 
 class TeacherEnsemble(nn.Module):
@@ -181,86 +108,6 @@ class TeacherEnsemble(nn.Module):
         """[teacher logits] in the dataset's order -> T * log(sum_k w_k softmax(z_k / T)), float32."""
         probs = sum(w * F.softmax(z.float() / self.temperature, dim=-1) for w, z in zip(self.weights, logits))
         return self.temperature * probs.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-class FeatureOutputs:
-    """What a classification task feeds the loss: the logits, or when a term compares features or attention maps,
-    the dict {"logits", "features", "attention"} (those the terms need, at the matched positions:
-    task.matched(features, batch, role), task.matched_attention(maps, batch, role)); and its teacher as a
-    TeacherEnsemble when there are several.
-
-    The task provides load_teacher(source, trainable) -> (teacher, ...), teacher_input(loaded) (what its batches
-    are made with) and one_teacher_logits(teacher, order, batch); it calls add_teachers(cfg, trainable, first) and
-    init_kd_terms(cfg) once its teacher, student and teacher_order are built."""
-
-    def add_teachers(self, cfg, trainable, first):
-        """With --teacher given several times, self.teacher becomes their TeacherEnsemble. Each teacher must read
-        the batches the first one's preprocessing makes (the same tokenizer and page)."""
-        if not cfg.extra_teachers:
-            return
-        teachers, orders = [self.teacher], [self.teacher_order]
-        for source in cfg.extra_teachers:
-            loaded = self.load_teacher(source, trainable)
-            if self.teacher_input(loaded) != self.teacher_input(first):
-                raise UserError(f"--teacher {source} reads its input otherwise than --teacher {cfg.teacher} (tokenizer "
-                                f"or page size and normalisation): several teachers must read the same inputs")
-            teachers.append(loaded[0])
-            orders.append(models.match_labels(models.label_names(loaded[0]), self.labels))
-        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else [1.0] * len(teachers)
-        self.teacher = TeacherEnsemble(teachers, orders, weights, cfg.temperature, self.labels)
-
-    def teacher_logits(self, teacher, batch):
-        if isinstance(teacher, TeacherEnsemble):
-            return teacher.combine([self.one_teacher_logits(t, order, batch)
-                                    for t, order in zip(teacher.teachers, teacher.orders)])
-        return self.one_teacher_logits(teacher, self.teacher_order, batch)
-
-    def init_kd_terms(self, cfg):
-        self.kd_terms = chosen(cfg)
-        self.feature_terms = [t for t in self.kd_terms if t in FEATURE_TERMS]
-        self.attention = "attention" in self.kd_terms
-        # The cache's key covers what it stores: a cache of logits and features is another cache, and an ensemble's
-        # targets depend on the temperature they are averaged at (its weights are in its weights' fingerprint).
-        stored = ((["features (classification head input)"] if self.feature_terms else []) +
-                  (["attention (last layer, mean over heads, matched positions)"] if self.attention else []))
-        self.teacher_cache_extra = (([f"outputs: logits, {', '.join(stored)}"] if stored else []) +
-                                    ([f"teachers averaged in probability at T={cfg.temperature}"]
-                                     if isinstance(self.teacher, TeacherEnsemble) else []))
-        if "simkd" in self.kd_terms:
-            attach_simkd_head(self.student, head_of(self.teacher), self.teacher_order)
-        if self.attention:  # sdpa attention returns no maps
-            self.student.set_attn_implementation("eager")
-            self.teacher.set_attn_implementation("eager")
-
-    def outputs(self, model, batch, role, forward, head=None, head_output=False):
-        """forward(model, batch) -> logits; with the terms' captures (features: the input, or the output, of
-        `head`), the dict {"logits", "features", "attention"}."""
-        if not self.feature_terms and not self.attention:
-            return forward(model, batch)
-        with contextlib.ExitStack() as stack:
-            features = stack.enter_context(captured(head, head_output)) if self.feature_terms else None
-            maps = stack.enter_context(attention_maps(model)) if self.attention else None
-            out = {"logits": forward(model, batch)}
-        if features is not None:
-            out["features"] = self.matched(features[0], batch, role)
-        if maps is not None:
-            out["attention"] = self.matched_attention(maps[0], batch, role)
-        return out
-
-    def student_outputs(self, student, batch):
-        simkd = "simkd" in self.feature_terms  # simkd: the projected features, else what the head reads
-        head = head_of(student)
-        return self.outputs(student, batch, "student", self.student_logits, head.projector if simkd else head, simkd)
-
-    def teacher_outputs(self, teacher, batch):
-        return self.outputs(teacher, batch, "teacher", self.teacher_logits,
-                            head_of(teacher) if self.feature_terms else None)
-
-    def make_loss(self, cfg, with_teacher):
-        widths = (feature_width(head_of(self.student)), feature_width(head_of(self.teacher))) \
-            if with_teacher and "feature" in self.kd_terms else None
-        return TermsLoss(cfg.temperature, cfg.alpha if with_teacher else 0.0, cfg.unlabeled_weight,
-                         self.kd_terms if with_teacher else ["kd"], cfg.feature_weight, widths)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -295,22 +142,18 @@ class TermsLoss(DistillationLoss):
     """criterion(student outputs, teacher outputs, batch) -> {"total", "ce", <terms>} (see the module's docstring).
 
     widths: (student width, teacher width) of the `feature` term's projection."""
+    WEIGHTED = WEIGHTED_TERMS
 
     def __init__(self, temperature, alpha, unlabeled_weight, terms, feature_weight=1.0, widths=None):
-        super().__init__(temperature, alpha, unlabeled_weight)
-        self.terms, self.feature_weight = list(terms), feature_weight
+        super().__init__(temperature, alpha, unlabeled_weight, terms, feature_weight)
         if "feature" in self.terms:
             self.projection = nn.Linear(*widths)
 
-    def forward(self, student_out, teacher_out, batch):
-        teacher_logits = logits_of(teacher_out) if teacher_out is not None and "kd" in self.terms else None
-        out = super().forward(logits_of(student_out), teacher_logits, batch)
-        if teacher_out is None or self.terms == ["kd"]:
-            return out
-        if "kd" not in self.terms:
-            del out["kd"]
-        _, _, teach, weight = self.kd_positions(batch)
+    def teacher_terms(self, student_out, teacher_out, batch, rows):
+        _, _, teach, weight = rows
         terms = {}
+        if "kd" in self.terms:
+            terms["kd"] = self.kd(logits_of(student_out), logits_of(teacher_out), rows)
         if "logit-mse" in self.terms:
             terms["logit-mse"] = position_mse(logits_of(student_out), logits_of(teacher_out), teach, weight)
         if "feature" in self.terms:
@@ -324,6 +167,4 @@ class TermsLoss(DistillationLoss):
             rows_weight = None if labeled is None or bool(labeled.all()) else \
                 torch.where(labeled.bool(), 1.0, self.unlabeled_weight)[:, None].expand_as(real)[real]
             terms["attention"] = attention_kl(student_out["attention"], teacher_out["attention"], real, rows_weight)
-        extra = sum(value * (self.feature_weight if name in WEIGHTED_TERMS else 1.0) for name, value in terms.items())
-        total = out["total"] + self.alpha * extra
-        return {**out, "total": total, **{k: v.detach() for k, v in terms.items()}}
+        return terms

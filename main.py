@@ -10,8 +10,7 @@ predict  run a saved student on files, folders, globs     -> OUTPUT_DIR/predicti
 export   the student as ONNX (float32 and int8), checked  -> OUTPUT_DIR/onnx/
 sweep    a study over --sweep axes on Optuna, one train run per trial -> OUTPUT_DIR/sweep.csv, sweep.md, best_config.json
 
-train/teacher/info live in training_modes.py, eval in evaluate.py, bench in bench.py, predict in predict.py,
-export in export.py and sweep in sweep.py.
+Each mode lives in modes/: train, teacher and info in modes/training.py, the others in modes/<mode>.py.
 """
 import errno
 import logging
@@ -23,20 +22,17 @@ import torch
 from accelerate import PartialState
 
 import checkpoints
+import registry
+import saved
 import utils
 from config import UserError, parse_config
-from evaluate import run_eval, saved_label_names
-from training_modes import run_info, run_teacher, run_train
+from modes import bench, demo, evaluate, export, predict, sweep, training
 
 log = logging.getLogger("docdistill")
-
-
-
-
-def run_demo(cfg):
-    """Teacher, students alone / distilled / distilled with unlabelled pages, test scores and the table."""
-    import demo_run
-    return demo_run.run(cfg)
+# Modes that work on a task built from the data (main builds it), and modes that build what they need themselves.
+TASK_MODES = {"train": training.run_train, "teacher": training.run_teacher, "eval": evaluate.run_eval,
+              "info": training.run_info}
+OTHER_MODES = {"demo": demo.run, "bench": bench.run, "predict": predict.run, "export": export.run, "sweep": sweep.run}
 
 
 def error_line(error, cfg):
@@ -48,6 +44,20 @@ def error_line(error, cfg):
                                    "the output or cache directory")
         return f"error: no space left on device at {where}: free space or use another --output-dir/--cache-dir"
     return f"error: {utils.first_line(error)} (--debug shows where)"
+
+
+def run(cfg):
+    """The mode of cfg; returns the exit code."""
+    if cfg.mode in OTHER_MODES:
+        return OTHER_MODES[cfg.mode](cfg)
+    if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident
+        checkpoints.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
+    # eval works in the saved student's label space: the data may hold a subset of its classes
+    model_labels = saved.label_names(evaluate.default_model(cfg)) if cfg.mode == "eval" else None
+    with PartialState().main_process_first():  # the main process fills the caches; the others then read them
+        task = registry.build_task(cfg, model_labels=model_labels)
+    TASK_MODES[cfg.mode](cfg, task)
+    return 0
 
 
 def main(argv=None):
@@ -65,34 +75,7 @@ def main(argv=None):
             cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "cache")
         # --output-dir is not created here: every write (utils.atomic_*) creates it, so bad input leaves none behind
         utils.seed_everything(cfg.seed)
-        if cfg.mode == "demo":
-            run_demo(cfg)
-            return 0
-        if cfg.mode == "bench":
-            import bench
-            return bench.run(cfg)
-        if cfg.mode == "predict":  # the student alone: no dataset, no teacher
-            import predict
-            return predict.run(cfg)
-        if cfg.mode == "export":
-            import export
-            return export.run(cfg)
-        if cfg.mode == "sweep":  # a study: one ordinary training run per trial, the teacher run once
-            import sweep
-            return sweep.run(cfg)
-        if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident
-            checkpoints.refuse_to_overwrite(cfg, "student" if cfg.mode == "train" else "teacher")
-        from tasks import build_task
-        # Where the teacher's outputs are not used (info, training with alpha 0), a teacher whose head has other
-        # labels is accepted with a re-initialised head, as when it is about to be trained.
-        teacher_unused = cfg.mode == "info" or (cfg.mode == "train" and cfg.alpha == 0)
-        # eval works in the saved student's label space: the data may hold a subset of its classes
-        model_labels = saved_label_names(cfg.model or os.path.join(cfg.output_dir, "student_model.pth")) \
-            if cfg.mode == "eval" else None
-        with process.main_process_first():  # the main process fills the caches; the others then read them
-            task = build_task(cfg, train_teacher=cfg.mode == "teacher" or teacher_unused, model_labels=model_labels)
-        {"train": run_train, "teacher": run_teacher, "eval": run_eval, "info": run_info}[cfg.mode](cfg, task)
-        return 0
+        return run(cfg)
     except (UserError, OSError) as e:  # OSError: disk full, no permission... (writes are atomic, nothing is torn)
         if cfg.debug if cfg is not None else "--debug" in (sys.argv[1:] if argv is None else argv):  # bad flags
             raise

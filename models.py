@@ -1,18 +1,22 @@
-"""Teacher and student models: loading by hub id or local directory, the tiny student, label matching."""
+"""Teacher and student models: loading by hub id or local directory, the tiny student, label matching, and the
+SimKD head (a student's head made of a learned projector and a frozen copy of its teacher's head)."""
 import json
 import logging
 import os
 import pickle
 
+import torch
+import torch.nn as nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, BeitConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 
+import minilm
 import utils
-from config import UserError
+from config import UserError, has_weights, why_random_student
 
 log = logging.getLogger("docdistill")
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 # The named student sizes (--student-size), the one place they are defined, for each student architecture; 'full'
 # keeps the config as is (a pretrained student keeps its weights; the CRNN's full shape is crnn.FULL).
 # LayoutLMv3: 4*coordinate_size + 2*shape_size must equal hidden_size for the 2-D position embeddings.
@@ -65,7 +69,6 @@ def demo_reader_config(labels, vocab_size, pad_token_id):
 def demo_minilm_teacher(labels):
     """LayoutLMv3 classifier with MiniLM-L6's pretrained text weights and pooler (minilm.py), reading words and
     boxes; no page image: 65 page tokens from random weights slowed its fine-tuning down (README, the demo)."""
-    import minilm
     from transformers import LayoutLMv3ForSequenceClassification
     config = minilm.layoutlmv3_config(builtin_configs()["builtin:layoutlmv3-base"]())
     config.update({"visual_embed": False, "architectures": ["LayoutLMv3ForSequenceClassification"],
@@ -106,18 +109,13 @@ def load_document_teacher(source, labels, trainable=False, vocab_size=None, pad_
     return load_image_classifier(source, labels, trainable)
 
 
-def has_weights(source):
-    return not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in WEIGHT_FILES)
-
-
 def from_pretrained(auto_class, source, **kwargs):
     """auto_class.from_pretrained(source), refusing weights that need unsafe unpickling in one line. A saved
-    student whose head is not its architecture's (--kd-terms simkd: kd_terms.SimKDHead) is built from its config
-    with that head, then given its weights."""
+    student whose head is not its architecture's (--kd-terms simkd: SimKDHead) is built from its config with that
+    head, then given its weights."""
     if saved_simkd_head(source):
-        import kd_terms
         from safetensors.torch import load_file
-        model = kd_terms.restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
+        model = restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
         return load_student_weights(model, load_file(os.path.join(source, "model.safetensors")), source)
     try:
         return auto_class.from_pretrained(source, **kwargs)
@@ -129,8 +127,13 @@ def from_pretrained(auto_class, source, **kwargs):
                         f"instead") from e
 
 
+def config_from_dict(config):
+    """A transformers config object from a saved config's dict (the one inside a NAME_model.pth)."""
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+
+
 def saved_simkd_head(source):
-    """Whether a local save_pretrained directory holds a student with a SimKD head (kd_terms.py)."""
+    """Whether a local save_pretrained directory holds a student with a SimKD head."""
     path = os.path.join(source, "config.json")
     if not os.path.isfile(path):
         return False
@@ -232,21 +235,6 @@ def load_teacher(auto_class, source, config, labels, trainable=False):
     return auto_class.from_config(config)
 
 
-def why_random_student(config_source, size, task="sequence-classification"):
-    """Why build_student starts this student from random weights (a --student-size shape, a builtin: config, a
-    directory without weights, the CRNN of text recognition), or "" when it loads pretrained ones."""
-    if task == "text-recognition":
-        return "the text-recognition student (a CRNN) is built from random weights"
-    if size != "full":
-        return f"--student-size {size} builds the student from random weights"
-    if config_source.startswith("builtin:"):
-        return f"--student-config {config_source} is a config only: the student gets random weights"
-    if not has_weights(config_source):
-        return (f"--student-config {config_source} holds no weights ({', '.join(WEIGHT_FILES)}): the student gets "
-                f"random weights")
-    return ""
-
-
 def build_student(auto_class, config_source, labels, size="tiny", vocab_size=None, **config_overrides):
     """The student, built from a (hub or local) config by an Auto* class, shrunk to a STUDENT_SIZES shape unless
     'full'.
@@ -329,3 +317,75 @@ def load_student_weights(model, state_dict, source):
                         f"--student-config/--student-size/--task match the run that saved it")
     return model
 
+
+
+# ----------------------------------------------------------------------------- SimKD: the teacher's head reused
+
+def head_of(model):
+    """The classification head of a (possibly DDP-wrapped) classifier: the module whose input is its features."""
+    return getattr(model, "module", model).classifier
+
+
+def feature_width(head):
+    """Width of the features a classification head reads (its first linear layer's input)."""
+    return next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
+
+
+def teacher_head_layers(head):
+    """The teacher head as (spec, its linear layers): an nn.Linear, or LayoutLMv3's dense-tanh-out_proj head (its
+    dropout left out: the teacher's head is used as in eval)."""
+    if isinstance(head, nn.Linear):
+        linears = [head]
+    elif type(head).__name__ == "LayoutLMv3ClassificationHead" and not head.pool_feature:
+        linears = [head.dense, head.out_proj]
+    else:
+        raise UserError(f"--kd-terms simkd reuses the teacher's classification head, which must be a linear layer or "
+                        f"LayoutLMv3's head; this teacher's is a {type(head).__name__}")
+    spec = [["linear", m.in_features, m.out_features] for m in linears]
+    return (spec if len(spec) == 1 else [spec[0], ["tanh"], spec[1]]), linears
+
+
+class SimKDHead(nn.Module):
+    """SimKD (Chen et al., CVPR 2022): projector (student width -> teacher width, learned), then the teacher's head
+    (a frozen copy), so the student's logits are the teacher head's on its projected features.
+
+    spec: {"student_width", "teacher_width", "teacher_head": [["linear", in, out] | ["tanh"], ...]}, kept in the
+    student's config (`simkd_head`) so that a saved student rebuilds its head without the teacher."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.projector = nn.Linear(spec["student_width"], spec["teacher_width"])
+        self.teacher_head = nn.Sequential(*(nn.Linear(*layer[1:]) if layer[0] == "linear" else nn.Tanh()
+                                            for layer in spec["teacher_head"]))
+        self.teacher_head.requires_grad_(False)
+
+    def forward(self, features):
+        return self.teacher_head(self.projector(features))
+
+
+def attach_simkd_head(student, teacher_head, order):
+    """Replace the student's head by a SimKDHead whose teacher part copies `teacher_head`, its classes put in the
+    dataset's order (order: the teacher's class index of each dataset class); recorded in the student's config."""
+    spec, linears = teacher_head_layers(teacher_head)
+    spec = {"student_width": feature_width(student.classifier), "teacher_width": feature_width(teacher_head),
+            "teacher_head": spec}
+    head = SimKDHead(spec)
+    copies = [m for m in head.teacher_head if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for mine, theirs in zip(copies, linears):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+        copies[-1].weight.copy_(linears[-1].weight[order])
+        copies[-1].bias.copy_(linears[-1].bias[order])
+    student.classifier = head
+    student.config.simkd_head = spec
+    return student
+
+
+def restore_head(model):
+    """A model built from a saved config: with its SimKDHead (to be filled by the saved weights) where the config
+    says it has one."""
+    spec = getattr(model.config, "simkd_head", None)
+    if spec:
+        model.classifier = SimKDHead(spec)
+    return model

@@ -12,7 +12,7 @@ import datasets
 import pytesseract
 from PIL import Image
 
-import dataset
+import utils
 from config import UserError
 
 
@@ -41,7 +41,7 @@ CACHE_VERSION = b"ocr-v1"  # bump when the cached format or OCR settings change,
 def ocr_page(image: Image.Image) -> dict:
     """OCR one page: words and paragraphs with [x0, y0, x1, y1] pixel boxes, in Tesseract's reading order."""
     if image.mode not in ("RGB", "L"):
-        image = dataset.to_rgb(image)
+        image = utils.to_rgb(image)
     try:
         data = pytesseract.image_to_data(image, output_type=pytesseract.Output.DICT)
     except pytesseract.TesseractNotFoundError as e:

@@ -1,5 +1,5 @@
-"""The training recipe around the loop in train.py: data order, learning-rate schedule, early stopping, experiment
-tracking, LoRA (for the teacher, and for a student that starts from pretrained weights)."""
+"""The training recipe around the loop in train.py: the Accelerator, data order, learning-rate schedule, early
+stopping, experiment tracking, LoRA (for the teacher, and for a student that starts from pretrained weights)."""
 import contextlib
 import copy
 import json
@@ -9,6 +9,7 @@ import os
 import time
 
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.utils.data import Sampler
 from transformers import get_scheduler
 
@@ -16,6 +17,19 @@ import models
 from config import UserError
 
 log = logging.getLogger("docdistill")
+
+
+def make_accelerator(cfg, track=False):
+    """The run's Accelerator (--amp, --grad-accum); with track, the --report-to tracker too (training only)."""
+    if cfg.amp == "fp16" and not torch.cuda.is_available():
+        raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 on CPU or --amp no")
+    # LayoutLMv3 reads its relative position biases under torch.no_grad (as the original implementation does):
+    # they never get a gradient, and DDP must not wait for one.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[unused], mixed_precision=cfg.amp,
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       log_with=cfg.report_to if track and cfg.report_to != "none" else None,
+                       project_dir=tracking_dir(cfg))
 
 
 class EpochShuffle(Sampler):

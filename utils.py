@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from PIL import Image
 
 from config import UserError
 
@@ -284,6 +285,19 @@ def peak_memory_mb(device=None):
     if device is not None and torch.device(device).type == "cuda":
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+# ----------------------------------------------------------------------------- images
+
+def to_rgb(image):
+    """A page as 8-bit RGB. Deeper grayscale (I;16, I, F) is scaled to 0-255: PIL's own conversion clips every
+    value above 255 to white, so a 16-bit scan would come out blank."""
+    if not image.mode.startswith(("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    peak = values.max(initial=0)
+    scale = 1.0 if peak <= 255 else 255 / 65535 if peak <= 65535 else 255 / peak
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
 
 
 # ----------------------------------------------------------------------------- plots

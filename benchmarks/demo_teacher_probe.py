@@ -1,6 +1,6 @@
 """Probe how fast the demo's MiniLM-L6 LayoutLMv3 teacher starts learning, with and without its page image.
 
-Trains on demo-teacher's pages (runs/cache/demo-teacher, made by `make demo` or demo.load_corpus) for STEPS steps of
+Trains on demo-teacher's pages (runs/cache/demo-teacher, made by `make demo` or demo_corpus.load_corpus) for STEPS steps of
 16 pages, one thread, linear warm-up (6 steps) and decay, and prints the loss and training accuracy of every 4 steps.
 VARIANT: 'vis' (words, boxes and a 128-px page: 65 page tokens from random weights) or 'novis' (words and boxes);
 add '-pool' to start the head from MiniLM's pooler, as models.demo_minilm_teacher does.
@@ -18,9 +18,9 @@ from transformers import LayoutLMv3ForSequenceClassification
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import classification  # noqa: E402
 import minilm  # noqa: E402
 import models  # noqa: E402
-import tasks  # noqa: E402
 
 
 def encode(pages, tokenizer):
@@ -36,7 +36,7 @@ def encode(pages, tokenizer):
 def main(variant, lr, steps, cache="runs/cache"):
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    tokenizer = tasks.load_tokenizer("minilm", cache)
+    tokenizer = classification.load_tokenizer("minilm", cache)
     pages = datasets.load_from_disk(os.path.join(cache, "demo-teacher"))["train"].shuffle(seed=0)
     ids, mask, bbox, pixels, labels = encode(pages.select(range(16 * steps)), tokenizer)
     config = minilm.layoutlmv3_config(models.builtin_configs()["builtin:layoutlmv3-base"]())

@@ -1,7 +1,7 @@
 """Preprocessing at corpus scale: pages per second with --num-proc 1 and 2, disk bytes per page, and the
 projection to RVL-CDIP's 320,000 training pages.
 
-N pages of the demo corpus generator (demo.py; generated once into CACHE_DIR/preprocess-scale-N) are
+N pages of the demo corpus generator (demo_corpus.py; generated once into CACHE_DIR/preprocess-scale-N) are
 preprocessed as a page-classification run preprocesses its splits (dataset.preprocess_classification: words and
 boxes tokenised, the page resized once for the student and once for the teacher), into a fresh cache per
 --num-proc value; each result is checked equal to the first's. With --ocr the pages' OCR columns are dropped first
@@ -35,20 +35,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil  # noqa: E402
 
 import dataset  # noqa: E402
-import demo  # noqa: E402
+import demo_corpus  # noqa: E402
 import models  # noqa: E402
 import ocr  # noqa: E402
 import utils  # noqa: E402
 from config import parse_config  # noqa: E402
-from tasks import load_tokenizer  # noqa: E402
+from classification import load_tokenizer  # noqa: E402
 
 RVLCDIP_TRAIN_PAGES = 320_000
 
 
 def generate(pages, cache_dir):
     """The first `pages` pages of the demo generator's training stream (all 16 classes in turn)."""
-    per_class = math.ceil(pages / len(demo.RVLCDIP_LABELS))
-    corpus = demo.generate_pages(os.path.join(cache_dir, f"preprocess-scale-{pages}"), {"train": ("train", per_class)})
+    per_class = math.ceil(pages / len(demo_corpus.RVLCDIP_LABELS))
+    corpus = demo_corpus.generate_pages(os.path.join(cache_dir, f"preprocess-scale-{pages}"), {"train": ("train", per_class)})
     return corpus["train"].select(range(pages))
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.output_dir, "cache")
     split = generate(own.pages, cfg.cache_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, split)
-    teacher, processor = models.load_document_teacher(cfg.teacher, demo.RVLCDIP_LABELS, vocab_size=len(tokenizer),
+    teacher, processor = models.load_document_teacher(cfg.teacher, demo_corpus.RVLCDIP_LABELS, vocab_size=len(tokenizer),
                                                       pad_token_id=tokenizer.pad_token_id)
     teacher_spec = dataset.image_spec(processor) if models.reads_page(teacher) else None
     del teacher

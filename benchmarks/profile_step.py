@@ -61,7 +61,7 @@ def main(argv=None):
     cfg = parse_config(argv if argv is not None else sys.argv[1:])
     utils.setup_logging()
     cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.output_dir, "cache")  # as main.py, never the working dir
-    from tasks import build_task
+    from registry import build_task
     utils.seed_everything(cfg.seed)
     task = build_task(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,12 +75,11 @@ def main(argv=None):
         cached = teacher_cache.run_teacher(teacher, task.teacher_logits, full, precision)["logits"]
 
     student = task.student.to(device).train()
-    criterion = task.make_loss(cfg, with_teacher=True).to(device)
+    criterion = task.make_loss(cfg).to(device)
     optimizer = make_optimizer(cfg, student, criterion)
 
     def step(batch):
-        out = task.student_outputs(student, batch) if hasattr(task, "student_outputs") else \
-            task.student_logits(student, batch)
+        out = task.student_outputs(student, batch)
         loss = criterion(out, cached, batch)["total"]
         loss.backward()
         optimizer.step()

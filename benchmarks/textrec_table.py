@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import stats  # noqa: E402
-import textrec  # noqa: E402
+from textrec import data  # noqa: E402
 
 NAMES = {"ctc": "CTC on labels alone", "kl": "distilled: + per-step KL", "seq": "distilled: + sequence KD"}
 PREFIXES = {"lowres": None, "l10": "10% of the training crops labelled"}
@@ -50,7 +50,7 @@ def loose_cer(out, run, who):
         return None
     norm = lambda text: text.replace(" ", "").upper()  # noqa: E731
     chars = sum(len(norm(r["truth"])) for r in rows)
-    return sum(textrec.char_errors(norm(r["truth"]), norm(r[who])) for r in rows) / max(chars, 1)
+    return sum(data.char_errors(norm(r["truth"]), norm(r[who])) for r in rows) / max(chars, 1)
 
 
 def fmt(value):

@@ -59,14 +59,14 @@ def loops(base, student_amp):
 
 def preprocess(cfg):
     """Fill the preprocessing cache once, so that no timed run pays for it."""
-    from tasks import build_task
+    from registry import build_task
     utils.setup_logging()
     build_task(cfg)
 
 
 def run(cfg, naive):
     """One whole run in this (fresh) process; its per-epoch rows, wall seconds and peak RSS."""
-    from tasks import build_task
+    from registry import build_task
     from train import fit
     utils.setup_logging()
     if cfg.teacher_cache:  # each docdistill run fills the cache itself: its epoch 1 includes that
@@ -80,12 +80,13 @@ def run(cfg, naive):
     def timed_teacher(teacher, batch):  # on the CPU a forward is synchronous: its wall time is its cost
         start = time.perf_counter()
         try:
-            return task.teacher_logits(teacher, batch)
+            return teacher_outputs(teacher, batch)
         finally:
             teacher_seconds[0] += time.perf_counter() - start
 
+    teacher_outputs, task.teacher_outputs = task.teacher_outputs, timed_teacher  # what fit() asks the teacher
     start = time.perf_counter()
-    fit(cfg, task, task.student, task.student_logits, teacher=task.teacher, teacher_forward=timed_teacher)
+    fit(cfg, task, task.student, task.student_logits)
     wall = time.perf_counter() - start
     rows = utils.read_jsonl(os.path.join(cfg.output_dir, "student_metrics.jsonl"))
     return {"rows": rows, "wall_seconds": wall, "teacher_seconds": teacher_seconds[0],
@@ -152,9 +153,9 @@ def main(argv=None):
     utils.setup_logging()
     base.cache_dir = base.cache_dir or os.path.join(base.output_dir, "cache")
     runs = loops(base, own.student_amp)
-    import demo
-    for corpus in {base.dataset, base.unlabeled} & set(demo.CORPORA):  # generated here: pool workers cannot fork
-        demo.load_corpus(corpus, base.cache_dir)
+    import demo_corpus
+    for corpus in {base.dataset, base.unlabeled} & set(demo_corpus.CORPORA):  # here: pool workers cannot fork
+        demo_corpus.load_corpus(corpus, base.cache_dir)
     spawn = multiprocessing.get_context("spawn")  # a fresh process per run: its own peak RSS
     with spawn.Pool(1, maxtasksperchild=1) as pool:
         pool.apply(preprocess, (runs[-1][1],))

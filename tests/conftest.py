@@ -34,7 +34,7 @@ def run_main(*args, timeout=600):
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A small generated corpus on disk (2 train, 1 validation, 1 test page per class)."""
-    import demo
+    import demo_corpus as demo
     path = tmp_path_factory.mktemp("data") / "demo"
     demo.generate_demo_dataset(str(path), train_per_class=2, val_per_class=1, test_per_class=1, seed=3)
     return str(path)

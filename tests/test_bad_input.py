@@ -15,7 +15,7 @@ import dataset
 import main
 import models
 from conftest import run_main
-from demo import RVLCDIP_LABELS
+from demo_corpus import RVLCDIP_LABELS
 
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "8", "--student-image-size", "64"]
 

@@ -13,6 +13,7 @@ from PIL import Image
 import dataset
 import main
 import ocr
+import utils
 import wordtags
 from test_bad_input import FAST, cache, error_line, fails, out  # noqa: F401 (cache, out: fixtures)
 from test_token_classification import TRICKY, byte_bpe, tiny_teacher_dir, wordpiece, write_funsd
@@ -206,7 +207,7 @@ def test_16_bit_grayscale_page_is_scaled_not_blank(monkeypatch):
     values[10:20, 5:55] = 5000  # dark text on light paper, every value above 255
     page = Image.fromarray(values)
     assert page.mode == "I;16"
-    rgb = np.asarray(dataset.to_rgb(page))
+    rgb = np.asarray(utils.to_rgb(page))
     assert rgb.shape == (40, 60, 3) and rgb[0, 0].tolist() == [233] * 3 and rgb[15, 30].tolist() == [19] * 3
     spec = {"size": [20, 30], "resample": 2}
     assert dataset.resize_page(page, spec).min() < 50  # the text survives resizing

@@ -12,7 +12,7 @@ from config import parse_config
 
 @pytest.fixture(scope="module")
 def task(tiny_demo, tmp_path_factory):
-    from tasks import build_task
+    from registry import build_task
     root = tmp_path_factory.mktemp("cache")
     cfg = parse_config(["--preset", "demo", "--dataset", tiny_demo, "--max-length", "96", "--student-image-size", "64",
                         "--output-dir", str(root / "out"), "--cache-dir", str(root / "cache")])

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 
 import kd_terms
+import models
+import saved
 from conftest import TIMING
 from losses import IGNORE_INDEX, DistillationLoss
 
@@ -160,15 +162,14 @@ def tiny_word_student():
 
 @pytest.mark.parametrize("layoutlmv3_head", [False, True])
 def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(tmp_path, layoutlmv3_head):
-    import checkpoints
-    import predict
+    from modes import predict
     from transformers import LayoutLMv3Config
     from transformers.models.layoutlmv3.modeling_layoutlmv3 import LayoutLMv3ClassificationHead
     student = tiny_word_student()
     teacher_head = (LayoutLMv3ClassificationHead(LayoutLMv3Config(hidden_size=6, num_labels=4)) if layoutlmv3_head
                     else nn.Linear(6, 4)).eval()
     order = [2, 0, 3, 1]  # the teacher's class of each of the dataset's classes
-    kd_terms.attach_simkd_head(student, teacher_head, order)
+    models.attach_simkd_head(student, teacher_head, order)
     head = student.classifier
     assert [p.requires_grad for p in head.teacher_head.parameters()] == [False] * len(list(head.teacher_head.parameters()))
     assert head.projector.weight.requires_grad and head.projector.weight.shape == (6, 8)
@@ -181,11 +182,11 @@ def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(t
     with torch.no_grad():
         expected = student(input_ids=ids).logits
     stub = type("Task", (), {"save_pretrained": staticmethod(lambda model, d, role: model.save_pretrained(d))})
-    checkpoints.save_best(stub, student, str(tmp_path), "student")  # student_model.pth and student/, as training
+    saved.save_best(stub, student, str(tmp_path), "student")  # student_model.pth and student/, as training
     del student, teacher_head  # nothing of the teacher is left
     for path in (tmp_path / "student", tmp_path / "student_model.pth"):
         model, _, config = predict.load_model(str(path))
-        assert isinstance(model.classifier, kd_terms.SimKDHead) and config.simkd_head["teacher_width"] == 6
+        assert isinstance(model.classifier, models.SimKDHead) and config.simkd_head["teacher_width"] == 6
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, expected), path
 
@@ -193,7 +194,7 @@ def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(t
 def test_simkd_refuses_a_head_it_cannot_copy():
     from config import UserError
     with pytest.raises(UserError, match="simkd"):
-        kd_terms.attach_simkd_head(tiny_word_student(), nn.Sequential(nn.Linear(6, 4)), [0, 1, 2, 3])
+        models.attach_simkd_head(tiny_word_student(), nn.Sequential(nn.Linear(6, 4)), [0, 1, 2, 3])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -216,7 +217,7 @@ def test_cache_key_covers_the_requested_features(tiny_demo, tmp_path):
     import train
     import utils
     from config import parse_config
-    from tasks import build_task
+    from registry import build_task
     common = [*FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache")]
     keys = {}
     for terms in ("kd", "logit-mse", "feature", "simkd"):
@@ -233,7 +234,7 @@ def test_feature_run_trains_checkpoints_and_resumes_its_projection(tiny_demo, tm
     one (weights, projection, metrics)."""
     import main
     from safetensors.torch import load_file
-    from tasks import DocumentClassification
+    from classification import DocumentClassification
     common = ["--mode", "train", *FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--epochs",
               "2", "--kd-terms", "kd,feature", "--feature-weight", "0.5"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
@@ -297,7 +298,7 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     both, which info counts), and the simkd student is scored by --mode eval and loaded by the predict path from its
     own files."""
     import main
-    import predict
+    from modes import predict
     from safetensors.torch import load_file
     common = word_tagging_flags(tmp_path)
     for terms in ("feature", "simkd"):
@@ -310,7 +311,7 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     assert main.main(["--mode", "eval", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert 0 <= json.load(open(tmp_path / "simkd" / "eval.json"))["f1"] <= 1
     model, _, _ = predict.load_model(str(tmp_path / "simkd" / "student"))
-    assert isinstance(model.classifier, kd_terms.SimKDHead)
+    assert isinstance(model.classifier, models.SimKDHead)
     capsys.readouterr()
     assert main.main(["--mode", "info", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert f"{tmp_path / 'cache' / 'teacher'}: 1 caches" in capsys.readouterr().out
@@ -351,7 +352,7 @@ def test_page_attention_run_with_a_teacher_reading_the_students_tokens(tiny_demo
 
 def test_attention_refuses_a_teacher_that_reads_no_words(tiny_demo, tmp_path):
     from config import UserError, parse_config
-    from tasks import build_task
+    from registry import build_task
     cfg = parse_config([*FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--kd-terms",
                         "kd,attention"])
     with pytest.raises(UserError, match="--kd-terms attention compares text-token attention maps, and the teacher .* "
@@ -380,7 +381,7 @@ def test_two_identical_teachers_teach_as_one(tiny_demo, tmp_path, one_thread):
     import main
     import utils
     from config import parse_config
-    from tasks import build_task
+    from registry import build_task
     common = ["--mode", "train", *FAST, "--dataset", tiny_demo, "--cache-dir", str(tmp_path / "cache"), "--epochs",
               "1", "--teacher-precision", "float32"]
     cfg = parse_config(common)
@@ -430,7 +431,7 @@ def test_resume_from_a_checkpoint_written_before_classification_read_kd_terms(ti
 def test_several_teachers_in_flags_config_files_and_the_sweeps_command(tmp_path):
     import shlex
 
-    import sweep
+    from modes import sweep
     from config import parse_config
     cfg = parse_config(["--teacher", "a", "--teacher", "b", "--teacher-weights", "1,2"])
     assert (cfg.teacher, cfg.extra_teachers, cfg.teacher_weights) == ("a", ["b"], "1,2")

@@ -42,7 +42,7 @@ def test_demo_minilm_teacher_reads_words_and_boxes_with_minilm_pooler(bert):
 
 
 def test_minilm_tokenizer_takes_word_boxes(tmp_path):
-    import tasks
+    import classification as tasks
     tokenizer = tasks.load_tokenizer("minilm", str(tmp_path))
     enc = tokenizer(["Invoice", "total"], boxes=[[1, 2, 3, 4], [5, 6, 7, 8]])
     assert tokenizer.convert_ids_to_tokens(enc["input_ids"]) == ["[CLS]", "in", "##vo", "##ice", "total", "[SEP]"]

@@ -88,11 +88,12 @@ def test_eval_on_a_subset_of_the_classes(student, cli, tiny_demo, tmp_path):
 
 
 def test_bench_does_not_import_main():
-    code = "import main, bench, evaluate, training_modes, predict, export; import sys; print('ok')"
+    code = "import main; from modes import bench, evaluate, training, predict, export; import sys; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
-    for name in ("bench.py", "evaluate.py", "training_modes.py", "predict.py", "export.py", "model_card.py"):
+    for name in ("modes/bench.py", "modes/evaluate.py", "modes/training.py", "modes/predict.py", "modes/export.py",
+                 "modes/model_card.py"):
         source = open(os.path.join(ROOT, name)).read()
         assert "from main import" not in source and "import main" not in source, name
 
@@ -190,7 +191,7 @@ def test_bench_has_onnxruntime_rows(student, cli, tmp_path):
 
 
 def test_group_entities_from_bio_tags():
-    import predict
+    from modes import predict
     words = [{"text": t, "box": [i * 10, 0, i * 10 + 8, 5], "tag": g} for i, (t, g) in enumerate(
         [("Date:", "B-QUESTION"), ("12/05", "B-ANSWER"), ("1996", "I-ANSWER"), ("x", "O"), ("Name", "I-QUESTION"),
          ("Bob", "I-ANSWER"), ("Lee", "I-ANSWER"), ("cut", None)])]

@@ -13,7 +13,7 @@ SPEC = {"size": [32, 32], "resample": 2, "scale": 1 / 255, "mean": [0.5] * 3, "s
 
 
 def test_two_processes_preprocess_the_same_split_as_one(tiny_demo, tmp_path):
-    from tasks import load_tokenizer
+    from classification import load_tokenizer
     split = datasets.load_from_disk(tiny_demo)["train"]  # 32 pages
     tokenizer = load_tokenizer("minilm", str(tmp_path))
     prepared = {n: dataset.preprocess_classification(split, tokenizer, SPEC, SPEC, 64, str(tmp_path / f"p{n}"),
@@ -33,7 +33,7 @@ def test_num_proc_below_one_is_one_line(tmp_path):
 
 
 def test_a_teacher_that_reads_no_page_gets_no_teacher_pages(tiny_demo, tmp_path):
-    from tasks import build_task
+    from registry import build_task
     cfg = parse_config(["--preset", "demo", "--dataset", tiny_demo, "--teacher", "demo-minilm", "--tokenizer", "minilm",
                         "--max-length", "64", "--student-image-size", "32", "--output-dir", str(tmp_path / "out"),
                         "--cache-dir", str(tmp_path / "cache")])

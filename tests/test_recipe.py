@@ -12,6 +12,8 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 import models
 import recipe
+import registry
+import saved
 from config import Config, UserError, parse_config
 from conftest import assert_same_run, kill_inside_second_epoch, metrics
 
@@ -368,14 +370,12 @@ def layoutlmv3_batch(n=4, words=6):
 
 def test_student_lora_trains_adapters_and_head_and_saves_a_student_eval_and_predict_load(pretrained_student,
                                                                                          tmp_path):
-    """The student as tasks.py builds it, with the adapters as run_train adds them; saved by checkpoints.save_best, read
-    back by --mode eval (evaluate.load_saved_student) and --mode predict/export (predict.load_model)."""
+    """The student as tasks.py builds it, with the adapters as run_train adds them; saved by saved.save_best, read
+    back by --mode eval (registry.load_student) and --mode predict/export (predict.load_model)."""
     import types
     from transformers import AutoModelForSequenceClassification
 
-    import evaluate
-    import predict
-    import checkpoints
+    from modes import predict
     labels = ["invoice", "letter", "memo"]
 
     def student():
@@ -404,12 +404,12 @@ def test_student_lora_trains_adapters_and_head_and_saves_a_student_eval_and_pred
     plain = student()
     task = types.SimpleNamespace(student=plain, labels=labels,
                                  save_pretrained=lambda m, directory, role: m.save_pretrained(directory))
-    checkpoints.save_best(task, model, str(tmp_path), "student")
+    saved.save_best(task, model, str(tmp_path), "student")
     assert hasattr(model, "merge_and_unload")  # save_best merged a copy, the model trains on with its adapters
-    saved = torch.load(tmp_path / "student_model.pth", weights_only=True)["state_dict"]
-    assert not any("lora" in k or "modules_to_save" in k for k in saved) and saved.keys() == plain.state_dict().keys()
-    loaded = [evaluate.load_saved_student(task, str(tmp_path / "student_model.pth")),
-              evaluate.load_saved_student(task, str(tmp_path / "student")),
+    weights = torch.load(tmp_path / "student_model.pth", weights_only=True)["state_dict"]
+    assert not any("lora" in k or "modules_to_save" in k for k in weights) and weights.keys() == plain.state_dict().keys()
+    loaded = [registry.load_student(str(tmp_path / "student_model.pth")),
+              registry.load_student(str(tmp_path / "student")),
               predict.load_model(str(tmp_path / "student_model.pth"))[0],
               AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")]
     for loaded_model in loaded:

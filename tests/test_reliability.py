@@ -19,7 +19,7 @@ import checkpoints
 import utils
 from config import UserError, parse_config
 from conftest import ROOT, assert_same_run, kill_inside_second_epoch, run_main
-from demo import RVLCDIP_LABELS
+from demo_corpus import RVLCDIP_LABELS
 
 # Batch 4 on 32 pages: 8 steps an epoch, a checkpoint every 2. The demo teacher is random but seeded.
 FAST = ["--preset", "demo", "--max-length", "64", "--batch-size", "4", "--student-image-size", "64",

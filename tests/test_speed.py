@@ -21,7 +21,7 @@ SPEC = {"size": [8, 8], "resample": 2, "scale": 1 / 255, "mean": [0.5] * 3, "std
 
 @pytest.fixture(scope="module")
 def task(tiny_demo, tmp_path_factory):
-    from tasks import build_task
+    from registry import build_task
     root = tmp_path_factory.mktemp("speed")
     cfg = parse_config(["--preset", "demo", "--dataset", tiny_demo, "--max-length", "64", "--student-image-size", "64",
                         "--batch-size", "8", "--epochs", "1", "--output-dir", str(root / "out"),
@@ -171,7 +171,7 @@ def word_docs():
 
 
 def crop_items():
-    import textrec
+    from textrec import data as textrec
     return [{"image": textrec.png(Image.new("RGB", (width, 48), "white")), "width": width, "labels": [1],
              "has_label": True, "index": i, "key": f"k{i}", "n_tokens": textrec.padded_width(width) // 8}
             for i, width in enumerate((40, 400))]
@@ -180,7 +180,7 @@ def crop_items():
 def collators():
     """(name, task collator, documents) for each task: classification (also wrapped to relabel), words, crops."""
     from tasks import RelabelledCollator
-    from textrec_task import Collator
+    from textrec.task import Collator
     crop_cfg = type("C", (), dict(student_height=32, seed=0, degrade_height=0, degrade_blur=0.0, degrade_noise=0.0,
                                   degrade_jpeg=0))()
     classify = collate.ClassificationCollator(1, SPEC, SPEC)
@@ -212,7 +212,7 @@ def test_training_with_a_cached_teacher_reads_lean_batches_and_logs_peak_memory(
 
     cfg = dataclasses.replace(task.cfg, output_dir=str(tmp_path / "cached"))  # --teacher-precision auto
     with caplog.at_level("INFO", logger="docdistill"):
-        train.fit(cfg, task, task.student, forward, teacher=task.teacher, teacher_forward=task.teacher_logits)
+        train.fit(cfg, task, task.student, forward)
     if teacher_cache.cpu_has_native_bf16():  # auto: bf16, checked against float32 at the run's temperature
         assert f"teacher precision bf16: KL(float32 || bf16) at T={cfg.temperature:g}" in caplog.text
     assert seen[True] and not any(seen[True])  # training: lean
@@ -228,8 +228,7 @@ def test_training_with_a_cached_teacher_reads_lean_batches_and_logs_peak_memory(
         row["precision_check_seconds"] == 0
     assert f"teacher logits computed once for {len(task.splits['train'])} documents" in caplog.text
     # a run that reuses the cache filled nothing: no such keys
-    train.fit(dataclasses.replace(cfg, output_dir=str(tmp_path / "reused")), task, task.student, forward,
-              teacher=task.teacher, teacher_forward=task.teacher_logits)
+    train.fit(dataclasses.replace(cfg, output_dir=str(tmp_path / "reused")), task, task.student, forward)
     row = json.loads(open(tmp_path / "reused" / "student_metrics.jsonl").readline())
     assert "teacher_cache_seconds" not in row and "precision_check_seconds" not in row
 
@@ -239,8 +238,8 @@ def test_lean_loader_reads_no_teacher_pages_in_the_same_order(task):
     """make_loader(lean=True), what fit() trains on with a cached teacher: the teacher pages are not even read
     from the preprocessed split, and the batches come in the same order; without the cache (lean=False) the
     training batches keep the teacher's pixels."""
-    full = train.make_loader(task, "train", task.cfg, shuffle=True)
-    lean = train.make_loader(task, "train", task.cfg, shuffle=True, lean=True)
+    full = collate.make_loader(task, "train", task.cfg, shuffle=True)
+    lean = collate.make_loader(task, "train", task.cfg, shuffle=True, lean=True)
     assert "teacher_pixels" in full.dataset.column_names and "teacher_pixels" not in lean.dataset.column_names
     for epoch in (0, 1):
         full.sampler.set_epoch(epoch)
@@ -258,7 +257,7 @@ def test_the_token_classification_teacher_reads_its_page_as_teacher_pixel_values
 
     from transformers import LayoutLMv3Config, LayoutLMv3ForTokenClassification
 
-    import tasks
+    import classification as tasks
     config = LayoutLMv3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                               input_size=8, patch_size=4, num_labels=5, vocab_size=20, coordinate_size=6, shape_size=4)
     teacher = LayoutLMv3ForTokenClassification(config).eval()

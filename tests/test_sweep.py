@@ -13,11 +13,11 @@ import time
 import optuna
 import pytest
 
-import main
-import sweep
-import tasks
 import checkpoints
-import train
+import classification as tasks
+import collate
+import main
+from modes import sweep
 from config import UserError, build_parser, parse_config
 from conftest import ROOT
 
@@ -43,7 +43,7 @@ def study_of(out):
 def test_grid_sweep_end_to_end(tiny_demo, cache, tmp_path, monkeypatch):
     shutil.rmtree(cache / "teacher", ignore_errors=True)  # the teacher's logits are computed in this test
     events, teacher_docs = [], []
-    teacher_logits, make_loader, score = (tasks.DocumentClassification.teacher_logits, train.make_loader,
+    teacher_logits, make_loader, score = (tasks.DocumentClassification.teacher_logits, collate.make_loader,
                                           sweep.score_on_test)
 
     def counting_teacher(self, teacher, batch):
@@ -58,7 +58,7 @@ def test_grid_sweep_end_to_end(tiny_demo, cache, tmp_path, monkeypatch):
         events.append("score")
         return score(cfg, run_cfg)
     monkeypatch.setattr(tasks.DocumentClassification, "teacher_logits", counting_teacher)
-    monkeypatch.setattr(train, "make_loader", recording_loader)
+    monkeypatch.setattr(collate, "make_loader", recording_loader)
     monkeypatch.setattr(sweep, "score_on_test", recording_score)
     out = tmp_path / "sweep"
     argv = [*FAST, "--epochs", "1", "--batch-size", "8", "--dataset", tiny_demo, "--cache-dir", cache, "--output-dir", out,

@@ -18,9 +18,10 @@ from conftest import ROOT, SHARED, TIMING, run_main
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-import ctc_kd  # noqa: E402
-import ocr_teacher  # noqa: E402
-import textrec  # noqa: E402
+from textrec import ctc_kd  # noqa: E402
+from textrec import teachers as ocr_teacher  # noqa: E402
+from textrec import data as textrec  # noqa: E402
+import registry  # noqa: E402
 
 FUNSD = os.path.join(os.environ.get("DOCDISTILL_SHARED", SHARED), "data", "funsd", "dataset")
 
@@ -58,8 +59,8 @@ def test_teacher_classes_mapped_onto_student_charset():
 # ------------------------------------------------------------------------------------- alignment, loss
 
 def test_student_and_teacher_share_time_steps():
-    import crnn
-    from textrec_task import Collator
+    from textrec import crnn
+    from textrec.task import Collator
     cfg = type("C", (), dict(student_height=32, seed=0, degrade_height=0, degrade_blur=0.0, degrade_noise=0.0,
                              degrade_jpeg=0))()
     collate, student = Collator(cfg), crnn.build(textrec.STUDENT_CHARS, 32, "tiny").eval()
@@ -388,14 +389,13 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
         edits, chars = sum(r[f"{who}_edits"] for r in crops), sum(len(r["truth"]) for r in crops)
         assert edits / chars == pytest.approx(scores["cer"])
     # the student/ directory (safetensors + JSON config) loads to the same weights as student_model.pth
-    import crnn
-    from textrec_task import TextRecognition
+    from textrec import crnn
     from_dir = crnn.CRNN.from_pretrained(str(out / "student"))
     saved = torch.load(out / "student_model.pth", weights_only=True)
     assert json.loads(saved["config"]) == from_dir.config.to_dict()
     for k, v in from_dir.state_dict().items():
         assert torch.equal(v, saved["state_dict"][k]), k
-    assert TextRecognition.load_student(None, str(out / "student")).config.to_dict() == from_dir.config.to_dict()
+    assert registry.load_student(str(out / "student")).config.to_dict() == from_dir.config.to_dict()
     info = run_main("--mode", "info", *common)
     assert info.returncode == 0, info.stderr[-3000:]
     assert "OnnxRecognizer" in info.stdout and "CRNN" in info.stdout and '"unlabelled": 2' in info.stdout
@@ -426,8 +426,8 @@ def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch
     from safetensors.torch import load_file
     import teacher_cache
     from config import parse_config
-    from tasks import build_task
-    from textrec_task import TextRecognition
+    from registry import build_task
+    from textrec.task import TextRecognition
     assert main.main([*common, "--output-dir", str(full)]) == 0
     done = torch.load(full / "latest_checkpoint.pth", weights_only=True)
     projections = done["criterion"]
@@ -478,7 +478,7 @@ def run_feature_kd_and_resume(main, common, full, stopped, tmp_path, monkeypatch
 
 def test_predict_and_export_crops(tmp_path, capsys):
     """An untrained CRNN student: --mode predict writes one row per crop; --mode export matches PyTorch."""
-    import crnn
+    from textrec import crnn
     import main
     torch.manual_seed(0)
     student = tmp_path / "student"

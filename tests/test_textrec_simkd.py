@@ -13,12 +13,13 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-import crnn  # noqa: E402
-import ctc_kd  # noqa: E402
-import ctc_simkd  # noqa: E402
-import ocr_teacher  # noqa: E402
-import textrec  # noqa: E402
+from textrec import crnn  # noqa: E402
+from textrec import ctc_kd  # noqa: E402
+from textrec import simkd as ctc_simkd  # noqa: E402
+from textrec import teachers as ocr_teacher  # noqa: E402
+from textrec import data as textrec  # noqa: E402
 from config import UserError, parse_config  # noqa: E402
+import registry  # noqa: E402
 import test_text_recognition  # noqa: E402
 from test_text_recognition import make_batch, tiny_onnx_teacher  # noqa: E402
 
@@ -146,7 +147,7 @@ def crops_dir(root):
 
 def test_cache_key_and_refusals(word_crops, tmp_path):
     import train
-    from tasks import build_task
+    from registry import build_task
     teacher = tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx"))
     common = ["--mode", "train", "--task", "text-recognition", "--dataset", word_crops,
               "--cache-dir", str(tmp_path / "cache"), "--max-samples", "4", "--student-size", "micro"]
@@ -169,7 +170,7 @@ def test_train_eval_predict_export_without_teacher(word_crops, tmp_path, monkeyp
     """A simkd run (1 epoch) saves the student with its projector and the teacher's head; with the teacher gone,
     the saved student loads, predicts and exports, and gives the in-memory student's outputs."""
     import main
-    import textrec_task
+    from textrec import task as textrec_task
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     teacher = tiny_onnx_teacher(str(tmp_path / "tiny_rec.onnx"))
     out = tmp_path / "run"
@@ -197,7 +198,7 @@ def test_train_eval_predict_export_without_teacher(word_crops, tmp_path, monkeyp
     crops = crops_dir(tmp_path / "crops")
     pixels = torch.rand(2, 1, 32, 40) * 2 - 1
     for path in (out / "student_model.pth", out / "student"):
-        loaded = textrec_task.TextRecognition.load_student(None, str(path)).eval()
+        loaded = registry.load_student(str(path)).eval()
         assert isinstance(loaded.head, ctc_simkd.CTCSimKDHead)
         with torch.no_grad():
             assert torch.equal(loaded(pixels), memory(pixels))
@@ -216,7 +217,7 @@ def in_memory_texts(model, crops):
     """The in-memory student's transcripts of the crops (one batch), prepared as --mode predict prepares them."""
     import types
     import config
-    import predict
+    from modes import predict
     predictor = predict.CropPredictor(None, model.config,
                                       types.SimpleNamespace(max_text_width=config.defaults()["max_text_width"]))
     items = []

@@ -100,7 +100,7 @@ def wordpiece(tmp_path, words):
 
 def byte_bpe(tmp_path):
     """A small byte-level BPE tokenizer (LayoutLMv3's kind), trained on the form's words."""
-    import demo
+    import demo_corpus as demo
     from transformers import LayoutLMv3TokenizerFast
     corpus = datasets.Dataset.from_dict({"ocr_words": [wordtags.bio_tags(FORM)[0]] * 3})
     path = demo.train_demo_tokenizer(corpus, str(tmp_path / "bpe"), vocab_size=300)

@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 from conftest import run_main
 
 pytest.importorskip("onnxruntime")
-import ctc_kd  # noqa: E402
-import textrec  # noqa: E402
-import trocr  # noqa: E402
+from textrec import ctc_kd  # noqa: E402
+from textrec import data as textrec  # noqa: E402
+from textrec import trocr  # noqa: E402
 from config import UserError  # noqa: E402
 
 CHARS = textrec.STUDENT_CHARS
@@ -155,8 +155,8 @@ def test_main_distils_from_trocr_teacher_and_scores_it(teacher_dir, crops, tmp_p
 # ------------------------------------------------------------------------------------- TrOCR-style student
 
 def test_student_loss_against_written_out_cross_entropy():
-    import ocr_teacher
-    import trocr_student
+    from textrec import teachers as ocr_teacher
+    from textrec import trocr_student
     eos, offset = 2, len(SPECIALS)
     tokenize = lambda text: [offset + CHARS.index(c) for c in text] + [eos]  # noqa: E731
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def math_softmax(logits):
 
 
 def test_char_tokenizer_round_trip():
-    import trocr_student
+    from textrec import trocr_student
     tokenizer = trocr_student.char_tokenizer()
     text = "Total: $12.50 (ok)"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import demo
+import demo_corpus as demo
 from conftest import assert_same_run, kill_inside_second_epoch, metrics, run_main
 from losses import IGNORE_INDEX, DistillationLoss
 
@@ -262,7 +262,7 @@ def test_labeled_fraction_hides_a_seeded_share_of_the_labels():
     import datasets
     import dataset
     import wordtags
-    from textrec_task import untranscribed
+    from textrec.task import untranscribed
     hidden = dataset.hidden_labels(10, 0.3, seed=7)
     assert len(hidden) == 7 and hidden == dataset.hidden_labels(10, 0.3, seed=7) != dataset.hidden_labels(10, 0.3, 8)
     assert dataset.hidden_labels(10, 1.0, 7) == set() and len(dataset.hidden_labels(3, 0.01, 7)) == 2  # one kept
@@ -315,7 +315,7 @@ def test_resume_from_a_checkpoint_that_predates_a_setting(setup, uninterrupted, 
 
 def test_hidden_transcripts_change_the_crop_cache_key(tmp_path):
     """Crops whose transcripts --labeled-fraction hides are prepared anew, not read from the all-labelled cache."""
-    import textrec
+    from textrec import data as textrec
     from PIL import Image
     Image.new("RGB", (40, 20), "white").save(tmp_path / "page.png")
     rows = [{"image": str(tmp_path / "page.png"), "box": [0, 0, 10, 10], "text": "a", "has_text": True, "key": "k"}]

@@ -3,7 +3,7 @@
 Input: grey crops [B, 1, H, W] normalised to [-1, 1] (H = --student-height, 32 by default). The backbone halves
 the width twice and the height to 1: W / 4 time steps, each a vector of `channels[-1]`; a BiLSTM (1 layer in
 `tiny`, 2 in `full`) reads them in order and a linear head gives per-step logits over blank + the charset (a SimKD
-student, --kd-terms simkd: a projector and the teacher's frozen head instead, ctc_simkd.CTCSimKDHead).
+student, --kd-terms simkd: a projector and the teacher's frozen head instead, simkd.CTCSimKDHead).
 """
 import json
 import os
@@ -12,6 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import models
+from textrec import simkd
 
 FULL = dict(channels=[64, 128, 256, 256], hidden=192, layers=2)  # --student-size full; the others: models.STUDENT_SIZES
 
@@ -21,7 +22,7 @@ class CRNNConfig:
 
     def __init__(self, chars, height=32, channels=(32, 64, 128, 160), hidden=128, layers=2, simkd_head=None, **_):
         self.chars, self.height, self.channels, self.hidden, self.layers = chars, height, list(channels), hidden, layers
-        self.simkd_head = simkd_head  # --kd-terms simkd: the head is ctc_simkd.CTCSimKDHead(simkd_head)
+        self.simkd_head = simkd_head  # --kd-terms simkd: the head is simkd.CTCSimKDHead(simkd_head)
         self.id2label = dict(enumerate(["<blank>"] + list(chars)))
 
     def to_dict(self):
@@ -56,9 +57,8 @@ class CRNN(nn.Module):
             *block(c3, c4))
         self.encoder = nn.LSTM(c4, config.hidden, num_layers=config.layers, bidirectional=True, batch_first=True)
         self.head = nn.Linear(2 * config.hidden, len(config.id2label))
-        if config.simkd_head:  # a SimKD student: projector + the teacher's frozen head, folded (ctc_simkd)
-            import ctc_simkd
-            self.head = ctc_simkd.CTCSimKDHead(config.simkd_head)
+        if config.simkd_head:  # a SimKD student: projector + the teacher's frozen head, folded (textrec.simkd)
+            self.head = simkd.CTCSimKDHead(config.simkd_head)
 
     def features(self, pixels):
         """Backbone features [B, T, c4] and sequence-encoder features [B, T, 2 * hidden]."""

@@ -1,4 +1,4 @@
-"""--mode eval for text recognition: CER, WER, exact words, ms per crop, the worst errors as a PNG page.
+"""--mode eval for text recognition (TextRecognition.evaluate): CER, WER, exact words, ms per crop, the worst errors as a PNG page.
 
 The teacher is scored as it reads on its own: greedy CTC over its full charset, then folded onto ASCII (so
 `，` counts as `,`). Its transcripts of a split are cached (keyed by the teacher's file and the split's crops).
@@ -18,9 +18,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import models
+import scoring
 import teacher_cache
-import textrec
 import utils
+from textrec import data, teachers, trocr
 
 log = logging.getLogger("docdistill")
 LATENCY_CROPS = 200
@@ -49,11 +50,11 @@ def teacher_transcripts(task, cfg, split, loader):
             return json.load(f)
     start, texts = time.perf_counter(), []
     for batch in loader:
-        if hasattr(task.teacher, "read"):
+        if isinstance(task.teacher, (teachers.OnnxRecognizer, trocr.TrOCRTeacher)):  # its own charset, then folded
             texts += task.teacher.read(batch["teacher_pixel_values"], batch["teacher_width"])
-        else:
+        else:  # transcripts: the folded texts, spelled as CTC paths
             logp = task.teacher_logits(task.teacher, batch)
-            texts += [textrec.decode(textrec.ctc_greedy(b, int(n))) for b, n in
+            texts += [data.decode(data.ctc_greedy(b, int(n))) for b, n in
                       zip(logp.argmax(-1).tolist(), batch["step_mask"].sum(1))]
     result = {"texts": texts, "seconds": time.perf_counter() - start}
     utils.atomic_json(result, path)
@@ -62,31 +63,27 @@ def teacher_transcripts(task, cfg, split, loader):
 
 @torch.no_grad()
 def evaluate(task, cfg, student, path):
+    """The student scored on cfg.eval_split (scoring.score), the teacher's own readings of the same crops, both
+    models' milliseconds per crop at batch 1; predictions.jsonl and worst_errors.png beside eval.json."""
     split = task.splits[cfg.eval_split]
-    loader = DataLoader(split, batch_size=cfg.batch_size, collate_fn=task.collator)
-    student = student.eval()
-    truths, preds, seconds = [], [], 0.0
-    for batch in loader:
-        start = time.perf_counter()
-        logits = task.student_logits(student, batch)
-        seconds += time.perf_counter() - start
-        ids, labels = task.predictions(logits, batch)
-        preds += [textrec.decode([c for c in row if c >= 0]) for row in ids.tolist()]
-        truths += [textrec.decode([c for c in row if c >= 0]) for row in labels.tolist()]
-    teacher = teacher_transcripts(task, cfg, split, loader)
+    scored = scoring.score(task, student, cfg.eval_split, cfg, device=torch.device("cpu"), desc="student")
+    texts = lambda rows: [data.decode([c for c in row if c >= 0]) for row in rows.tolist()]  # noqa: E731
+    preds, truths, seconds = texts(scored.preds), texts(scored.labels), scored.model_seconds
+    teacher = teacher_transcripts(task, cfg, split, DataLoader(split, batch_size=cfg.batch_size,
+                                                               collate_fn=task.collator))
     singles = [task.collator([split[i]]) for i in range(min(LATENCY_CROPS, len(split)))]
     student_ms = batch_latency_ms(lambda b: task.student_logits(student, b), singles)
-    if hasattr(task.teacher, "probs"):
+    if isinstance(task.teacher, teachers.OnnxRecognizer):
         teacher_ms = batch_latency_ms(lambda b: task.teacher.probs(b["teacher_pixel_values"].numpy()), singles)
-    elif hasattr(task.teacher, "read"):  # a TrOCR teacher: preprocessed crop -> generate -> decoded text
+    elif isinstance(task.teacher, trocr.TrOCRTeacher):  # preprocessed crop -> generate -> decoded text
         teacher_ms = batch_latency_ms(lambda b: task.teacher.read(b["teacher_pixel_values"]), singles)
-    else:
+    else:  # transcripts from another engine: nothing runs
         teacher_ms = (float("nan"), float("nan"))
     result = {"model": path, "split": cfg.eval_split, "crops": len(split), "teacher": task.cfg.teacher,
               "degradation": {k: getattr(cfg, k) for k in ("degrade_height", "degrade_blur", "degrade_noise",
                                                            "degrade_jpeg")},
-              "student": textrec.text_metrics(truths, preds),
-              "teacher_scores": textrec.text_metrics(truths, teacher["texts"]),
+              "student": data.text_metrics(truths, preds),
+              "teacher_scores": data.text_metrics(truths, teacher["texts"]),
               "student_parameters": models.count_parameters(student),
               "teacher_parameters": models.count_parameters(task.teacher),
               "student_ms_per_crop": student_ms[0], "student_ms_per_crop_p95": student_ms[1],
@@ -97,7 +94,6 @@ def evaluate(task, cfg, student, path):
               "teacher_agreement": float(np.mean([p == t for p, t in zip(preds, teacher["texts"])])) if preds else 0.0}
     result["char_accuracy"] = 1.0 - result["student"]["cer"]
     result["speedup_batch1"] = result["teacher_ms_per_crop"] / result["student_ms_per_crop"]
-    utils.atomic_json(result, os.path.join(cfg.output_dir, "eval.json"))
     write_predictions(split["key"], truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "predictions.jsonl"))
     worst_errors(split, truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "worst_errors.png"))
     s, t = result["student"], result["teacher_scores"]
@@ -111,17 +107,17 @@ def evaluate(task, cfg, student, path):
 def write_predictions(keys, truths, preds, teacher, path):
     """One JSON row per crop: key, truth, student and teacher readings, and each one's character edits (so two
     students can be compared crop by crop: benchmarks/textrec_table.py's paired bootstrap)."""
-    rows = [{"key": k, "truth": t, "student": p, "teacher": r, "student_edits": textrec.char_errors(t, p),
-             "teacher_edits": textrec.char_errors(t, r)} for k, t, p, r in zip(keys, truths, preds, teacher)]
+    rows = [{"key": k, "truth": t, "student": p, "teacher": r, "student_edits": data.char_errors(t, p),
+             "teacher_edits": data.char_errors(t, r)} for k, t, p, r in zip(keys, truths, preds, teacher)]
     utils._atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def worst_errors(split, truths, preds, teacher, path):
     """A page of the crops the student gets most wrong (character errors / length, then length)."""
-    import matplotlib
+    import matplotlib  # heavy: only for this page
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    scored = [(textrec.char_errors(t, p) / max(len(t), 1), len(t), i) for i, (t, p) in enumerate(zip(truths, preds))
+    scored = [(data.char_errors(t, p) / max(len(t), 1), len(t), i) for i, (t, p) in enumerate(zip(truths, preds))
               if t and t != p]
     worst = [i for *_, i in sorted(scored, reverse=True)[:WORST]]
     fig, axes = plt.subplots(max(len(worst), 1), 1, figsize=(8, 0.9 * max(len(worst), 1) + 0.5))

@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFilter
 
+import wordtags
 from config import UserError
 
 TEACHER_HEIGHT = 48
@@ -80,8 +81,7 @@ def _record(image, text, box=None, key=""):
 
 def funsd_records(root):
     """FUNSD words: every word with non-empty text, its box on its page."""
-    from wordtags import funsd_root
-    found = funsd_root(root)
+    found = wordtags.funsd_root(root)
     if found is None:
         return None
     splits = {}
@@ -223,7 +223,7 @@ def padded_width(width):
 
 def resize_for_teacher(crop, max_width):
     """The clean crop at the teacher's height 48 and width ceil(48 w / h), resized by cv2 as PaddleOCR does."""
-    import cv2  # comes with rapidocr-onnxruntime; PIL's bilinear differs from cv2's by up to a few grey levels
+    import cv2  # heavy, text recognition only; from rapidocr-onnxruntime: PIL's bilinear differs from cv2's by up to a few grey levels
     size = (teacher_width(crop.width, crop.height, max_width), TEACHER_HEIGHT)
     return Image.fromarray(cv2.resize(np.asarray(crop.convert("RGB")), size))
 

@@ -23,16 +23,17 @@ import logging
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformers import PreTrainedTokenizerFast, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 import config
-import ctc_kd
 import models
-import textrec
-import textrec_task
-import trocr
+import saved
 from config import UserError
+from losses import DistillationLoss, logits_of
+from textrec import ctc_kd, data, task, trocr
 
 log = logging.getLogger("docdistill")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
@@ -41,20 +42,12 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 def char_tokenizer():
     """A character-level tokenizer over the student's ASCII charset: <pad> <s> </s> <unk>, then the characters."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers import models as tokenizer_models
-    from transformers import PreTrainedTokenizerFast
-    vocab = {token: i for i, token in enumerate(list(SPECIALS) + list(textrec.STUDENT_CHARS))}
+    vocab = {token: i for i, token in enumerate(list(SPECIALS) + list(data.STUDENT_CHARS))}
     tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a token
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
-
-
-def saved_student_dir(path):
-    """The save_pretrained directory of a saved student path (the directory, or student/ beside a .pth)."""
-    return path if os.path.isdir(path) else os.path.join(os.path.dirname(os.path.abspath(path)), "student")
 
 
 def student_source(cfg):
@@ -63,9 +56,9 @@ def student_source(cfg):
     eval and bench read the saved student (--model, default OUTPUT_DIR/student_model.pth); training reads
     --student-config (its default, a LayoutLMv3 hub id for the other tasks, is never asked about)."""
     if cfg.mode in ("eval", "bench", "info"):
-        saved = saved_student_dir(cfg.model or os.path.join(cfg.output_dir, "student_model.pth"))
-        if os.path.isdir(saved) and trocr.is_vision_encoder_decoder(saved):
-            return saved
+        directory = saved.student_directory(cfg.model or os.path.join(cfg.output_dir, "student_model.pth"))
+        if os.path.isdir(directory) and trocr.is_vision_encoder_decoder(directory):
+            return directory
     if cfg.student_config != config.Config.student_config and trocr.is_vision_encoder_decoder(cfg.student_config):
         return cfg.student_config
     return None
@@ -75,7 +68,7 @@ def load_student_tokenizer(source):
     """The tokenizer saved with the student, or the character-level one when the directory has none."""
     if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f)) for f in TOKENIZER_FILES):
         log.info("%s has no tokenizer files: a character-level tokenizer over the student's %d ASCII characters",
-                 source, len(textrec.STUDENT_CHARS))
+                 source, len(data.STUDENT_CHARS))
         return char_tokenizer()
     return trocr.load_tokenizer(source)
 
@@ -96,7 +89,6 @@ def special_ids(model, tokenizer):
 def build_student(source):
     """(model, tokenizer): weights from model.safetensors when the source has them, else random init (the decoder's
     vocabulary sized to the tokenizer); decoder start, pad and eos set in its config and generation config."""
-    from transformers import VisionEncoderDecoderModel
     model_config = models.load_pretrained_config(source)
     tokenizer = load_student_tokenizer(source)
     if trocr.has_safetensors(source):
@@ -116,59 +108,58 @@ def build_student(source):
 
 def token_ce(logits, targets):
     """Mean over the target tokens (not IGNORE_INDEX) of -log softmax(logits)[target]; 0 without any."""
-    if not bool((targets != textrec.IGNORE_INDEX).any()):
+    if not bool((targets != data.IGNORE_INDEX).any()):
         return logits.sum() * 0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=textrec.IGNORE_INDEX)
+                           ignore_index=data.IGNORE_INDEX)
 
 
 def pad_rows(rows, device):
-    labels = torch.full((len(rows), max(1, max(map(len, rows), default=0))), textrec.IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(rows), max(1, max(map(len, rows), default=0))), data.IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(rows):
         labels[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
     return labels.to(device)
 
 
-class Seq2SeqDistillationLoss(nn.Module):
-    """criterion(student_out, teacher_out, batch) -> {"total", "ce", "seq"}: (1 - alpha) CE(labels) + alpha
-    CE(teacher's greedy transcript, in the student's tokens); crops without a transcript get only the teacher term."""
+class Seq2SeqDistillationLoss(DistillationLoss):
+    """criterion(student_out, teacher_out, batch) -> {"total", "ce", "seq"}: the skeleton of losses.py with the
+    token CE on the labels (crops with a transcript) as the hard term and CE on the teacher's greedy transcript, in
+    the student's tokens, as the teacher's term (every crop)."""
 
     def __init__(self, alpha, terms, with_teacher, tokenize):
-        super().__init__()
-        self.alpha = alpha if with_teacher else 0.0
-        self.terms = [t for t in terms if t] if with_teacher and alpha > 0 else []
+        super().__init__(alpha=alpha if with_teacher else 0.0, terms=terms if with_teacher and alpha > 0 else ())
         self.tokenize = tokenize
 
     def teacher_targets(self, teacher_logp, lengths):
         """The teacher's transcripts (greedy paths of its per-step distributions) as student target ids + eos."""
         paths = ctc_kd.greedy_targets(teacher_logp.float(), lengths)[2]
-        return pad_rows([self.tokenize(textrec.decode(p)) for p in paths], teacher_logp.device)
+        return pad_rows([self.tokenize(data.decode(p)) for p in paths], teacher_logp.device)
 
-    def forward(self, student_out, teacher_out, batch):
-        labelled = batch["has_label"].bool()
-        forced = student_out["forced"]
-        out = {"ce": token_ce(forced[labelled], batch["decoder_labels"][labelled])}
-        kd = torch.zeros((), device=forced.device)
-        if "seq" in self.terms:
-            teacher_logp = teacher_out["logits"] if isinstance(teacher_out, dict) else teacher_out
-            targets = self.teacher_targets(teacher_logp, batch["step_mask"].sum(1))
-            out["seq"] = token_ce(student_out["decode"](targets), targets)
-            kd = out["seq"]
-        has_ce = bool(labelled.any())
-        total = (1.0 - self.alpha) * out["ce"] + self.alpha * kd if has_ce else self.alpha * kd + 0 * out["ce"]
-        return {"total": total, **{k: v.detach() for k, v in out.items()}}
+    def rows(self, batch):
+        return batch["has_label"].bool()
+
+    def hard_term(self, student_out, batch, labelled):
+        return token_ce(student_out["forced"][labelled], batch["decoder_labels"][labelled])
+
+    def teacher_terms(self, student_out, teacher_out, batch, labelled):
+        targets = self.teacher_targets(logits_of(teacher_out), batch["step_mask"].sum(1))
+        return {"seq": token_ce(student_out["decode"](targets), targets)}
 
 
-class TrOCRRecognition(textrec_task.TextRecognition):
+class TrOCRRecognition(task.TextRecognition):
     """Text recognition with a VisionEncoderDecoder student (data, teacher, metrics and eval: TextRecognition's)."""
 
-    def __init__(self, cfg, source, train_teacher=False):
+    @classmethod
+    def accepts(cls, cfg):
+        return student_source(cfg) is not None
+
+    def __init__(self, cfg, train_teacher=False, model_labels=None):
+        self.source = student_source(cfg)
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
-        if cfg.mode == "train" and cfg.alpha > 0 and terms:
+        if cfg.uses_teacher and terms:
             raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC outputs, which the "
-                            f"VisionEncoderDecoder student {source} does not have: use --kd-terms seq (sequence-level "
-                            f"KD: cross-entropy on the teacher's transcript)")
-        self.source = source
+                            f"VisionEncoderDecoder student {self.source} does not have: use --kd-terms seq "
+                            f"(sequence-level KD: cross-entropy on the teacher's transcript)")
         super().__init__(cfg, train_teacher)
 
     def build_student(self, cfg):
@@ -188,7 +179,7 @@ class TrOCRRecognition(textrec_task.TextRecognition):
         """Decoder inputs for teacher forcing: the start token, then the targets but the last (IGNORE_INDEX -> pad)."""
         inputs = torch.full_like(targets, self.pad)
         inputs[:, 0] = self.start
-        inputs[:, 1:] = targets[:, :-1].masked_fill(targets[:, :-1] == textrec.IGNORE_INDEX, self.pad)
+        inputs[:, 1:] = targets[:, :-1].masked_fill(targets[:, :-1] == data.IGNORE_INDEX, self.pad)
         return inputs
 
     # ------------------------------------------------------------------ forward passes, loss, predictions
@@ -207,8 +198,8 @@ class TrOCRRecognition(textrec_task.TextRecognition):
         scored = out.logits if student.training else self.student_logits(student, batch)
         return {"logits": scored, "forced": out.logits, "decode": decode}
 
-    def make_loss(self, cfg, with_teacher):
-        return Seq2SeqDistillationLoss(cfg.alpha, cfg.kd_terms.split(","), with_teacher, self.tokenize)
+    def make_loss(self, cfg):
+        return Seq2SeqDistillationLoss(cfg.alpha, cfg.kd_terms.split(","), cfg.uses_teacher, self.tokenize)
 
     def encoded(self, row):
         """Token ids -> student-charset ids of the folded text; a special token (start, pad, unk...) stands as one
@@ -220,10 +211,10 @@ class TrOCRRecognition(textrec_task.TextRecognition):
                 run.append(token)
                 continue
             if run:
-                out += textrec.encode(textrec.fold(self.tokenizer.decode(run)))
+                out += data.encode(data.fold(self.tokenizer.decode(run)))
                 run = []
             if token is not None:
-                out.append(textrec.BLANK)
+                out.append(data.BLANK)
         return out
 
     def predictions(self, logits, batch):
@@ -236,9 +227,9 @@ class TrOCRRecognition(textrec_task.TextRecognition):
         for row in (logits.long() if generated else logits.argmax(-1)).tolist():
             row = row[1:] if generated else row
             row = row[:row.index(self.eos)] if self.eos in row else row
-            paths.append(textrec.encode(textrec.fold(self.tokenizer.decode(row, skip_special_tokens=True).strip()))
+            paths.append(data.encode(data.fold(self.tokenizer.decode(row, skip_special_tokens=True).strip()))
                          if generated else self.encoded(row))
-        return textrec_task.padded_predictions(paths, batch["labels"])
+        return task.padded_predictions(paths, batch["labels"])
 
     # ------------------------------------------------------------------------------ save and load
     def save_pretrained(self, model, directory, role):
@@ -252,22 +243,24 @@ class TrOCRRecognition(textrec_task.TextRecognition):
         with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
             json.dump(processor, f, indent=2)
 
-    def load_student(self, path):
-        """A saved VisionEncoderDecoder student: its student/ directory (safetensors) or student_model.pth."""
-        from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
-        if os.path.isdir(path):
-            if not trocr.is_vision_encoder_decoder(path):
-                raise UserError(f"{path} holds no VisionEncoderDecoder student (config.json)")
+    @classmethod
+    def owns_saved(cls, config):
+        return config.get("model_type") == trocr.MODEL_TYPE
+
+    @classmethod
+    def student_from_saved(cls, config, weights, path):
+        """A saved VisionEncoderDecoder student: its student/ directory (safetensors) or student_model.pth; the
+        decoder start, pad and eos ids that generate() reads are those its config was saved with."""
+        if weights is None:
             model, loaded = trocr.load_model(path)
             if not loaded:
                 raise UserError(f"{path} has no model.safetensors: give the student/ directory written by --mode train")
             return model
-        import evaluate
-        saved = evaluate.read_student_file(path)
-        saved_config = json.loads(saved["config"])
-        if saved_config.get("model_type") != trocr.MODEL_TYPE:
-            raise UserError(f"{path} holds a {saved_config.get('model_type')} model, not a VisionEncoderDecoder "
-                            f"student")
-        model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_dict(saved_config))
-        model.generation_config.update(decoder_start_token_id=self.start, pad_token_id=self.pad, eos_token_id=self.eos)
-        return models.load_student_weights(model, saved["state_dict"], path)
+        model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_dict(config))
+        model.generation_config.update(decoder_start_token_id=config["decoder_start_token_id"],
+                                       pad_token_id=config["pad_token_id"], eos_token_id=config["eos_token_id"])
+        return models.load_student_weights(model, weights, path)
+
+    def check_saved(self, config, path):
+        if not self.owns_saved(config):
+            raise UserError(f"{path} holds a {config.get('model_type')} model, not a VisionEncoderDecoder student")

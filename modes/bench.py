@@ -20,7 +20,11 @@ from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 
 import models
+import registry
+import saved
+import scoring
 import utils
+from modes import export, predict
 
 log = logging.getLogger("docdistill")
 LATENCY_PAGES = 30
@@ -122,26 +126,8 @@ def quantize_int8(model):
     return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), names, dtype=torch.qint8)
 
 
-@torch.no_grad()
-def accuracy(forward, model, split, collator, device, task):
-    preds, labels = [], []
-    for batch in DataLoader(split, batch_size=THROUGHPUT_BATCH, collate_fn=collator):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if hasattr(task, "predictions"):  # sequence tasks: decoded sequences, rows of any width
-            batch_preds, batch_labels = task.predictions(forward(model, batch), batch)
-            preds += list(batch_preds.cpu().numpy())
-            labels += list(batch_labels.cpu().numpy())
-            continue
-        preds.append(forward(model, batch).argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    if hasattr(task, "predictions"):
-        return task.metrics(preds, labels)[task.metric_name]
-    return task.metrics(torch.cat(preds).numpy(), torch.cat(labels).numpy())[task.metric_name]
-
-
 def onnx_variants(student, split, collator, directory, forward):
     """The student exported to ONNX (float32, and int8 by quantize_dynamic), run by onnxruntime on the CPU."""
-    import export
     if student.config.model_type == "vision-encoder-decoder":  # generate() in a loop: not exported to ONNX here
         log.info("the VisionEncoderDecoder student is not exported to ONNX: no onnxruntime rows")
         return []
@@ -149,25 +135,22 @@ def onnx_variants(student, split, collator, directory, forward):
     batch = collator([split[i] for i in range(min(4, len(split)))])
     fp32, int8 = os.path.join(directory, "model.onnx"), os.path.join(directory, "model.int8.onnx")
     if student.config.model_type == "crnn-ctc":  # text recognition: exported and run as predict/export do
-        import predict
         student = predict.CTCModel(student)
         forward = lambda model, batch: model(pixel_values=batch["pixel_values"]).logits  # noqa: E731
     export.export_onnx(copy.deepcopy(student).cpu().eval(), names, {n: batch[n] for n in names}, fp32)
     export.quiet_quantize(fp32, int8)
     cpu = torch.device("cpu")
-    return [("student onnxruntime fp32", export.OrtModel(fp32), forward, cpu),
-            ("student onnxruntime int8", export.OrtModel(int8), forward, cpu)]
+    return [("student onnxruntime fp32", predict.OrtModel(fp32), forward, cpu),
+            ("student onnxruntime int8", predict.OrtModel(int8), forward, cpu)]
 
 
 def run(cfg):
-    from evaluate import load_saved_student, saved_label_names
-    from tasks import build_task
     path = cfg.model or os.path.join(cfg.output_dir, "student_model.pth")
     trained = os.path.exists(path)
     # timing needs shape: a teacher head for other labels is re-initialised; a trained student is scored in its
     # own label space (the data may hold a subset of its classes)
-    task = build_task(cfg, train_teacher=True, model_labels=saved_label_names(path) if trained else None)
-    student = load_saved_student(task, path) if trained else task.student
+    task = registry.build_task(cfg, model_labels=saved.label_names(path) if trained else None)
+    student = registry.load_student(path, task) if trained else task.student
     if not trained:
         log.info("no trained student at %s: timing a freshly initialised one (accuracy not meaningful)", path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,8 +171,9 @@ def run(cfg):
                    task.teacher if name == "teacher" else student),  # int8 keeps the same weights, packed
                "size_mb": os.path.getsize(model.path) / 1e6 if hasattr(model, "session") else size_on_disk_mb(model),
                **time_model(forward, model, split, collator, where, amp_dtype if where.type == "cuda" else None)}
-        if name.startswith("student"):
-            row[task.metric_name] = accuracy(forward, model, split, collator, where, task) if trained else None
+        if name.startswith("student"):  # scored as every model is (scoring.score), on this variant's device
+            row[task.metric_name] = scoring.score(task, model, cfg.eval_split, cfg, forward, device=where).metrics[
+                task.metric_name] if trained else None
         rows.append(row)
         model.to("cpu")
     teacher_row, student_row = rows[-1], rows[0]
@@ -200,13 +184,10 @@ def run(cfg):
               "split": cfg.eval_split, "amp": cfg.amp, "rows": rows, "summary": summary}
     onnx_dir.cleanup()
     utils.atomic_json(result, os.path.join(cfg.output_dir, "bench.json"))
-    table = bench_table(result, task.metric_name, ITEMS.get(cfg.task, "document"))
+    table = bench_table(result, task.metric_name, task.item)
     utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "bench.md"))
     print(table)
     return 0
-
-
-ITEMS = {"sequence-classification": "page", "token-classification": "form", "text-recognition": "crop"}
 
 
 def bench_table(result, metric, item="page"):

@@ -8,7 +8,7 @@ from model.safetensors only: a pickled pytorch_model.bin is refused before anyth
 TrOCRTeacher reads the clean crop as its image processor says (resized to its size, RGB, rescaled, normalised by its
 mean/std; without a preprocessor_config.json: the encoder's image_size with mean/std 0.5), generates greedily (at
 most --max-new-tokens tokens), decodes with its tokenizer and folds the text onto the student's ASCII charset
-(textrec.fold). It then teaches as ocr_teacher.TranscriptTeacher does, through the same PathTeacher: a one-hot CTC
+(data.fold). It then teaches as teachers.TranscriptTeacher does, through the same PathTeacher: a one-hot CTC
 path per crop, read only by sequence-level KD (--kd-terms seq). Its tokens and decoding steps do not map onto the
 student's per-time-step CTC classes, so the kl and feature terms are refused (textrec_task).
 """
@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 import models
-import ocr_teacher
-import textrec
 from config import UserError
+from textrec import data, teachers
 
 log = logging.getLogger("docdistill")
 MODEL_TYPE = "vision-encoder-decoder"
@@ -169,7 +168,7 @@ def greedy_ids(model, pixels, max_new_tokens):
                           do_sample=False)
 
 
-class TrOCRTeacher(ocr_teacher.PathTeacher):
+class TrOCRTeacher(teachers.PathTeacher):
     """A frozen VisionEncoderDecoder recogniser: its greedy, folded transcripts as one-hot CTC paths."""
 
     def __init__(self, source, max_new_tokens):
@@ -197,7 +196,7 @@ class TrOCRTeacher(ocr_teacher.PathTeacher):
         """The teacher's transcripts of crops [B, C, H, W] (its image processor's input): greedy generate, decode,
         strip, fold onto the student's charset."""
         ids = greedy_ids(self.model, pixels, self.max_new_tokens)
-        return [textrec.fold(text.strip()) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [data.fold(text.strip()) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def forward(self, pixels, lengths, steps):
         """One-hot CTC log-probabilities [B, steps, student classes] spelling each crop's transcript within its own

@@ -1,17 +1,17 @@
 """--kd-terms simkd for text recognition: SimKD (Chen et al., CVPR 2022) with an ONNX CTC recogniser as teacher.
 
-The teacher's "penultimate features" are its sequence-encoder output (ocr_teacher.feature_tensors: PP-OCRv4's SVTR
+The teacher's "penultimate features" are its sequence-encoder output (teachers.feature_tensors: PP-OCRv4's SVTR
 neck, [N, T, 120]), the input of the graph's last MatMul, which with its bias (Add) and a Softmax gives the teacher's
 per-step probabilities over its 6,625 classes. teacher_head() reads that MatMul's weight and bias out of the ONNX
 file; attach() replaces the CRNN student's head (nn.Linear 2 hidden -> student classes) by a CTCSimKDHead:
 
     student encoder (BiLSTM) [B, T, 2 hidden] -> projector (nn.Linear, learned) -> [B, T, 120]
       -> teacher's linear head (frozen copy) -> softmax over the teacher's classes
-      -> folded onto the student's charset (ocr_teacher.fold_matrix, as the teacher's own probabilities are folded)
+      -> folded onto the student's charset (teachers.fold_matrix, as the teacher's own probabilities are folded)
       -> log: the student's per-step "logits", log-probabilities over blank + the student's charset.
 
 Since they are log-probabilities already, log_softmax leaves them unchanged: CTC, kl and the other terms read them
-as any CRNN logits. The head is kd_terms.SimKDHead (the projector and the frozen teacher head of page
+as any CRNN logits. The head is models.SimKDHead (the projector and the frozen teacher head of page
 classification and word tagging) with the fold on top. Its description (widths, the teacher head's shape and the
 fold: the student class of each teacher class) is the student config's `simkd_head`, so crnn.CRNN rebuilds the head
 from the saved config alone: the saved student loads, predicts, evaluates and exports without the teacher.
@@ -25,15 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kd_terms
+import models
 from config import UserError
 
-LOG_FLOOR = 1e-12  # as the teacher's folded log-probabilities (ocr_teacher.OnnxRecognizer.forward)
+LOG_FLOOR = 1e-12  # as the teacher's folded log-probabilities (teachers.OnnxRecognizer.forward)
 
 
 def onnx_constants(graph):
     """{name: numpy array} of a graph's weights: its initialisers and its Constant nodes' values."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # heavy, only for --kd-terms simkd with an ONNX teacher
     found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     found.update({n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
                   for a in n.attribute if a.name == "value"})
@@ -69,10 +69,10 @@ def teacher_head(graph):
     return torch.tensor(np.ascontiguousarray(weight.T), dtype=torch.float32), torch.tensor(bias, dtype=torch.float32)
 
 
-class CTCSimKDHead(kd_terms.SimKDHead):
+class CTCSimKDHead(models.SimKDHead):
     """projector (learned) -> the teacher's linear head (frozen) -> softmax -> fold -> log.
 
-    spec: kd_terms.SimKDHead's {"student_width", "teacher_width", "teacher_head"} plus "fold" (the student class of
+    spec: models.SimKDHead's {"student_width", "teacher_width", "teacher_head"} plus "fold" (the student class of
     each teacher class) and "student_classes"."""
 
     def __init__(self, spec):

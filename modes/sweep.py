@@ -3,7 +3,7 @@
     python main.py --mode sweep --sweep temperature=1,2,4,8 alpha=0,0.5,0.9 student_size=tiny,small
 
 Every combination of the axes is one trial (optuna GridSampler), or `--sweep-sampler tpe --sweep-trials N` lets
-TPE pick N of them. A trial is a `--mode train` run (training_modes.run_train, the same loop as any other run)
+TPE pick N of them. A trial is a `--mode train` run (modes/training.py run_train, the same loop as any other run)
 in OUTPUT_DIR/trial-NNN, scored by its best validation epoch (--eval-split); no trial reads the test split.
 Trials share the teacher-logit cache (teacher_cache.py: its key is the teacher's weights, the preprocessed
 split and the label order, none of which alpha, T, the student's size or the schedule change), so the teacher
@@ -39,12 +39,17 @@ import socket
 import time
 
 import numpy as np
+import optuna
+from accelerate import PartialState
 
 import checkpoints
-import sweep_report
-import train
+import models
+import registry
+import scoring
 import utils
-from config import PRESETS, STUDENT_SIZES, Config, UserError, flag
+from config import STUDENT_SIZES, Config, UserError, flag, preset_settings
+from modes import sweep_report
+from modes.training import run_train
 
 log = logging.getLogger("docdistill")
 
@@ -104,13 +109,13 @@ def trial_config(cfg, params, output_dir, seed=None):
     """The --mode train config of one run: the sweep's settings with the trial's values (validated)."""
     values = {**cfg.to_dict(), **params, "mode": "train", "output_dir": output_dir, "overwrite": False,
               "checkpoint": "", "sweep": [], "seed": cfg.seed if seed is None else seed}
-    if values["alpha"] == 0:  # without the teacher: no unlabelled documents (nothing teaches them), own epochs
-        values["unlabeled"] = ""
-        values["epochs"] = cfg.baseline_epochs or values["epochs"]
+    run = Config(**values)
+    if not run.uses_teacher:  # without the teacher: no unlabelled documents (nothing teaches them), own epochs
+        run.unlabeled, run.epochs = "", cfg.baseline_epochs or run.epochs
     checkpoint = checkpoints.checkpoint_path(output_dir, "student")
     if os.path.exists(checkpoint):  # an interrupted run of this trial: continue it
-        values["checkpoint"] = checkpoint
-    return Config(**values).validate()
+        run.checkpoint = checkpoint
+    return run.validate()
 
 
 def study_name(cfg, axes):
@@ -129,7 +134,7 @@ def study_name(cfg, axes):
 def train_command(cfg, params, output_dir, seed=None):
     """The `python main.py --mode train ...` command that trains `params` as the sweep did."""
     run = trial_config(cfg, params, output_dir, seed)
-    defaults = {**Config().to_dict(), **PRESETS[cfg.preset]}
+    defaults = {**Config().to_dict(), **preset_settings(cfg.preset)}
     words = ["python", "main.py", "--preset", cfg.preset, "--mode", "train"]
     for name in FIELDS:
         value = getattr(run, name)
@@ -160,7 +165,6 @@ def recover_interrupted(study):
     """Queue again, to run in the same directory (and so resume from its checkpoint), every trial that was
     interrupted: left RUNNING by a process of this host that is gone (SIGKILL, power cut), or stopped by
     SIGTERM / Ctrl-C (marked interrupted by its objective)."""
-    import optuna
     host, storage = socket.gethostname(), study._storage
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
@@ -184,11 +188,9 @@ def recover_interrupted(study):
 
 def run_training(cfg, run_cfg):
     """One ordinary --mode train run (main.py's path: refuse to overwrite, seed, build the task, train)."""
-    from tasks import build_task
-    from training_modes import run_train
     checkpoints.refuse_to_overwrite(run_cfg, "student")
     utils.seed_everything(run_cfg.seed)
-    task = build_task(run_cfg, train_teacher=run_cfg.alpha == 0)  # alpha 0: the teacher is not used
+    task = registry.build_task(run_cfg)
     try:
         return run_train(run_cfg, task)
     finally:
@@ -202,7 +204,6 @@ class TrialFailed(Exception):
 
 
 def run_trials(cfg, study, axes):
-    import optuna
     target = math.prod(len(v) for v in axes.values()) if cfg.sweep_sampler == "grid" else \
         (cfg.sweep_trials or math.prod(len(v) for v in axes.values()))
 
@@ -278,21 +279,13 @@ def run_trials(cfg, study, axes):
 
 def score_on_test(cfg, run_cfg):
     """The run's best student (student_model.pth) on the test split: the task's scores."""
-    from evaluate import load_saved_student
-    from tasks import build_task
-    import models
     test_cfg = dataclasses.replace(run_cfg, mode="eval", eval_split=TEST_SPLIT, checkpoint="")
     utils.seed_everything(test_cfg.seed)
-    task = build_task(test_cfg, train_teacher=True)  # the teacher is not run here
+    task = registry.build_task(test_cfg, train_teacher=True)  # the teacher is not run here
     if TEST_SPLIT not in task.splits:
         raise UserError(f"--dataset {cfg.dataset} has no {TEST_SPLIT!r} split to score the best setting on")
-    student = models.freeze(load_saved_student(task, os.path.join(run_cfg.output_dir, "student_model.pth")))
-    accelerator = train.make_accelerator(test_cfg)
-    loader = train.make_loader(task, TEST_SPLIT, test_cfg, shuffle=False)
-    decode = getattr(task, "predictions", None)
-    logits, labels = train.predict(accelerator, loader, task.student_logits, student.to(accelerator.device),
-                                   desc="test", decode=decode)
-    scores = task.metrics((logits if decode else logits.argmax(-1)).numpy(), labels.numpy())
+    student = models.freeze(registry.load_student(os.path.join(run_cfg.output_dir, "student_model.pth"), task))
+    scores = scoring.score(task, student, TEST_SPLIT, test_cfg, desc="test").metrics
     metric = task.metric_name
     del task, student
     gc.collect()
@@ -354,7 +347,6 @@ def final_runs(cfg, study, axes):
     """Best setting and its alpha-0 baseline, each over --seeds seeds, trained where needed, scored on test; with
     student_size an axis, each size's best distilled setting and its alpha-0 baseline over the seeds, scored on
     validation (sizes)."""
-    import optuna
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not done:
         raise UserError("no trial of the study finished: nothing to score (see the errors above)")
@@ -408,10 +400,8 @@ def size_study(cfg, axes, done, runs, seeds):
 
 
 def run(cfg):
-    import optuna
     if cfg.seeds < 1:
         raise UserError("--seeds must be >= 1")
-    from accelerate import PartialState
     if PartialState().num_processes > 1:
         raise UserError("--mode sweep runs one process; run several machines on one --sweep-storage instead of "
                         "accelerate launch")

@@ -16,9 +16,9 @@ plus predictions.csv (page classification) and predict_summary.json (counts and 
 that cannot be read is reported on one line ("failed: FILE: why") and counted; the others are still predicted.
 Exit code: 0 every file predicted, 1 some failed, 2 bad usage (no --input, no usable model...).
 
-A task plugs in its own page handling by giving its class in tasks.TASKS a `predictor` attribute: a class built
-as predictor(directory, config, cfg) with encode(page, ocr) -> item, collate(items) -> model inputs (torch) and
-rows(logits, items) -> one dict per page (see PagePredictor).
+Each task's pages are handled by its entry in PREDICTORS: a class built as predictor(directory, config, cfg) with
+encode(page, ocr) -> item, collate(items) -> model inputs (torch) and rows(logits, items) -> one dict per page (see
+PagePredictor). The student is read by the one loader of saved students (registry.load_student).
 """
 import csv
 import glob
@@ -30,15 +30,22 @@ import time
 import types
 
 import numpy as np
+import pypdfium2 as pdfium
 import torch
 from PIL import Image, ImageSequence
 from tqdm import tqdm
+from transformers import AutoTokenizer
+from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 import dataset
+import models
+import ocr
+import registry
+import saved
 import utils
 from config import UserError
-from evaluate import read_student_file
-from wordtags import pad_ids
+from textrec import crnn, data
+from wordtags import first_subtokens, pad_ids
 
 log = logging.getLogger("docdistill")
 PDF_MAGIC = b"%PDF"
@@ -72,7 +79,6 @@ def read_pages(path, dpi):
     if not head:
         raise ValueError("empty file (0 bytes)")
     if head == PDF_MAGIC or path.lower().endswith(".pdf"):
-        import pypdfium2 as pdfium
         try:
             pdf = pdfium.PdfDocument(path)
         except pdfium.PdfiumError as e:
@@ -95,53 +101,26 @@ def read_pages(path, dpi):
 
 # ----------------------------------------------------------------------------- the student
 
-def task_of(config, default):
-    import crnn
-    if getattr(config, "model_type", None) == crnn.CRNNConfig.model_type:
-        return "text-recognition"
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    if arch.endswith("ForTokenClassification"):
-        return "token-classification"
-    if arch.endswith("ForSequenceClassification"):
-        return "sequence-classification"
-    return default
+class OrtModel:
+    """An ONNX file behind the interface of a transformers model: `model(**inputs).logits` (torch, CPU)."""
 
+    def __init__(self, path, threads=None):
+        import onnxruntime as ort  # heavy: only for exported students
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.path = path
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-def load_model(path):
-    """(model, directory with the tokenizer and config, config): `model(**inputs).logits` for torch or ONNX."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-    import models
-    if path.endswith(".onnx"):
-        directory = os.path.dirname(os.path.abspath(path))
-    elif os.path.isdir(path):
-        directory = path
-    else:  # student_model.pth: the tokenizer and processor are in the student/ directory written beside it
-        directory = os.path.join(os.path.dirname(os.path.abspath(path)), "student")
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        raise UserError(f"{path}: no config.json in {directory}: give the student/ directory written by --mode "
-                        f"train (or student_model.pth beside it), or the model.onnx written by --mode export")
-    with open(os.path.join(directory, "config.json")) as f:
-        raw = json.load(f)
-    import crnn
-    if raw.get("model_type") == crnn.CRNNConfig.model_type:
-        return load_crnn(path, directory, crnn.CRNNConfig.from_dict(raw))
-    if raw.get("model_type") == "vision-encoder-decoder":
-        raise UserError(f"{path} is a TrOCR-style (VisionEncoderDecoder) text-recognition student: --mode predict and "
-                        f"export do not take it yet; score it with --mode eval --task text-recognition")
-    config = AutoConfig.from_pretrained(directory)
-    auto = AutoModelForTokenClassification if task_of(config, "") == "token-classification" \
-        else AutoModelForSequenceClassification
-    if path.endswith(".onnx"):
-        from export import OrtModel
-        return OrtModel(path), directory, config
-    if os.path.isdir(path):
-        model = models.from_pretrained(auto, path)
-    else:
-        saved = read_student_file(path)
-        import kd_terms
-        model = auto.from_config(type(config).from_dict(json.loads(saved["config"])))
-        model = models.load_student_weights(kd_terms.restore_head(model), saved["state_dict"], path)
-    return model.eval(), directory, config
+    def __call__(self, **inputs):
+        feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
+        return types.SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
 
 
 class CTCModel(torch.nn.Module):
@@ -150,28 +129,37 @@ class CTCModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.crnn = model
+        self.config = model.config
 
     def forward(self, pixel_values):
         return types.SimpleNamespace(logits=self.crnn(pixel_values))
 
 
-def load_crnn(path, directory, config):
-    """A text-recognition student: student/ (safetensors + config), student_model.pth beside it, or its ONNX."""
-    import crnn
-    import models
+def config_object(config):
+    """A saved student's config (a dict) as the object its model reads."""
+    if config.get("model_type") == crnn.CRNNConfig.model_type:
+        return crnn.CRNNConfig.from_dict(config)
+    return models.config_from_dict(config)
+
+
+def load_model(path):
+    """(model, the directory with its tokenizer and image processor, its config), for the PyTorch weights
+    (registry.load_student) or an ONNX file written by --mode export; `model(**inputs).logits`."""
+    directory = saved.student_directory(path)
+    raw = saved.read_config(directory if path.endswith(".onnx") else path)
+    task_name = registry.task_name_of(raw, path)
+    if task_name == "text-recognition" and raw.get("model_type") != crnn.CRNNConfig.model_type:
+        raise UserError(f"{path} is a TrOCR-style (VisionEncoderDecoder) text-recognition student: --mode predict and "
+                        f"export do not take it yet; score it with --mode eval --task text-recognition")
     if path.endswith(".onnx"):
-        from export import OrtModel
-        return OrtModel(path), directory, config
-    if os.path.isdir(path):
-        return CTCModel(crnn.CRNN.from_pretrained(path)).eval(), directory, config
-    saved = read_student_file(path)
-    model = models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(json.loads(saved["config"]))),
-                                        saved["state_dict"], path)
-    return CTCModel(model).eval(), directory, config
+        return OrtModel(path), directory, config_object(raw)
+    model = registry.load_student(path)
+    if task_name == "text-recognition":
+        model = CTCModel(model).eval()
+    return model, directory, model.config
 
 
 def load_tokenizer(directory):
-    from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
@@ -188,7 +176,6 @@ class PagePredictor:
     needs_ocr = True
 
     def __init__(self, directory, config, cfg):
-        from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
         self.tokenizer = load_tokenizer(directory)
         self.spec = dataset.image_spec(LayoutLMv3ImageProcessorPil.from_pretrained(directory))
         self.labels = [config.id2label[i] for i in range(len(config.id2label))]
@@ -231,10 +218,9 @@ class WordPredictor:
         self.max_length = cfg.max_length
 
     def encode(self, page, ocr):
-        import wordtags
         words = ocr["ocr_words"]
         enc = self.tokenizer([words], is_split_into_words=True, truncation=True, max_length=self.max_length)
-        return {"input_ids": enc["input_ids"][0], "word_pos": wordtags.first_subtokens(enc.word_ids(0), len(words)),
+        return {"input_ids": enc["input_ids"][0], "word_pos": first_subtokens(enc.word_ids(0), len(words)),
                 "text": words, "boxes": ocr["word_boxes"]}
 
     def collate(self, items):
@@ -290,28 +276,25 @@ class CropPredictor:
         self.chars, self.height, self.max_width = config.chars, config.height, cfg.max_text_width
 
     def encode(self, page, ocr):
-        import textrec
         crop = page.transpose(Image.Transpose.ROTATE_90) if page.height > 1.5 * page.width else page
-        crop = textrec.resize_for_teacher(crop, self.max_width)
+        crop = data.resize_for_teacher(crop, self.max_width)
         grey = crop.convert("L").resize((-(-crop.width // 2), self.height), Image.BILINEAR)
-        return {"pixels": textrec.normalise(grey), "steps": textrec.padded_width(crop.width) // textrec.STEP}
+        return {"pixels": data.normalise(grey), "steps": data.padded_width(crop.width) // data.STEP}
 
     def collate(self, items):
-        import textrec
-        padded = max(i["steps"] for i in items) * textrec.STEP // 2
+        padded = max(i["steps"] for i in items) * data.STEP // 2
         pixels = np.zeros((len(items), 1, self.height, padded), np.float32)
         for k, item in enumerate(items):
             pixels[k, 0, :, :item["pixels"].shape[1]] = item["pixels"]
         return {"pixel_values": torch.from_numpy(pixels)}
 
     def rows(self, logits, items):
-        import textrec
         out = []
         for step_logits, item in zip(logits, items):
             probs = softmax(step_logits[:item["steps"]])
             best = probs.argmax(-1)
-            ids = textrec.ctc_greedy(best.tolist())
-            chosen = probs.max(-1)[best != textrec.BLANK] if ids else probs.max(-1)
+            ids = data.ctc_greedy(best.tolist())
+            chosen = probs.max(-1)[best != data.BLANK] if ids else probs.max(-1)
             out.append({"text": "".join(self.chars[i - 1] for i in ids if 0 < i <= len(self.chars)),
                         "confidence": float(chosen.mean()) if len(chosen) else 0.0})
         return out
@@ -321,9 +304,6 @@ PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": 
               "text-recognition": CropPredictor}
 
 
-def predictor_for(task_name):
-    import tasks
-    return getattr(tasks.TASKS.get(task_name), "predictor", None) or PREDICTORS[task_name]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -361,7 +341,6 @@ class Writer:
 
 def run(cfg):
     """Predict every page of every input; 0 when all files were read, 1 when some failed (2: UserError)."""
-    import ocr
     if not cfg.input:
         raise UserError("--mode predict needs --input: image files, PDFs, folders or globs")
     if cfg.top_k < 1 or cfg.pdf_dpi < 1:
@@ -369,9 +348,10 @@ def run(cfg):
     files, missing = expand_inputs(cfg.input)
     if not files:
         raise UserError(f"--input {' '.join(cfg.input)}: no such file, folder or matching glob")
-    model, directory, config = load_model(cfg.model or os.path.join(cfg.output_dir, "student"))
-    task_name = task_of(config, cfg.task)
-    predictor = predictor_for(task_name)(directory, config, cfg)
+    path = cfg.model or os.path.join(cfg.output_dir, "student")
+    model, directory, config = load_model(path)
+    task_name = registry.task_name_of(config.to_dict(), path)
+    predictor = PREDICTORS[task_name](directory, config, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and isinstance(model, torch.nn.Module) else "cpu")
     if isinstance(model, torch.nn.Module):
         model.to(device)

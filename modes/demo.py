@@ -17,15 +17,22 @@ each student's accuracy minus the alone student's, and the table goes to OUTPUT_
 import dataclasses
 import gc
 import logging
+import multiprocessing
 import os
 import time
 
 import numpy as np
+import torch
 
+import demo_corpus
 import models
+import recipe
+import registry
+import scoring
 import stats
 import train
 import utils
+from modes.training import run_teacher, run_train
 
 log = logging.getLogger("docdistill")
 
@@ -59,29 +66,24 @@ def steps(cfg):
 
 def student_config(cfg, name, seed, overrides):
     """The Config of one student run of steps(cfg), in OUTPUT_DIR/<name>-seed<seed>: STUDENT, then its overrides."""
-    settings = {**STUDENT, **overrides}
+    run = dataclasses.replace(cfg, mode="train", teacher=os.path.join(cfg.output_dir, "teacher", "teacher"), seed=seed,
+                              output_dir=os.path.join(cfg.output_dir, f"{name}-seed{seed}"), **{**STUDENT, **overrides})
     # alone: the teacher is not used; an untrained one of the same kind keeps the same preprocessing
-    teacher = os.path.join(cfg.output_dir, "teacher", "teacher") if settings["alpha"] > 0 else TEACHER["teacher"]
-    return dataclasses.replace(cfg, mode="train", teacher=teacher, seed=seed,
-                               output_dir=os.path.join(cfg.output_dir, f"{name}-seed{seed}"), **settings)
+    return run if run.uses_teacher else dataclasses.replace(run, teacher=TEACHER["teacher"])
 
 
-def predict_test(task, model, forward, cfg):
-    """Predictions on the test pages, and pages per second of the whole pass (batching included)."""
-    accelerator = train.make_accelerator(cfg)
-    loader = train.make_loader(task, "test", cfg, shuffle=False)
-    model = model.to(accelerator.device)
-    start = time.perf_counter()
-    logits, labels = train.predict(accelerator, loader, forward, model, desc="test")
-    seconds = time.perf_counter() - start
-    return logits.argmax(-1).numpy(), labels.numpy(), len(labels) / seconds
+def score_test(task, model, forward, cfg):
+    """The model scored on the test pages (scoring.score): its scores, which pages it got right, and pages per
+    second of the whole pass (batching included)."""
+    scored = scoring.score(task, model, "test", cfg, forward, desc="test")
+    return {**scored.metrics, "correct": (scored.preds == scored.labels).tolist(),
+            "pages_per_second": len(scored.labels) / scored.seconds}
 
 
 def _worker_init():
     """Each student process uses one thread: two single-thread runs side by side use 2 cores better than one
     run on two threads (small models), and do not oversubscribe a machine that other jobs share. (The teacher,
     22M parameters, trains first on every core: 2.2x faster on two threads than on one beside a student.)"""
-    import torch
     torch.set_num_threads(1)
     utils.setup_logging(True)
 
@@ -89,62 +91,49 @@ def _worker_init():
 def teacher_job(cfg, student_cfg):
     """Fine-tune the teacher, score it on the test pages, and cache its logits on the pages of `student_cfg` (a
     distilled run with unlabelled pages: the longest student runs then start training at once)."""
-    import torch
-
-    from tasks import build_task
-    from training_modes import run_teacher
     start = time.perf_counter()
     utils.seed_everything(cfg.seed)  # as main() left it for this run before the teacher had a process of its own
-    task = build_task(cfg, train_teacher=True)
+    task = registry.build_task(cfg)
     run_teacher(cfg, task)
     trained = time.perf_counter() - start
     labelled_pages = task.describe(cfg.train_split)["documents"]
     del task  # the fine-tuned teacher is read back from disk below: this one's memory is free for the student task
     gc.collect()
-    student_task = build_task(student_cfg)
+    student_task = registry.build_task(student_cfg)
     teacher = models.freeze(student_task.teacher)
-    train.cached_teacher(train.make_accelerator(student_cfg), student_task, teacher, student_task.teacher_logits,
+    train.cached_teacher(recipe.make_accelerator(student_cfg), student_task, teacher, student_task.teacher_logits,
                          student_cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # pages/s on one thread, as the students' are measured
-    preds, labels, speed = predict_test(student_task, teacher, student_task.teacher_logits, student_cfg)
+    scores = score_test(student_task, teacher, student_task.teacher_logits, student_cfg)
     torch.set_num_threads(threads)
-    return {**student_task.metrics(preds, labels), "correct": (preds == labels).tolist(), "pages_per_second": speed,
-            "parameters": models.count_parameters(teacher), "labelled_pages": labelled_pages,
+    return {**scores, "parameters": models.count_parameters(teacher), "labelled_pages": labelled_pages,
             "reads": "words and boxes" + (f", page at {teacher.config.input_size} px" if models.reads_page(teacher)
-                                           else ""), "test_pages": int(len(labels)),
+                                           else ""), "test_pages": len(scores["correct"]),
             "shape": f"{teacher.config.num_hidden_layers}x{teacher.config.hidden_size}",
             "train_seconds": trained, "seconds": time.perf_counter() - start}
 
 
 def student_job(cfg, name):
     """Train one student, then score it on the test pages; returns what the table needs (plain values)."""
-    from evaluate import load_saved_student
-    from tasks import build_task
-    from training_modes import run_train
     start = time.perf_counter()
     utils.seed_everything(cfg.seed)
-    task = build_task(cfg, train_teacher=cfg.alpha == 0)
+    task = registry.build_task(cfg)
     run_train(cfg, task)
     trained = time.perf_counter() - start
-    student = models.freeze(load_saved_student(task, os.path.join(cfg.output_dir, "student_model.pth")))
-    preds, labels, speed = predict_test(task, student, task.student_logits, cfg)
-    return {"name": name, "seed": cfg.seed, **task.metrics(preds, labels), "correct": (preds == labels).tolist(),
-            "pages_per_second": speed,
+    student = models.freeze(registry.load_student(os.path.join(cfg.output_dir, "student_model.pth"), task))
+    return {"name": name, "seed": cfg.seed, **score_test(task, student, task.student_logits, cfg),
             "parameters": models.count_parameters(student), "seconds": time.perf_counter() - start,
             "train_seconds": trained, "labelled_pages": task.describe(cfg.train_split)["documents"],
             "unlabeled_pages": task.describe("unlabeled")["documents"] if cfg.unlabeled else 0}
 
 
 def run(cfg):
-    import multiprocessing
-
-    import demo
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
     start = time.perf_counter()
-    for name in demo.CORPORA:  # generated once, in parallel; later runs reuse them
-        demo.load_corpus(name, cfg.cache_dir)
+    for name in demo_corpus.CORPORA:  # generated once, in parallel; later runs reuse them
+        demo_corpus.load_corpus(name, cfg.cache_dir)
     timings["generate pages (cached between runs)"] = time.perf_counter() - start
     teacher_cfg = dataclasses.replace(cfg, mode="teacher", output_dir=os.path.join(root, "teacher"),
                                       **{**STUDENT, **TEACHER})
@@ -182,7 +171,7 @@ def run(cfg):
     print("\n" + table)
     utils.atomic_text(table + "\n", os.path.join(root, "demo_results.md"))
     utils.atomic_json(results, os.path.join(root, "demo_results.json"))
-    return results
+    return 0
 
 
 def demo_table(results):

@@ -1,21 +1,19 @@
 """--task text-recognition: a frozen OCR teacher (PP-OCRv4 in ONNX) -> a small CRNN student, CTC, CER/WER.
 
 The teacher reads the clean crop at height 48; the student reads the same crop degraded (--degrade-*) at
---student-height, sized so both give the same number of CTC time steps (textrec's docstring). Everything the
-training loop needs is here, behind the same interface as tasks.py's tasks, plus:
-    make_loss(cfg, with_teacher)  ->  ctc_kd.CTCDistillationLoss (an nn.Module: its feature projections train
+--student-height, sized so both give the same number of CTC time steps (textrec/data.py's docstring). The task is a
+tasks.Task; what it fills in differently from the classification tasks:
+    make_loss(cfg)                ->  ctc_kd.CTCDistillationLoss (an nn.Module: its feature projections train
                                       with the student and are saved in the checkpoint)
     student_outputs, teacher_outputs  ->  what training feeds the loss: the logits, or with feature terms
                                       (--kd-terms feature_*, simkd) dicts of logits and features (the teacher cache
                                       then stores the features too, in float16: teacher_cache_extra)
     predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
-    load_student(path), evaluate(cfg, student, path)   (--mode eval: CER/WER, ms/crop, worst errors)
+    evaluate(cfg, student, path)  ->  --mode eval: CER/WER, ms/crop, worst errors (textrec/evaluate.py)
 """
 import hashlib
 import io
-import json
 import logging
-import os
 import random
 
 import datasets
@@ -23,14 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import crnn
-import ctc_kd
 import dataset
 import models
-import ocr_teacher
-import textrec
-import trocr
+import tasks
 from config import UserError
+from textrec import crnn, ctc_kd, data, evaluate, simkd, teachers, trocr
 
 log = logging.getLogger("docdistill")
 FEATURES = datasets.Features({
@@ -46,7 +41,7 @@ def key_hash(key):
 
 def prepare(rows, max_width, cache_dir, name):
     """Crops cut once and stored (PNG at the teacher's height) under cache_dir, keyed by their content."""
-    key = "textrec-" + textrec.records_key(rows, max_width=max_width, version=PREP_VERSION)
+    key = "textrec-" + data.records_key(rows, max_width=max_width, version=PREP_VERSION)
     records = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
         {"image": [], "box": [], "text": [], "has_text": [], "key": []})
 
@@ -54,15 +49,15 @@ def prepare(rows, max_width, cache_dir, name):
         out = {k: [] for k in FEATURES}
         for i, image, box, text, has_text, crop_key in zip(indices, batch["image"], batch["box"], batch["text"],
                                                            batch["has_text"], batch["key"]):
-            piece = textrec.cut({"image": image, "box": box})
+            piece = data.cut({"image": image, "box": box})
             if piece is None:  # the box lies (almost) outside its page: a blank crop, left unlabelled
                 piece, has_text = Image.new("RGB", (48, 48), "white"), False
-            piece = textrec.resize_for_teacher(piece, max_width)
-            folded = textrec.fold(text) if has_text else ""
+            piece = data.resize_for_teacher(piece, max_width)
+            folded = data.fold(text) if has_text else ""
             labelled = bool(has_text and folded)
-            for k, v in (("index", i), ("image", textrec.png(piece)), ("text", folded),
-                         ("labels", textrec.encode(folded) if labelled else []), ("has_label", labelled),
-                         ("n_tokens", textrec.padded_width(piece.width) // textrec.STEP), ("width", piece.width),
+            for k, v in (("index", i), ("image", data.png(piece)), ("text", folded),
+                         ("labels", data.encode(folded) if labelled else []), ("has_label", labelled),
+                         ("n_tokens", data.padded_width(piece.width) // data.STEP), ("width", piece.width),
                          ("key", crop_key)):
                 out[k].append(v)
         return out
@@ -92,14 +87,14 @@ class Collator:
                             jpeg=cfg.degrade_jpeg)
 
     def student_array(self, image, key):
-        image = textrec.degrade(image, self.seed, key, **self.degrade)
+        image = data.degrade(image, self.seed, key, **self.degrade)
         width = -(-image.width // 2)  # the student steps every 4 px at half the teacher's width: same steps
-        return textrec.normalise(image.resize((width, self.height), Image.BILINEAR))
+        return data.normalise(image.resize((width, self.height), Image.BILINEAR))
 
     def decoder_labels(self, items):
         """A sequence-to-sequence student's target token ids [B, L] (IGNORE_INDEX-padded; unlabelled: all)."""
         ids = [self.tokenize(item["text"]) if bool(item["has_label"]) else [] for item in items]
-        labels = torch.full((len(items), max(1, max(map(len, ids)))), textrec.IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(items), max(1, max(map(len, ids)))), data.IGNORE_INDEX, dtype=torch.long)
         for i, row in enumerate(ids):
             labels[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         return labels
@@ -107,17 +102,17 @@ class Collator:
     def teacher_array(self, images, padded):
         if self.teacher_image is not None:
             return np.stack([self.teacher_image(image) for image in images])
-        teacher = np.zeros((len(images), 3, textrec.TEACHER_HEIGHT, padded), np.float32)
+        teacher = np.zeros((len(images), 3, data.TEACHER_HEIGHT, padded), np.float32)
         for i, image in enumerate(images):
-            array = textrec.teacher_array(image)
+            array = data.teacher_array(image)
             teacher[i, :, :, :array.shape[2]] = array
         return teacher
 
     def __call__(self, items):
         images = [Image.open(io.BytesIO(item["image"])) for item in items]
-        padded = max(textrec.padded_width(int(item["width"])) for item in items)
+        padded = max(data.padded_width(int(item["width"])) for item in items)
         if self.student_image is not None:  # a student reading crops of one fixed size (TrOCR-style)
-            student = np.stack([self.student_image(textrec.degrade(image, self.seed, item["key"], **self.degrade))
+            student = np.stack([self.student_image(data.degrade(image, self.seed, item["key"], **self.degrade))
                                 for image, item in zip(images, items)])
         else:
             student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
@@ -126,12 +121,12 @@ class Collator:
                 student[i, 0, :, :array.shape[1]] = array
         steps = torch.tensor([int(item["n_tokens"]) for item in items])
         longest = max(1, max(len(item["labels"]) for item in items))
-        labels = torch.full((len(items), longest), textrec.IGNORE_INDEX, dtype=torch.long)
+        labels = torch.full((len(items), longest), data.IGNORE_INDEX, dtype=torch.long)
         for i, item in enumerate(items):
             labels[i, :len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
         batch = {"pixel_values": torch.from_numpy(student),
-                 "teacher_width": torch.tensor([textrec.padded_width(int(item["width"])) for item in items]),
-                 "step_mask": torch.arange(padded // textrec.STEP)[None, :] < steps[:, None],
+                 "teacher_width": torch.tensor([data.padded_width(int(item["width"])) for item in items]),
+                 "step_mask": torch.arange(padded // data.STEP)[None, :] < steps[:, None],
                  "labels": labels, "has_label": torch.tensor([bool(item["has_label"]) for item in items]),
                  "index": torch.tensor([int(item["index"]) for item in items]),
                  "key_hash": torch.tensor([key_hash(item["key"]) for item in items])}
@@ -145,27 +140,19 @@ class Collator:
 def padded_predictions(paths, labels):
     """Predicted class ids (student charset) per crop and the labels, [B, L] each, padded with IGNORE_INDEX."""
     width = max(labels.shape[1], max(map(len, paths), default=0), 1)
-    preds = torch.full((len(paths), width), textrec.IGNORE_INDEX, dtype=torch.long, device=labels.device)
+    preds = torch.full((len(paths), width), data.IGNORE_INDEX, dtype=torch.long, device=labels.device)
     for i, path in enumerate(paths):
         preds[i, :len(path)] = torch.tensor(path, dtype=torch.long)
-    return preds, torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=textrec.IGNORE_INDEX)
-
-
-def build(cfg, **kw):
-    """The text-recognition task: with a TrOCR-style (VisionEncoderDecoder) student when --student-config (or, for
-    eval and bench, the saved --model) is one, else with the CRNN student."""
-    import trocr_student
-    source = trocr_student.student_source(cfg)
-    return trocr_student.TrOCRRecognition(cfg, source, **kw) if source else TextRecognition(cfg, **kw)
+    return preds, torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=data.IGNORE_INDEX)
 
 
 def build_teacher(cfg):
     """A transcripts .jsonl, a VisionEncoderDecoder directory or hub id (TrOCR), or an ONNX CTC recogniser."""
     if cfg.teacher.endswith(".jsonl"):
-        return ocr_teacher.TranscriptTeacher(cfg.teacher)
+        return teachers.TranscriptTeacher(cfg.teacher)
     if trocr.is_vision_encoder_decoder(cfg.teacher):
         return trocr.TrOCRTeacher(cfg.teacher, cfg.max_new_tokens)
-    return ocr_teacher.OnnxRecognizer(cfg.teacher)
+    return teachers.OnnxRecognizer(cfg.teacher)
 
 
 def subset(rows, max_samples, seed):
@@ -174,16 +161,17 @@ def subset(rows, max_samples, seed):
     return rows
 
 
-class TextRecognition:
+class TextRecognition(tasks.Task):
     metric_name = "char_accuracy"  # 1 - CER: higher is better, as the loop's "best" expects
     unit = "crops"
+    item = "crop"
 
-    def __init__(self, cfg, train_teacher=False):
+    def __init__(self, cfg, train_teacher=False, model_labels=None):
         if cfg.mode == "teacher":
             raise UserError("text recognition distils a pretrained recogniser (--teacher ppocrv4, an ONNX file or "
                             "a TrOCR directory): it has no --mode teacher; run --mode train")
         self.cfg = cfg
-        records = textrec.load_records(cfg.dataset, cfg.seed)
+        records = data.load_records(cfg.dataset, cfg.seed)
         for split in (cfg.train_split, cfg.eval_split):
             if split not in records:
                 raise UserError(f"--dataset {cfg.dataset} has no {split!r} split (it has {', '.join(records)})")
@@ -201,42 +189,42 @@ class TextRecognition:
                 rows = dataset.keep_labeled_fraction(rows, cfg, untranscribed)
             self.documents[name], self.splits[name] = prepare(
                 rows, cfg.max_text_width, cfg.cache_dir, name)
-        self.labels = textrec.student_labels()
+        self.labels = self.data_labels = data.student_labels()
+        self.unlabeled = None
         self.teacher = build_teacher(cfg)
         self.student = self.build_student(cfg)
         self.collator = self.make_collator(cfg)
         # Feature terms read the teacher's intermediate tensors as well as its log-probabilities: the teacher
         # cache stores them too (a cache of its own: 600 more values a step for PP-OCRv4, in float16).
         self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_") or t == "simkd"] \
-            if cfg.mode == "train" and cfg.alpha > 0 else []
+            if cfg.uses_teacher else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
-        if cfg.mode == "train" and cfg.alpha > 0 and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
+        if cfg.uses_teacher and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
             raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC distributions or features over the "
                             f"student's charset, which the TrOCR teacher {cfg.teacher} does not have (its tokens and "
                             f"decoding steps do not map onto them): use --kd-terms seq (sequence-level KD on its "
                             f"transcripts)")
-        if self.feature_terms and not isinstance(self.teacher, ocr_teacher.OnnxRecognizer):
+        if self.feature_terms and not isinstance(self.teacher, teachers.OnnxRecognizer):
             raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
                             f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")
         if "simkd" in self.feature_terms:  # the student's head becomes a projector + the teacher's frozen head
-            import ctc_simkd
-            ctc_simkd.attach(self.student, self.teacher)
+            simkd.attach(self.student, self.teacher)
 
     def build_student(self, cfg):
-        return crnn.build(textrec.STUDENT_CHARS, cfg.student_height, cfg.student_size)
+        return crnn.build(data.STUDENT_CHARS, cfg.student_height, cfg.student_size)
 
     def make_collator(self, cfg, **kw):
-        return Collator(cfg, teacher_image=self.teacher.spec.array if hasattr(self.teacher, "spec") else None, **kw)
+        return Collator(cfg, teacher_image=self.teacher.spec.array if self.teacher.spec else None, **kw)
 
     # ------------------------------------------------------------------ forward passes, loss, predictions
     def teacher_logits(self, teacher, batch):
         mask = batch["step_mask"]
-        if isinstance(teacher, ocr_teacher.TranscriptTeacher):
+        if isinstance(teacher, teachers.TranscriptTeacher):
             hashes = {key_hash(k): k for k in teacher.texts}
             keys = [hashes.get(int(h), f"hash {int(h)}") for h in batch["key_hash"]]
             return teacher.forward_keys(keys, mask.shape[1], mask.sum(1)).to(batch["labels"].device)
-        if isinstance(teacher, ocr_teacher.PathTeacher):  # a TrOCR teacher: transcripts generated from the crops
+        if isinstance(teacher, teachers.PathTeacher):  # a TrOCR teacher: transcripts generated from the crops
             return teacher(batch["teacher_pixel_values"], mask.sum(1), mask.shape[1]).to(batch["labels"].device)
         return teacher(batch["teacher_pixel_values"], batch["teacher_width"]).to(batch["labels"].device)
 
@@ -253,22 +241,22 @@ class TextRecognition:
             return {k: v.to(batch["labels"].device) for k, v in out.items()}
         return self.teacher_logits(teacher, batch)
 
-    def make_loss(self, cfg, with_teacher):
+    def make_loss(self, cfg):
         dims = None
-        if with_teacher and self.feature_terms:
+        if self.feature_terms:
             student, teacher = self.student.feature_dims(), self.teacher.feature_dims()
             dims = {k: (student[k], teacher[k]) for k in student}
         return ctc_kd.CTCDistillationLoss(cfg.alpha, cfg.temperature, cfg.kd_terms.split(","), cfg.blank_weight,
-                                          with_teacher, cfg.feature_weight, dims)
+                                          cfg.uses_teacher, cfg.feature_weight, dims)
 
     def predictions(self, logits, batch):
         lengths = batch["step_mask"].sum(1).tolist()
-        paths = [textrec.ctc_greedy(best, n) for best, n in zip(logits.argmax(-1).tolist(), lengths)]
+        paths = [data.ctc_greedy(best, n) for best, n in zip(logits.argmax(-1).tolist(), lengths)]
         return padded_predictions(paths, batch["labels"])
 
     def metrics(self, preds, labels):
-        texts = lambda rows: [textrec.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
-        scores = textrec.text_metrics(texts(labels), texts(preds))
+        texts = lambda rows: [data.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
+        scores = data.text_metrics(texts(labels), texts(preds))
         return {**scores, "char_accuracy": 1.0 - scores["cer"]}
 
     # ------------------------------------------------------------------------------ describe, show, save
@@ -291,28 +279,24 @@ class TextRecognition:
         return (f"crop {row['key']!r}: {row['text']!r} ({'labelled' if row['has_label'] else 'unlabelled'}), "
                 f"48 x {row['width']} px at the teacher, {row['n_tokens']} time steps")
 
-    def save_pretrained(self, model, directory, role):
-        model.save_pretrained(directory)
+    # ------------------------------------------------------------------------------ saved students, eval
+    @classmethod
+    def owns_saved(cls, config):
+        return config.get("model_type") == crnn.CRNNConfig.model_type
 
-    def load_student(self, path):
-        """A student_model.pth (weights + JSON config, no pickle) or a save_pretrained directory."""
-        if os.path.isdir(path):
-            if not os.path.exists(os.path.join(path, "config.json")):
-                raise UserError(f"{path} has no config.json: give a student/ directory written by --mode train")
-            with open(os.path.join(path, "config.json")) as f:
-                config = json.load(f)
-        else:
-            import utils
-            saved = utils.safe_torch_load(path)
-            if not isinstance(saved, dict) or not {"state_dict", "config"} <= set(saved):
-                raise UserError(f"{path} is not a docdistill student (student_model.pth or student/)")
-            config = json.loads(saved["config"])
-        if config.get("model_type") != crnn.CRNNConfig.model_type:
-            raise UserError(f"{path} holds a {config.get('model_type')} model, not a text-recognition student")
-        if os.path.isdir(path):
+    @classmethod
+    def student_from_saved(cls, config, weights, path):
+        """A CRNN student: its student/ directory (safetensors + JSON config) or student_model.pth."""
+        if weights is None:
             return crnn.CRNN.from_pretrained(path)
-        return models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(config)), saved["state_dict"], path)
+        return models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(config)), weights, path)
+
+    def check_saved(self, config, path):
+        if not self.owns_saved(config):
+            raise UserError(f"{path} holds a {config.get('model_type')} model, not a text-recognition student")
+
+    def check_student(self, student, path):
+        """Any CRNN reads crops: its charset is in its config, and the labels are folded onto it."""
 
     def evaluate(self, cfg, student, path):
-        import textrec_eval
-        return textrec_eval.evaluate(self, cfg, student, path)
+        return evaluate.evaluate(self, cfg, student, path)

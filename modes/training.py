@@ -5,11 +5,11 @@ import os
 
 from accelerate import PartialState
 
-import model_card
 import models
 import recipe
 import train
 import utils
+from modes import model_card
 
 log = logging.getLogger("docdistill")
 
@@ -24,17 +24,15 @@ def run_train(cfg, task):
     if cfg.unlabeled:
         log.info("unlabeled (%s): %d documents join %s, taught by the teacher only (KD weight %g)", cfg.unlabeled,
                  task.describe("unlabeled")["documents"], cfg.train_split, cfg.unlabeled_weight)
-    teacher = task.teacher if cfg.alpha > 0 else None  # alpha 0: the teacher's outputs are not used, skip it
     student = recipe.with_lora(cfg, task.student)  # --lora-r: adapters on a pretrained student (config.py)
-    # What the loss reads: the logits, or (text recognition with feature terms) the logits and features.
-    best = train.fit(cfg, task, student, getattr(task, "student_outputs", task.student_logits),
-                     teacher=teacher, teacher_forward=getattr(task, "teacher_outputs", task.teacher_logits),
-                     name="student")
+    # What the loss reads: the logits, or (with feature terms) the logits and features; the teacher teaches when
+    # cfg.uses_teacher (alpha > 0).
+    best = train.fit(cfg, task, student, task.student_outputs, name="student")
     log.info("best validation %s: %.4f; student saved in %s", task.metric_name, best,
              os.path.join(cfg.output_dir, "student"))
     if PartialState().is_main_process:
         model_card.write(os.path.join(cfg.output_dir, "student"))
-    report_skipped(task)
+    task.report_skipped()
     return best
 
 
@@ -42,15 +40,7 @@ def run_teacher(cfg, task):
     best = train.fit(cfg, task, recipe.with_lora(cfg, task.teacher), task.teacher_logits, name="teacher")
     log.info("best validation %s of the teacher: %.4f; saved in %s (use it with --teacher %s)", task.metric_name,
              best, os.path.join(cfg.output_dir, "teacher"), os.path.join(cfg.output_dir, "teacher"))
-    report_skipped(task)
-
-
-def report_skipped(task):
-    """--on-bad-sample skip: how many unusable documents were left out, per split."""
-    skipped = {name: task.describe(name).get("skipped", 0) for name in task.documents}
-    if any(skipped.values()):
-        log.warning("left out %d unusable documents (%s); the log above names the first of each split",
-                    sum(skipped.values()), ", ".join(f"{name}: {n}" for name, n in skipped.items() if n))
+    task.report_skipped()
 
 
 def run_info(cfg, task):

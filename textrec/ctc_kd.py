@@ -1,4 +1,4 @@
-"""Losses for distilling a CTC recogniser: returned as {total, <term>: ...} for the training loop.
+"""The loss for distilling a CTC recogniser, on the skeleton of losses.py: {total, ctc, <term>: ...}.
 
     total = (1 - alpha) * ctc + alpha * (kl + seq + feature_weight * (feature_backbone + feature_encoder
                                                                         + feature_logits + simkd))
@@ -7,13 +7,13 @@
 
 ctc   CTC on the labels, crops with a transcript only (mean over crops of the loss / target length).
 kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, teacher folded onto the student's
-      charset (ocr_teacher.fold_matrix) and pooled to the student's step count if it differs; steps where the
+      charset (teachers.fold_matrix) and pooled to the student's step count if it differs; steps where the
       teacher's best class is blank weigh --blank-weight (most steps are blank: unweighted, they drown the few
       that carry characters); a weighted mean over the real steps of all crops.
 seq   sequence-level KD: CTC on the teacher's greedy transcript (its folded distribution's best path), any crop.
 feature_backbone, feature_encoder   feature distillation (FitNets-style): the student's backbone features [B, T, c4]
       and BiLSTM outputs [B, T, 2 hidden] through a learned linear projection to the teacher's width (identity
-      where the widths agree), against the teacher's backbone output and SVTR-neck output (ocr_teacher.
+      where the widths agree), against the teacher's backbone output and SVTR-neck output (teachers.
       feature_tensors), each standardised per time step over its channels (layer norm without weights: PP-OCRv4's
       backbone activations are ~3x the neck's, so the raw MSEs would not be on one scale); squared error averaged
       over the real steps and the channels. The teacher's features are pooled to the student's step count like its
@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import textrec
+from losses import DistillationLoss, logits_of
+from textrec import data
 
 KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits", "simkd")
 WEIGHTED = ("feature_backbone", "feature_encoder", "feature_logits", "simkd")  # weighed by --feature-weight
@@ -47,7 +48,7 @@ def ctc(log_probs, lengths, targets, target_lengths):
     """Mean over crops of CTC / target length (torch's reduction='mean'); log_probs [B, T, C]."""
     if len(targets) == 0:
         return log_probs.sum() * 0
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=textrec.BLANK,
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=data.BLANK,
                       reduction="mean", zero_infinity=True)
 
 
@@ -65,7 +66,7 @@ def step_kl(student_logits, teacher_logp, mask, temperature, blank_weight):
     teacher = F.log_softmax(teacher_logp / T, dim=-1)
     student = F.log_softmax(student_logits / T, dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)
-    weight = mask.float() * torch.where(teacher_logp.argmax(-1) == textrec.BLANK, blank_weight, 1.0)
+    weight = mask.float() * torch.where(teacher_logp.argmax(-1) == data.BLANK, blank_weight, 1.0)
     return (kl * weight).sum() / weight.sum().clamp_min(1e-8) * T * T
 
 
@@ -104,26 +105,28 @@ def logit_mse(student_logits, teacher_logp, mask):
 def greedy_targets(logp, lengths):
     """Best-path transcripts of [B, T, C] log-probabilities as CTC targets (concatenated ids, lengths)."""
     best = logp.argmax(-1).tolist()
-    paths = [textrec.ctc_greedy(b, int(n)) for b, n in zip(best, lengths)]
+    paths = [data.ctc_greedy(b, int(n)) for b, n in zip(best, lengths)]
     ids = torch.tensor([c for p in paths for c in p], dtype=torch.long, device=logp.device)
     return ids, torch.tensor([len(p) for p in paths], dtype=torch.long, device=logp.device), paths
 
 
-class CTCDistillationLoss(nn.Module):
-    """criterion(student, teacher, batch) -> {"total", "ctc", <terms>}.
+class CTCDistillationLoss(DistillationLoss):
+    """criterion(student, teacher, batch) -> {"total", "ctc", <terms>}: the skeleton of losses.py with CTC as the
+    labels' term (crops with a transcript) and the terms above as the teacher's (every crop's real steps).
 
     student: logits [B, T, C], or with feature terms the dict {"logits", "backbone", "encoder"} of
     crnn.CRNN(..., features=True) ("projected" too for simkd); teacher: folded log-probabilities [B, T, C] or the
     dict of OnnxRecognizer.features(). feature_dims {"backbone": (student width, teacher width), "encoder": (...)} sizes
     the projections (needed only for the feature_backbone / feature_encoder terms).
     """
+    HARD = "ctc"
+    WEIGHTED = WEIGHTED
 
     def __init__(self, alpha, temperature, terms, blank_weight, with_teacher, feature_weight=1.0,
                  feature_dims=None):
-        super().__init__()
-        self.alpha = alpha if with_teacher else 0.0
-        self.temperature, self.blank_weight, self.feature_weight = temperature, blank_weight, feature_weight
-        self.terms = [t for t in terms if t] if with_teacher and alpha > 0 else []
+        super().__init__(temperature, alpha if with_teacher else 0.0,
+                         terms=terms if with_teacher and alpha > 0 else (), feature_weight=feature_weight)
+        self.blank_weight = blank_weight
         self.projections = nn.ModuleDict()
         for term in self.terms:
             if term in FEATURES:
@@ -131,33 +134,34 @@ class CTCDistillationLoss(nn.Module):
                 self.projections[FEATURES[term]] = (nn.Identity() if width == teacher_width else
                                                     nn.Linear(width, teacher_width))
 
-    def forward(self, student_out, teacher_out, batch):
-        student_logits = student_out["logits"] if isinstance(student_out, dict) else student_out
-        teacher_logp = teacher_out["logits"] if isinstance(teacher_out, dict) else teacher_out
-        logp = F.log_softmax(student_logits.float(), dim=-1)
+    def rows(self, batch):
+        """(real steps [B, T], steps per crop [B], crops with a transcript [B])."""
         mask = batch["step_mask"]
-        lengths = mask.sum(1)
-        labelled = batch["has_label"].bool()
+        return mask, mask.sum(1), batch["has_label"].bool()
+
+    def hard_term(self, student_out, batch, rows):
+        _, lengths, labelled = rows
+        logp = F.log_softmax(logits_of(student_out).float(), dim=-1)
         labels = batch["labels"][labelled]
-        target_lengths = (labels != textrec.IGNORE_INDEX).sum(1)
-        out = {"ctc": ctc(logp[labelled], lengths[labelled], labels[labels != textrec.IGNORE_INDEX], target_lengths)}
+        target_lengths = (labels != data.IGNORE_INDEX).sum(1)
+        return ctc(logp[labelled], lengths[labelled], labels[labels != data.IGNORE_INDEX], target_lengths)
+
+    def teacher_terms(self, student_out, teacher_out, batch, rows):
+        mask, lengths, _ = rows
+        student_logits, teacher_logp = logits_of(student_out).float(), logits_of(teacher_out)
+        device, steps = student_logits.device, student_logits.shape[1]
+        out = {}
         if "kl" in self.terms:
-            teacher = align_steps(teacher_logp.float(), logp.shape[1])
-            out["kl"] = step_kl(student_logits.float(), teacher, mask, self.temperature, self.blank_weight)
+            out["kl"] = step_kl(student_logits, align_steps(teacher_logp.float(), steps), mask, self.temperature,
+                                self.blank_weight)
         if "seq" in self.terms:
-            teacher = align_steps(teacher_logp.float(), logp.shape[1])
-            targets, target_lengths, _ = greedy_targets(teacher, lengths)
-            out["seq"] = ctc(logp, lengths, targets, target_lengths)
+            targets, target_lengths, _ = greedy_targets(align_steps(teacher_logp.float(), steps), lengths)
+            out["seq"] = ctc(F.log_softmax(student_logits, dim=-1), lengths, targets, target_lengths)
         for term, name in FEATURES.items():
             if term in self.terms:
-                out[term] = feature_mse(student_out[name], teacher_out[name].to(logp.device), mask,
-                                        self.projections[name])
+                out[term] = feature_mse(student_out[name], teacher_out[name].to(device), mask, self.projections[name])
         if "feature_logits" in self.terms:
             out["feature_logits"] = logit_mse(student_logits, teacher_logp, mask)
         if "simkd" in self.terms:
-            out["simkd"] = simkd_mse(student_out["projected"], teacher_out["encoder"].to(logp.device), mask)
-        kd = sum((out[t] * (self.feature_weight if t in WEIGHTED else 1.0) for t in self.terms),
-                 torch.zeros((), device=logp.device))
-        has_ctc = bool(labelled.any())
-        total = (1.0 - self.alpha) * out["ctc"] + self.alpha * kd if has_ctc else self.alpha * kd + 0 * out["ctc"]
-        return {"total": total, **{k: v.detach() for k, v in out.items()}}
+            out["simkd"] = simkd_mse(student_out["projected"], teacher_out["encoder"].to(device), mask)
+        return out

@@ -19,12 +19,15 @@ import logging
 import os
 import shutil
 import time
-import types
 
 import torch
 
+import ocr
+import registry
+import saved
 import utils
 from config import UserError
+from modes import predict
 
 log = logging.getLogger("docdistill")
 TOLERANCE = 1e-3  # max |logit difference|, float32 ONNX against PyTorch
@@ -34,7 +37,7 @@ OPSET = 17
 
 def quiet_quantize(fp32, int8):
     """quantize_dynamic to int8 weights, without its per-tensor lines and advice on the root logger."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: only when exporting
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # also its advice to pre-process the model first
@@ -42,28 +45,6 @@ def quiet_quantize(fp32, int8):
         quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
     finally:
         root.setLevel(level)
-
-
-class OrtModel:
-    """An ONNX file behind the interface of a transformers model: `model(**inputs).logits` (torch, CPU)."""
-
-    def __init__(self, path, threads=None):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.path = path
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, **inputs):
-        feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
-        return types.SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
-
-    def eval(self):
-        return self
-
-    def to(self, *args, **kwargs):
-        return self
 
 
 def input_names(config):
@@ -122,11 +103,10 @@ def max_difference(model, onnx_model, batches):
 
 def sample_batches(cfg, model, directory, config, names):
     """Real preprocessed documents: one padded batch of up to PARITY_DOCUMENTS, and each of them alone."""
-    import predict
+    task_name = registry.task_name_of(config.to_dict(), directory)
     if cfg.input:
         files, _ = predict.expand_inputs(cfg.input)
-        predictor = predict.predictor_for(predict.task_of(config, cfg.task))(directory, config, cfg)
-        import ocr
+        predictor = predict.PREDICTORS[task_name](directory, config, cfg)
         items = []
         for path in files:
             try:
@@ -143,12 +123,10 @@ def sample_batches(cfg, model, directory, config, names):
         if not items:
             raise UserError(f"--input {' '.join(cfg.input)}: no readable page to check the export on")
         collate = predictor.collate
-    elif predict.task_of(config, "") == "text-recognition":
+    elif task_name == "text-recognition":
         raise UserError("--mode export of a text-recognition student needs --input: a few crop images to check it on")
     else:
-        from evaluate import saved_label_names
-        from tasks import build_task
-        task = build_task(cfg, train_teacher=True, model_labels=saved_label_names(directory))
+        task = registry.build_task(cfg, model_labels=saved.label_names(directory))
         split = task.splits[cfg.eval_split]
         items = [split[i] for i in range(min(PARITY_DOCUMENTS, len(split)))]
         collate = task.collator
@@ -157,7 +135,6 @@ def sample_batches(cfg, model, directory, config, names):
 
 
 def run(cfg):
-    import predict
     path = cfg.model or os.path.join(cfg.output_dir, "student")
     if path.endswith(".onnx"):
         raise UserError(f"--model {path} is already ONNX: give the student/ directory or student_model.pth")
@@ -172,12 +149,13 @@ def run(cfg):
 
     def write(tmp):
         for name in os.listdir(directory):  # config, tokenizer, image processor; not the PyTorch weights
-            if not name.endswith((".safetensors", ".bin", ".md")) and os.path.isfile(os.path.join(directory, name)):
+            if not name.endswith((".safetensors", ".bin", ".md")) and name != saved.CHECKSUMS and \
+                    os.path.isfile(os.path.join(directory, name)):
                 shutil.copy2(os.path.join(directory, name), tmp)
         fp32, int8 = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model.int8.onnx")
         start = time.perf_counter()
         export_onnx(model, names, batches[0], fp32)
-        difference, agreement = max_difference(model, OrtModel(fp32), batches)
+        difference, agreement = max_difference(model, predict.OrtModel(fp32), batches)
         log.info("ONNX float32 against PyTorch: max |logit difference| %.2e (tolerance %.0e), top-1 agreement %.3f",
                  difference, TOLERANCE, agreement)
         print(f"onnx float32: max abs difference to PyTorch {difference:.3e} (tolerance {TOLERANCE:.0e})")
@@ -185,7 +163,7 @@ def run(cfg):
             raise UserError(f"the ONNX export differs from PyTorch by {difference:.3e} (> {TOLERANCE:.0e}) on real "
                             f"documents: not written; report it with --debug output")
         quiet_quantize(fp32, int8)
-        int8_difference, int8_agreement = max_difference(model, OrtModel(int8), batches)
+        int8_difference, int8_agreement = max_difference(model, predict.OrtModel(int8), batches)
         print(f"onnx int8: max abs difference to PyTorch {int8_difference:.3e}, top-1 agreement {int8_agreement:.3f}")
         report.update({"model": path, "opset": OPSET, "inputs": names, "tolerance": TOLERANCE,
                        "documents_checked": documents,
