@@ -3,7 +3,8 @@
 A raw document has: image, width, height, ocr_words, word_boxes (pixels) and a label.
 A preprocessed document has: input_ids, bbox (0-1000), the page resized once for the student and once for
 the teacher (uint8, normalised per batch), the label, and bookkeeping (index, n_words, truncated).
-Batches are made in collate.py.
+Batches are made in collate.py. This file is over 400 lines because reading a source and preprocessing its
+documents are the two halves of one format.
 """
 import glob
 import hashlib

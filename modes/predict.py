@@ -1,4 +1,5 @@
 """`--mode predict`: a saved student on new documents, without labels and without its teacher.
+This file is over 400 lines because it holds the page handling of all three tasks beside the inputs and the run.
 
     python main.py --mode predict --model runs/demo/distilled/student --input scans/ report.pdf 'inbox/*.tif'
 

@@ -1,4 +1,5 @@
 """`--mode sweep`: a study of training settings on Optuna, one ordinary training run per trial.
+This file is over 400 lines because a study's trials, their recovery after a kill and the final runs are one flow.
 
     python main.py --mode sweep --sweep temperature=1,2,4,8 alpha=0,0.5,0.9 student_size=tiny,small
 
