@@ -1,16 +1,24 @@
+import contextlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: before any test imports it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
+THREADS = torch.get_num_threads()  # what a fresh `python main.py` process uses
 
 
 @pytest.fixture
@@ -24,11 +32,32 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def run_main(*args, timeout=600):
-    """Run the real `python main.py ...` command; return the completed process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+def run_main(*args):
+    """Run the real `python main.py ARGS` command, in this process (main.main with the same arguments, from the
+    project's folder, with the threads a fresh process would use: OMP_NUM_THREADS, else the default), without a new
+    interpreter's seconds of imports; returns it as a completed process (returncode, stdout, stderr). An exception
+    that escapes main (--debug) is printed as its traceback, exit code 1, as Python would."""
+    import main
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, cwd, threads = root.handlers[:], root.level, os.getcwd(), torch.get_num_threads()
+    root.handlers = []  # main's logging.basicConfig then writes to this run's stderr
+    os.chdir(ROOT)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+            except Exception:  # noqa: BLE001 - what the interpreter would print and exit with
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.handlers, root.level = handlers, level
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["main.py", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
