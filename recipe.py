@@ -128,7 +128,7 @@ def start_mlflow(accelerator, cfg, name):
     MLflowTracker's arguments: where artifacts go (Accelerate gives it no folder), the run's name."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # read when mlflow is imported, and when it sends anything
     if accelerator.is_main_process:
-        import mlflow
+        import mlflow  # heavy: only with --report-to mlflow
         from mlflow.telemetry import set_telemetry_client
         set_telemetry_client()  # no client, in case mlflow was imported before the variable was set
         os.makedirs(tracking_dir(cfg), exist_ok=True)
@@ -146,7 +146,7 @@ def tracking(accelerator, cfg, name):
         yield
     except BaseException as e:
         if cfg.report_to == "mlflow" and accelerator.is_main_process:
-            import mlflow
+            import mlflow  # heavy: only with --report-to mlflow
             mlflow.end_run(status=getattr(e, "tracking_status", "KILLED" if isinstance(e, KeyboardInterrupt)
                                           else "FAILED"))
         raise
@@ -156,7 +156,7 @@ def track(accelerator, cfg, values, step):
     """accelerator.log(values, step); MLflow keeps numbers only as metrics, so its text values (an epoch's
     stop_reason) are set as tags of the run instead."""
     if cfg.report_to == "mlflow" and accelerator.is_main_process:
-        import mlflow
+        import mlflow  # heavy: only with --report-to mlflow
         texts = {k: v for k, v in values.items() if isinstance(v, str)}
         if texts:
             mlflow.set_tags(texts)
@@ -178,7 +178,7 @@ def with_lora(cfg, model):
     """
     if not cfg.lora_r:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy (about a second): only with --lora-r
     targets = cfg.lora_target_modules or LORA_TARGETS.get(model.config.model_type)
     if not targets:
         raise UserError(f"no default --lora-target-modules for a {model.config.model_type} model: name its linear "

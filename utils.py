@@ -14,7 +14,9 @@ import tempfile
 from contextlib import contextmanager
 
 import numpy as np
+import psutil
 import torch
+import transformers
 from PIL import Image
 
 from config import UserError
@@ -25,7 +27,6 @@ log = logging.getLogger("docdistill")
 def setup_logging(main_process=True):
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if main_process else logging.WARNING)
-    import transformers
     transformers.utils.logging.set_verbosity_error()
     for noisy in ("datasets", "accelerate", "httpx", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -245,11 +246,7 @@ def sigterm_requests():
 def device_info():
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpu_threads": torch.get_num_threads()}
-    try:
-        import psutil
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
+    info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["cuda"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
@@ -258,7 +255,7 @@ def device_info():
 
 def peak_rss_bytes():
     """This process's peak resident set: VmHWM of /proc/self/status on Linux (the high-water mark of this
-    program's own memory); elsewhere getrusage's ru_maxrss, or psutil's current RSS without a resource module.
+    program's own memory); elsewhere psutil's current RSS.
     Not ru_maxrss on Linux: it survives exec, so a process started by multiprocessing's spawn (a fork, then an
     exec) reports at least its parent's peak at the time it was started."""
     try:
@@ -268,13 +265,7 @@ def peak_rss_bytes():
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        import resource
-        import sys
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    except ImportError:
-        import psutil
-        return psutil.Process().memory_info().rss
+    return psutil.Process().memory_info().rss
 
 
 def peak_memory_mb(device=None):
@@ -304,7 +295,7 @@ def to_rgb(image):
 
 def plot_curves(history, path):
     """Loss and accuracy per epoch from metrics.jsonl rows."""
-    import matplotlib
+    import matplotlib  # heavy: only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     epochs = [row["epoch"] for row in history]
@@ -325,7 +316,7 @@ def plot_curves(history, path):
 
 
 def plot_confusion(matrix, labels, path, title):
-    import matplotlib
+    import matplotlib  # heavy: only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     size = max(5, 0.45 * len(labels) + 2)

@@ -13,6 +13,8 @@ import os
 import datasets
 import numpy as np
 import torch
+from seqeval.metrics import classification_report
+from seqeval.scheme import IOB2
 
 import datacheck
 import dataset
@@ -354,8 +356,6 @@ def at_word_pairs(token_maps, word_pos):
 
 def tag_metrics(preds, labels, tags):
     """seqeval in strict IOB2 mode over the real words (label != IGNORE_INDEX), plus word accuracy."""
-    from seqeval.metrics import classification_report
-    from seqeval.scheme import IOB2
     preds, labels = np.asarray(preds), np.asarray(labels)
     keep = labels != IGNORE_INDEX
     truth = [[tags[t] for t in row[k]] for row, k in zip(labels, keep)]

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 
+from safetensors import safe_open
+
 import utils
 
 log = logging.getLogger("docdistill")
@@ -27,7 +29,6 @@ def _parameters(student_dir):
     path = os.path.join(student_dir, "model.safetensors")
     if not os.path.exists(path):
         return None, None
-    from safetensors import safe_open
     count = 0
     with safe_open(path, "np") as f:
         for name in f.keys():

@@ -5,12 +5,12 @@ import csv
 import os
 
 import numpy as np
+import optuna
 
 import utils
 
 
 def trial_rows(study, axes):
-    import optuna
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.WAITING:
@@ -27,7 +27,7 @@ def trial_rows(study, axes):
 
 def heatmap(rows, metric, path):
     """Validation score over temperature x alpha (the best over the other axes), as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy: only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     done = [r for r in rows if r["validation"] != ""]  # finished trials, those that reused a run included
@@ -58,7 +58,7 @@ def heatmap(rows, metric, path):
 
 def size_plot(sizes, path):
     """Validation gain of distillation (distilled minus alpha 0, per seed and their mean +- std) per student size."""
-    import matplotlib
+    import matplotlib  # heavy: only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(sizes)

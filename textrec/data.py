@@ -22,6 +22,7 @@ import random
 import unicodedata
 import zlib
 
+import jiwer
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -270,7 +271,6 @@ def teacher_array(image):
 
 def text_metrics(truths, preds):
     """CER and WER over the whole split (edits / reference characters or words), exact-match word accuracy."""
-    import jiwer
     pairs = [(t, p) for t, p in zip(truths, preds) if t]
     if not pairs:
         return {"cer": float("nan"), "wer": float("nan"), "exact": float("nan"), "exact_nocase": float("nan"),

@@ -30,7 +30,7 @@ from textrec import data
 
 def ppocrv4_path():
     try:
-        import rapidocr_onnxruntime
+        import rapidocr_onnxruntime  # only for its model file
     except ImportError as e:
         raise UserError("--teacher ppocrv4 needs the rapidocr-onnxruntime wheel (pip install "
                         "rapidocr-onnxruntime), or give the path of a CTC recogniser .onnx") from e
@@ -85,7 +85,7 @@ class OnnxRecognizer(nn.Module):
 
     def __init__(self, path, threads=None):
         super().__init__()
-        import onnx
+        import onnx  # heavy: only for an ONNX teacher
         import onnxruntime as ort
         if path == "ppocrv4":
             path = ppocrv4_path()
@@ -117,7 +117,7 @@ class OnnxRecognizer(nn.Module):
     def feature_session(self):
         """A session of the same graph with the backbone and encoder tensors as extra outputs (built once)."""
         if self._feature_session is None:
-            import onnx
+            import onnx  # heavy: only for an ONNX teacher's features
             import onnxruntime as ort
             model = onnx.ModelProto()
             model.CopyFrom(self._model)

@@ -21,6 +21,8 @@ import types
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, VisionEncoderDecoderModel
+from transformers.utils import cached_file
 
 import models
 from config import UserError
@@ -36,7 +38,6 @@ def read_json(source, name):
         path = os.path.join(source, name)
     else:
         try:
-            from transformers.utils import cached_file
             path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
         except Exception:  # noqa: BLE001 - no hub, no such repository: treated as "no such file"
             path = None
@@ -123,7 +124,6 @@ def has_safetensors(source):
 def load_model(source, config=None):
     """A VisionEncoderDecoderModel from model.safetensors (directory or hub id), or from its config alone (random
     weights) when the directory holds none. Returns (model, whether weights were loaded)."""
-    from transformers import VisionEncoderDecoderModel
     refuse_pickled_weights(source)
     config = config or models.load_pretrained_config(source)
     if not has_safetensors(source):
@@ -136,7 +136,6 @@ def load_model(source, config=None):
 
 
 def load_tokenizer(source):
-    from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as e:
