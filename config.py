@@ -263,9 +263,11 @@ class Config:
                                    "default)", default="auto")
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
-    on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, no OCR words, "
-                               "word boxes inverted or over 2 percent of the page outside it): fail (stop and name "
-                               "it) or skip (leave it out, count it and report the count)", default="fail")
+    on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, word boxes "
+                               "inverted or over 2 percent of the page outside it, a malformed text-recognition row): "
+                               "fail (stop and name it) or skip (leave it out, count it and report the count). A page "
+                               "without OCR words is not one: it is read from its image alone, and counted",
+                               default="fail")
     num_workers: int = _help("DataLoader worker processes", default=0)
     num_proc: int = _help("processes that preprocess the data (tokenising, resizing pages) and run OCR where a "
                           "dataset has no OCR columns; the result is the same for any number (1 = this process only)",
@@ -567,7 +569,8 @@ def as_type(value, kind):
 
 
 def parse_config(argv=None):
-    """Defaults, then the preset, then the --config file, then whatever was given on the command line."""
+    """Defaults, then the preset, then (eval, bench, export, predict) the saved student's own settings, then the
+    --config file, then whatever was given on the command line."""
     given = vars(build_parser().parse_args(argv))
     if "teacher" in given:
         given["teacher"], *extra = given["teacher"]
@@ -575,4 +578,46 @@ def parse_config(argv=None):
     from_file = read_config_file(given["config"]) if given.get("config") else {}
     preset = given.get("preset", from_file.get("preset", Config.preset))
     values = {**preset_settings(preset), **from_file, **given}
+    values.update(saved_student_settings(values, chosen={**from_file, **given}))
     return Config(**values).validate()
+
+
+# What a saved student was trained with and must be read with: its task and the preprocessing of its inputs.
+STUDENT_SETTINGS = ("task", "tokenizer", "max_length", "student_image_size", "student_config", "student_size",
+                    "student_height", "max_text_width")
+TEACHER_SETTINGS = ("teacher", "extra_teachers", "teacher_weights")  # eval and bench score the run's teacher beside it
+READS_A_STUDENT = ("eval", "bench", "export", "predict")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def saved_student_settings(values, chosen):
+    """--mode eval, bench, export and predict read a saved student with its own settings: those its run recorded
+    in train_config.json beside it (STUDENT_SETTINGS; the tokenizer and config saved in its student/ directory
+    itself where it has them), and the run's teacher. A setting chosen on the command line or in --config that
+    contradicts the student's is refused in one line (it could only misread the student's inputs); the teacher
+    chosen wins. Without a train_config.json (a student written elsewhere) the flags are used as they are."""
+    if values.get("mode") not in READS_A_STUDENT:
+        return {}
+    model = values.get("model") or os.path.join(values.get("output_dir", Config.output_dir), "student_model.pth")
+    run = os.path.dirname(os.path.abspath(model))
+    if model.endswith(".onnx"):  # OUTPUT_DIR/onnx/model.onnx
+        run = os.path.dirname(run)
+    path = os.path.join(run, "train_config.json")
+    if not os.path.isfile(path):
+        return {}
+    saved = read_config_file(path)
+    student = model if os.path.isdir(model) else os.path.join(run, "student")
+    adopted = {}
+    for key in STUDENT_SETTINGS:
+        if key not in saved:
+            continue
+        if key in chosen and chosen[key] != saved[key]:
+            raise UserError(f"{flag(key)} {chosen[key]!r} contradicts the {saved[key]!r} the student was trained with "
+                            f"({path}): leave {flag(key)} out to read the student with its own settings")
+        adopted[key] = chosen.get(key, saved[key])
+    if "tokenizer" not in chosen and any(os.path.exists(os.path.join(student, f)) for f in TOKENIZER_FILES):
+        adopted["tokenizer"] = student  # the tokenizer itself, also where the run named a hub id or built one
+    if "student_config" not in chosen and os.path.exists(os.path.join(student, "config.json")):
+        adopted["student_config"] = student
+    adopted.update({key: saved[key] for key in TEACHER_SETTINGS if key in saved and key not in chosen})
+    return adopted

@@ -278,11 +278,10 @@ def open_page(cell):
 
 
 def document_problem(words, boxes, width, height):
-    """Why OCR words and pixel boxes [x0, y0, x1, y1] cannot be used, or "" when they can."""
+    """Why OCR words and pixel boxes [x0, y0, x1, y1] cannot be used, or "" when they can. A page without words (a
+    file folder, a photo, handwriting OCR cannot read) is a document of its class: the student reads its image."""
     if not (width and height and width > 0 and height > 0):
         return f"page size {width}x{height} is not positive: fix its width and height columns"
-    if not words:
-        return "page has no OCR words (blank page, or OCR found no text)"
     if len(boxes) != len(words):
         return f"{len(words)} OCR words but {len(boxes)} word boxes: give one box per word"
     return datacheck.box_problem(boxes, width, height, fix="pixels of this page (not 0-1000 or another scan's size)")

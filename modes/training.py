@@ -18,9 +18,11 @@ def run_train(cfg, task):
     """Distil the student; returns its best validation score (task.metric_name)."""
     for name in (cfg.train_split, cfg.eval_split):
         stats = task.describe(name)
-        log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens", name,
+        without_words = stats["words_per_document"].get("zero", 0)
+        log.info("%s: %d documents, %.1f words/document, %.1f%% truncated at %d tokens%s", name,
                  stats["documents"], stats["words_per_document"]["mean"], 100 * stats["truncated_share"],
-                 cfg.max_length)
+                 cfg.max_length, f"; {without_words} without OCR words (read from the page alone)" if without_words
+                 else "")
     if cfg.unlabeled:
         log.info("unlabeled (%s): %d documents join %s, taught by the teacher only (KD weight %g)", cfg.unlabeled,
                  task.describe("unlabeled")["documents"], cfg.train_split, cfg.unlabeled_weight)

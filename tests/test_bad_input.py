@@ -207,7 +207,6 @@ def test_dataset_with_unknown_label_names(fails, tiny_demo, tmp_path):
 BAD_DOCUMENTS = {
     "corrupt image": (dict(image={"bytes": b"\x89PNG\r\n garbage", "path": None}), "is not a readable image"),
     "zero-byte image": (dict(image={"bytes": b"", "path": None}), "is empty (0 bytes)"),
-    "no OCR words": (dict(ocr_words=[], word_boxes=[]), "page has no OCR words"),
     "box outside the page": (dict(word_boxes=[[10, 10, 900, 30]] * 5, ocr_words=["w"] * 5),
                              "word box 0 [10, 10, 900, 30] lies outside the 320x416 page"),
     "inverted box": (dict(word_boxes=[[10, 10, 60, 12], [100, 40, 50, 12]], ocr_words=["a", "b"]),
@@ -220,6 +219,18 @@ def test_bad_document_stops_the_run_naming_it(fails, corpus, case):
     columns, message = BAD_DOCUMENTS[case]
     error = fails("--dataset", corpus("train", 3, **columns))
     assert "split 'train', document 3: " in error and message in error and "--on-bad-sample skip" in error
+
+
+def test_a_page_without_ocr_words_is_a_document_of_its_class(capsys, caplog, corpus, cache, tmp_path):
+    """Reliability III, 10: blank pages, file folders, photos have a class, read from the image alone (not errors
+    under the default --on-bad-sample fail); training counts them."""
+    caplog.set_level(logging.INFO)
+    data = corpus("train", 3, ocr_words=[], word_boxes=[])
+    code = main.main([str(f) for f in [*FAST, "--mode", "train", "--epochs", "1", "--alpha", "0", "--dataset", data,
+                                       "--cache-dir", cache, "--output-dir", tmp_path]])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert "train: 32 documents" in caplog.text and "1 without OCR words (read from the page alone)" in caplog.text
+    assert dataset.document_problem([], [], 320, 416) == ""
 
 
 def test_boxes_within_the_tolerance_are_clamped_not_refused():
