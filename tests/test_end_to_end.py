@@ -90,3 +90,24 @@ def test_info_describes_data_and_models(trained):
     for text in ("truncated_share", "class_counts", "words_per_document", "teacher: BeitForImageClassification",
                  "student: LayoutLMv3ForSequenceClassification", "parameter ratio", "sample 0"):
         assert text in info.stdout, text
+
+
+def test_eval_reads_the_student_with_its_own_settings(trained, tmp_path):
+    """Reliability III, 11: without the flags it was trained with (the demo preset's 112-px page and 512 tokens
+    would misread it), eval takes them from the run's train_config.json and student/; a flag that contradicts them
+    is refused in one line."""
+    root, _, _ = trained
+    model = root / "s" / "student_model.pth"
+    plain = ["--preset", "demo", "--dataset", tiny_demo_of(trained), "--cache-dir", root / "cache", "--model", model,
+             "--eval-split", "test"]
+    result = run_main("--mode", "eval", *plain, "--output-dir", tmp_path / "e")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(tmp_path / "e" / "eval.json"))["documents"] == 16
+    refused = run_main("--mode", "eval", *plain, "--student-image-size", "112", "--output-dir", tmp_path / "r")
+    assert refused.returncode == 2 and "--student-image-size 112 contradicts the 64 the student was trained with" \
+        in refused.stderr.strip().splitlines()[-1]
+
+
+def tiny_demo_of(trained):
+    _, common, _ = trained
+    return common[common.index("--dataset") + 1]
