@@ -25,6 +25,7 @@ import demo_corpus
 import kd_terms
 import minilm
 import models
+import plots
 import saved
 import scoring
 import tasks
@@ -170,11 +171,11 @@ class ClassificationTask(tasks.Task):
         result["teacher_agreement"] = float((scored.preds == by_teacher.preds)[keep].float().mean())
         result["teacher_" + self.metric_name] = by_teacher.metrics[self.metric_name]
         if scored.main_process:
-            table = utils.per_class_table(result["per_class"])
+            table = plots.per_class_table(result["per_class"])
             utils.atomic_text(table + "\n", os.path.join(cfg.output_dir, "per_class.md"))
             log.info("student per class on %s:\n%s", cfg.eval_split, table)
             if "confusion_matrix" in result:
-                utils.plot_confusion(result["confusion_matrix"], self.labels,
+                plots.plot_confusion(result["confusion_matrix"], self.labels,
                                      os.path.join(cfg.output_dir, "confusion_matrix.png"),
                                      f"student on {cfg.eval_split}: accuracy {result['accuracy']:.3f}")
             if result["classes"]["not_in_data"]:

@@ -103,14 +103,16 @@ class Config:
                            "'demo-unlabeled' = the demo's pool; token-classification: a FUNSD folder or the hub "
                            "layout, ner_tags optional). They join the training split and are taught by the teacher "
                            "alone: the CE is averaged over labelled documents (words), the KD term over all of them, "
-                           "an unlabelled form's over its real words (see --unlabeled-weight); mode train with "
-                           "alpha > 0 only; sequence- and token-classification", default="")
+                           "an unlabelled form's over its real words (see --unlabeled-weight); text-recognition: "
+                           "every crop of any source --dataset accepts (all its splits; transcripts ignored), taught "
+                           "by the teacher's terms alone; mode train with alpha > 0 only; every task", default="")
     labeled_fraction: float = _help("keep the labels of this seeded share of the training split's documents (word "
-                                    "crops for text recognition; 1 = all) and hide the others' labels: those are "
-                                    "taught by the teacher alone, as --unlabeled documents are; with --alpha 0 (no "
-                                    "teacher) they are left out, so the student trains on the same labelled "
-                                    "share alone. To measure what distillation gives when only part of the data "
-                                    "is labelled; mode train; every task", default=1.0)
+                                    "crops for text recognition; 1 = all, 0 = none: the student learns from the "
+                                    "teacher alone) and hide the others' labels: those are taught by the teacher "
+                                    "alone, as --unlabeled documents are; with --alpha 0 (no teacher) they are left "
+                                    "out, so the student trains on the same labelled share alone (0 then leaves "
+                                    "nothing and is refused). To measure what distillation gives when only part of "
+                                    "the data is labelled; mode train; every task", default=1.0)
     unlabeled_weight: float = _help("weight of an unlabelled document's KD term relative to a labelled one's: "
                                     "KD = (sum of labelled KL + w * sum of unlabelled KL) / all documents",
                                     default=1.0)
@@ -212,7 +214,9 @@ class Config:
     checkpoint: str = _help("resume training from this latest_checkpoint.pth", default="")
     overwrite: bool = _help("train (or --mode teacher) into an --output-dir that already holds a run, replacing it; "
                             "its files are replaced only as the new run saves its own. Without it such a directory "
-                            "is refused unless --checkpoint resumes its run", default=False)
+                            "is refused unless --checkpoint resumes its run. The same for --mode predict "
+                            "(predictions.jsonl/.csv) and export (OUTPUT_DIR/onnx/: only the export's own files are "
+                            "replaced, any other file there is kept)", default=False)
     model: str = _help("student to evaluate, predict with or export (a student_model.pth or save_pretrained "
                        "directory; default: the best one in OUTPUT_DIR); --mode predict also takes the .onnx file "
                        "written by --mode export", default="")
@@ -220,7 +224,10 @@ class Config:
                         "recursively) or globs; several may follow the flag", default_factory=list)
     top_k: int = _help("--mode predict: how many of the most likely classes (page classification) to write per "
                        "page, with their probabilities", default=3)
-    pdf_dpi: int = _help("--mode predict: resolution PDF pages are rendered at (pypdfium2) before OCR", default=200)
+    pdf_dpi: int = _help("--mode predict and export: resolution PDF pages are rendered at (pypdfium2) before OCR; a "
+                         "page that would have more pixels than images may have (PIL's limit, 89,478,485) is "
+                         "rendered at the resolution that fits, with a warning (an image over that limit is refused "
+                         "as PIL refuses it)", default=200)
     sweep: list = _help("--mode sweep: the axes of the study, one NAME=V1,V2,... per axis, several after the flag, "
                         "e.g. --sweep temperature=1,2,4,8 alpha=0,0.5,0.9 student_size=tiny,small (NAME is a flag's "
                         "name with _ or -: any setting that shapes a training run, e.g. lr, epochs, batch_size, "
@@ -275,7 +282,9 @@ class Config:
     log_every: int = _help("update the progress bar's loss every N steps", default=10)
     debug: bool = _help("show full tracebacks instead of one-line errors", default=False)
 
-    def validate(self):
+    def validate(self, given=()):
+        """The config, or a UserError naming every problem. given: the flags given on the command line, refused
+        where they do not apply to the task or the mode (not_applicable)."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -292,12 +301,11 @@ class Config:
             problems.append(f"--student-height must be a multiple of 16, got {self.student_height}")
         if not 0 <= self.degrade_jpeg <= 95:
             problems.append(f"--degrade-jpeg must be in [0, 95], got {self.degrade_jpeg}")
-        if self.unlabeled and self.mode == "teacher":
-            problems.append("--unlabeled is for distillation (--mode train): the teacher trains on labels only")
         if self.unlabeled and self.mode == "train" and not self.uses_teacher:
             problems.append("--unlabeled needs --alpha > 0: unlabelled documents only add the distillation term")
-        if self.labeled_fraction < 1 and self.mode == "teacher":
-            problems.append("--labeled-fraction is for distillation (--mode train): the teacher trains on labels only")
+        if self.labeled_fraction == 0 and self.mode == "train" and not self.uses_teacher:
+            problems.append("--labeled-fraction 0 keeps no labels, and with --alpha 0 nothing teaches the student: "
+                            "give --alpha > 0 (the teacher alone teaches) or a fraction > 0")
         problems += self.teachers_problems()
         if self.scheduler not in SCHEDULERS:
             problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
@@ -336,9 +344,24 @@ class Config:
         for name in ("output_dir", "cache_dir"):
             if os.path.isfile(getattr(self, name)):
                 problems.append(f"{flag(name)} {getattr(self, name)} is a file, not a directory")
+        problems += [problem for name in given if (problem := self.not_applicable(name))
+                     and not any(flag(name) in earlier for earlier in problems)]  # said already, more precisely
         if problems:
             raise UserError("; ".join(problems))
         return self
+
+    def not_applicable(self, name):
+        """Why the flag `name`, given with a value other than its default, does not apply to this run's task or mode
+        (FLAG_TASKS, FLAG_MODES), or ""."""
+        if getattr(self, name) == defaults()[name]:
+            return ""
+        tasks, modes = FLAG_TASKS.get(name, TASKS), FLAG_MODES.get(name, MODES)
+        if self.task in TASKS and self.task not in tasks and self.mode not in ("predict", "export"):  # those: the
+            # saved student's task, whatever --task says
+            return f"{flag(name)} is for --task {' or '.join(tasks)}, not {self.task}: leave it out"
+        if self.mode in MODES and self.mode not in modes:
+            return f"{flag(name)} is for --mode {' or '.join(modes)}, not {self.mode}: leave it out"
+        return ""
 
     @property
     def uses_teacher(self):
@@ -438,8 +461,8 @@ NUMERIC_BOUNDS = {
     "unlabeled_weight": (0, None, False), "early_stopping_patience": (0, None, False),
     "early_stopping_min_delta": (0, None, False), "lora_r": (0, None, False), "lora_alpha": (0, None, True),
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
-    "baseline_epochs": (0, None, False),
-    "feature_weight": (0, None, False), "labeled_fraction": (0, 1, True),
+    "baseline_epochs": (0, None, False), "top_k": (1, None, False), "pdf_dpi": (1, None, False),
+    "feature_weight": (0, None, False), "labeled_fraction": (0, 1, False),  # 0: no labels at all (needs a teacher)
 }
 
 
@@ -448,7 +471,9 @@ def out_of_bounds(name, value, minimum, maximum, exclusive):
     if isinstance(value, float) and not math.isfinite(value):
         return ""
     if maximum is not None:
-        return "" if minimum <= value <= maximum else f"{name} must be in [{minimum}, {maximum}], got {value}"
+        low = "(" if exclusive else "["
+        inside = (minimum < value if exclusive else minimum <= value) and value <= maximum
+        return "" if inside else f"{name} must be in {low}{minimum}, {maximum}], got {value}"
     if exclusive:
         return "" if value > minimum else f"{name} must be > {minimum}, got {value}"
     return "" if value >= minimum else f"{name} must be >= {minimum}, got {value}"
@@ -468,6 +493,24 @@ def preset_settings(name):
         raise UserError(f"--preset must be one of {', '.join(preset_names())}, got {name!r}")
     return read_config_file(os.path.join(PRESET_DIR, f"{name}.yaml"))
 
+
+# Flags that mean something for some tasks or modes only (the others: every one); given for another, refused.
+CLASSIFICATION = ("sequence-classification", "token-classification")
+TEXT_RECOGNITION = ("text-recognition",)
+FLAG_TASKS = {
+    **dict.fromkeys(("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
+                     "degrade_blur", "degrade_noise", "degrade_jpeg"), TEXT_RECOGNITION),
+    **dict.fromkeys(("tokenizer", "max_length", "teacher_weights", "unlabeled_weight", "lora_r", "lora_alpha",
+                     "lora_dropout", "lora_target_modules"), CLASSIFICATION),
+    **dict.fromkeys(("student_image_size", "top_k"), ("sequence-classification",)),
+}
+FLAG_MODES = {
+    **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), "top_k": ("predict",),
+    **dict.fromkeys(("sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs"), ("sweep",)),
+    "model": ("eval", "bench", "predict", "export"), "checkpoint": ("train", "teacher"),
+    # distillation's data: the teacher trains on labels only (--mode teacher)
+    "unlabeled": ("train", "sweep", "info"), "labeled_fraction": ("train", "sweep"),
+}
 
 # --help shows the flags in these groups, in this order (every field in exactly one).
 FLAG_GROUPS = {
@@ -520,12 +563,39 @@ def build_parser():
     return parser
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in a config file: which value was meant is not known, so the file is refused."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that run code), refusing a mapping that gives a key twice."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise DuplicateKey(f"{', '.join(twice)} given twice (line {node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def unique_pairs(pairs):
+    """json.load's object_pairs_hook: a dict, refusing a key given twice."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise DuplicateKey(f"{', '.join(twice)} given twice")
+    return dict(pairs)
+
+
 def read_config_file(path):
-    """The settings in a --config file (JSON, or YAML by its extension), checked against Config's fields."""
+    """The settings in a --config file (JSON, or YAML by its extension), checked against Config's fields; a key
+    given twice is refused."""
     is_yaml = path.endswith((".yaml", ".yml"))
     try:
         with open(path) as f:
-            settings = yaml.safe_load(f) if is_yaml else json.load(f)
+            settings = yaml.load(f, Loader=UniqueKeyLoader) if is_yaml else json.load(f, object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
+        raise UserError(f"--config {path}: {e}: keep one") from e
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror}") from e
     except (ValueError, yaml.YAMLError) as e:  # ValueError: json.JSONDecodeError, or not UTF-8
@@ -579,7 +649,7 @@ def parse_config(argv=None):
     preset = given.get("preset", from_file.get("preset", Config.preset))
     values = {**preset_settings(preset), **from_file, **given}
     values.update(saved_student_settings(values, chosen={**from_file, **given}))
-    return Config(**values).validate()
+    return Config(**values).validate(given=[key for key in given if key not in ("teacher", "extra_teachers")])
 
 
 # What a saved student was trained with and must be read with: its task and the preprocessing of its inputs.

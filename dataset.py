@@ -179,10 +179,10 @@ def select_samples(split, max_samples, seed):
 
 def hidden_labels(n, labeled_fraction, seed):
     """--labeled-fraction: the indices of the n training documents whose labels are hidden, a seeded share of
-    1 - labeled_fraction of them (at least one document keeps its label)."""
+    1 - labeled_fraction of them (at least one document keeps its label, unless the fraction is 0: none)."""
     if labeled_fraction >= 1 or n == 0:
         return set()
-    keep = max(1, round(n * labeled_fraction))
+    keep = max(1, round(n * labeled_fraction)) if labeled_fraction > 0 else 0
     return set(random.Random(seed).sample(range(n), n - keep))
 
 

@@ -46,8 +46,20 @@ def error_line(error, cfg):
     return f"error: {utils.first_line(error)} (--debug shows where)"
 
 
+# Modes that write into --output-dir: one run at a time there (utils.output_lock). A sweep's trials lock their own
+# directories' runs by the sweep's own bookkeeping; several sweep processes may share one study and directory.
+WRITING_MODES = ("train", "teacher", "eval", "bench", "predict", "export", "demo")
+
+
 def run(cfg):
     """The mode of cfg; returns the exit code."""
+    if cfg.mode in WRITING_MODES and PartialState().is_main_process:
+        with utils.output_lock(cfg.output_dir):
+            return run_mode(cfg)
+    return run_mode(cfg)
+
+
+def run_mode(cfg):
     if cfg.mode in OTHER_MODES:
         return OTHER_MODES[cfg.mode](cfg)
     if cfg.mode in ("train", "teacher"):  # before any slow work: never replace a run by accident

@@ -133,6 +133,14 @@ def start_mlflow(accelerator, cfg, name):
         set_telemetry_client()  # no client, in case mlflow was imported before the variable was set
         os.makedirs(tracking_dir(cfg), exist_ok=True)
         mlflow.set_tracking_uri(mlflow_uri(cfg))
+        if cfg.checkpoint:  # a resume: the run it continues, if its process was killed, still says RUNNING
+            client = mlflow.MlflowClient()
+            experiment = client.get_experiment_by_name(name)
+            for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") \
+                    if experiment else []:  # no other run writes here (utils.output_lock): these were killed
+                client.set_terminated(run.info.run_id, status="KILLED")
+                log.info("MLflow run %s (%s) was left RUNNING by a process that was killed: marked KILLED",
+                         run.info.run_id, run.info.run_name)
     return {"logging_dir": os.path.abspath(os.path.join(tracking_dir(cfg), "mlflow-artifacts")),
             "run_name": f"{name}, resumed from {cfg.checkpoint}" if cfg.checkpoint else name}
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import checkpoints
 import collate
 import models
+import plots
 import recipe
 import saved
 import scoring
@@ -117,7 +118,7 @@ def fit(cfg, task, model, forward, name="student"):
             clock = time.perf_counter()
     accelerator.end_training()
     if accelerator.is_main_process:
-        utils.plot_curves(history, os.path.join(cfg.output_dir, f"{name}_curves.png"))
+        plots.plot_curves(history, os.path.join(cfg.output_dir, f"{name}_curves.png"))
     return run.state["best"]
 
 

@@ -1,4 +1,6 @@
-"""Small shared helpers: seeds and RNG state, atomic and safe files, checksums, SIGTERM, device info, plots, logging."""
+"""Small shared helpers: seeds and RNG state, atomic and safe files, checksums, one run per output directory,
+SIGTERM, device info, page images, logging."""
+import contextlib
 import glob
 import hashlib
 import json
@@ -10,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import tempfile
 from contextlib import contextmanager
 
@@ -66,7 +69,7 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through a temp file in the same directory, fsync, rename: readers see old or new, never half."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -103,15 +106,15 @@ def _fsync_dir(directory):
 
 
 def atomic_torch_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json(obj, path):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def atomic_text(text, path):
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_dir(path, write):
@@ -141,6 +144,25 @@ def atomic_dir(path, write):
         for leftover in (tmp, old):
             if os.path.exists(leftover):
                 shutil.rmtree(leftover)
+
+
+def atomic_files(path, write):
+    """write(directory) into a fresh temp directory beside `path`, then move each file it wrote into `path` (created
+    if missing), one atomic rename each: files of `path` that `write` did not write are kept, never removed."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        write(tmp)
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        _fsync_dir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def safe_torch_load(path):
@@ -209,7 +231,7 @@ def first_line(error):
 
 def write_jsonl(rows, path):
     """Rewrites the (small) file atomically: a kill mid-write never leaves a torn last line."""
-    _atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
 
 
 def read_jsonl(path):
@@ -225,6 +247,71 @@ def all_finite(tensors):
     for tensor in tensors:
         checks.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
     return all(bool(torch.stack(found).all()) for found in checks.values())
+
+
+# ----------------------------------------------------------------------------- one run per output directory
+
+LOCK = ".docdistill.lock"
+
+
+@contextmanager
+def output_lock(directory):
+    """While the block runs, `directory` holds LOCK ({"pid", "host"}) and another run that asks for it is refused in
+    one line. The lock of a run that is gone (its process ended on this host without releasing it: SIGKILL, power
+    cut) is taken over. A directory this call created is removed again if nothing else was written into it."""
+    path = os.path.join(directory, LOCK)
+    created = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder and holder.get("host") != me["host"]:
+                raise UserError(f"{directory} is in use by a docdistill run on {holder['host']} (process "
+                                f"{holder.get('pid')}): wait for it to end, choose another --output-dir, or remove "
+                                f"{path} if that run is gone") from None
+            if holder and _alive(holder.get("pid")):
+                raise UserError(f"{directory} is in use by another docdistill run (process {holder['pid']}): wait "
+                                f"for it to end, or choose another --output-dir") from None
+            log.warning("%s: taking over the lock of a run that ended without releasing it (process %s)", directory,
+                        holder.get("pid") if holder else "unknown")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
+                os.rmdir(directory)
+
+
+def _lock_holder(path):
+    """The {"pid", "host"} of a lock file, or None when it cannot be read (being written, or torn)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- signals
@@ -289,55 +376,3 @@ def to_rgb(image):
     peak = values.max(initial=0)
     scale = 1.0 if peak <= 255 else 255 / 65535 if peak <= 65535 else 255 / peak
     return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
-
-
-# ----------------------------------------------------------------------------- plots
-
-def plot_curves(history, path):
-    """Loss and accuracy per epoch from metrics.jsonl rows."""
-    import matplotlib  # heavy: only when a plot is drawn
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ["train_loss"] + [k for k in history[0] if k.startswith("train_") and k not in
-                                 ("train_loss", "train_accuracy", "train_seconds", "train_docs_per_s")]:
-        ax_loss.plot(epochs, [row[key] for row in history], marker="o", label=key.replace("train_", ""))
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
-    ax_loss.legend()
-    main_metric = history[0]["metric_name"]
-    ax_acc.plot(epochs, [row["train_accuracy"] for row in history], marker="o", label="train accuracy")
-    ax_acc.plot(epochs, [row["val_" + main_metric] for row in history], marker="o", label="val " + main_metric)
-    ax_acc.set(xlabel="epoch", ylabel="score", title="Quality", ylim=(0, 1))
-    ax_acc.legend()
-    fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def plot_confusion(matrix, labels, path, title):
-    import matplotlib  # heavy: only when a plot is drawn
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    size = max(5, 0.45 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            if matrix[i][j]:
-                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i][j] > max(map(max, matrix)) / 2 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def per_class_table(per_class):
-    """Markdown table of per-class precision, recall, F1 and support."""
-    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1-score']:.3f} | {int(m['support'])} |"
-              for name, m in per_class.items()]
-    return "\n".join(lines)

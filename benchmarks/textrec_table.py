@@ -3,7 +3,7 @@
 One row per run directory of OUT with an eval.json; each distilled run is compared with the student alone of the
 same data (kl, seq -> ctc; lowres-kl -> lowres-ctc; l10-kl -> l10-ctc), the strongest of them when there are
 several (l10-ctc and l10-ctc60: the same run at 60 epochs): the CER difference and its 95% paired bootstrap
-interval over the test crops (predictions.jsonl). "CER, case and spaces ignored" reads the same
+interval over the test crops (eval_predictions.jsonl; predictions.jsonl in runs made before it was renamed). "CER, case and spaces ignored" reads the same
 predictions with both sides upper-cased and spaces removed: what is left when a label convention (SROIE's
 upper-case transcripts) and the teacher's reading (letter case as printed, no spaces in lines) disagree.
 """
@@ -33,8 +33,10 @@ def describe(run, result):
 
 @functools.lru_cache(maxsize=None)
 def predictions(out, run):
-    """A run's predictions.jsonl rows (read once), or None without it."""
-    path = os.path.join(out, run, "predictions.jsonl")
+    """A run's eval_predictions.jsonl rows (read once), or None without it."""
+    path = os.path.join(out, run, "eval_predictions.jsonl")
+    if not os.path.exists(path):  # a run made before --mode eval's file was renamed (--mode predict's is this name)
+        path = os.path.join(out, run, "predictions.jsonl")
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else None
 
 
@@ -44,7 +46,7 @@ def edits(out, run):
 
 
 def loose_cer(out, run, who):
-    """CER with both sides upper-cased and without spaces, from predictions.jsonl (None without it)."""
+    """CER with both sides upper-cased and without spaces, from eval_predictions.jsonl (None without it)."""
     rows = predictions(out, run)
     if rows is None:
         return None

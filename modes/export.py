@@ -138,13 +138,17 @@ def run(cfg):
     path = cfg.model or os.path.join(cfg.output_dir, "student")
     if path.endswith(".onnx"):
         raise UserError(f"--model {path} is already ONNX: give the student/ directory or student_model.pth")
+    out_dir = os.path.join(cfg.output_dir, "onnx")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not cfg.overwrite:  # before any slow work
+        raise UserError(f"{out_dir} already holds an export ({', '.join(sorted(os.listdir(out_dir))[:4])}...): "
+                        f"replace it with --overwrite (files that are not the export's own are kept), or choose "
+                        f"another --output-dir")
     model, directory, config = predict.load_model(path)
     names = input_names(config)
     batches = sample_batches(cfg, model, directory, config, names)
     documents = int(batches[0][names[0]].shape[0])
     log.info("checking the export on %d real documents (%s)", documents,
              "--input" if cfg.input else f"{cfg.dataset} {cfg.eval_split}")
-    out_dir = os.path.join(cfg.output_dir, "onnx")
     report = {}
 
     def write(tmp):
@@ -175,7 +179,7 @@ def run(cfg):
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(report, f, indent=2)
 
-    utils.atomic_dir(out_dir, write)
+    utils.atomic_files(out_dir, write)
     log.info("exported to %s: model.onnx %.1f MB, model.int8.onnx %.1f MB", out_dir, report["float32"]["size_mb"],
              report["int8"]["size_mb"])
     return 0

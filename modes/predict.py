@@ -50,13 +50,16 @@ from wordtags import first_subtokens, pad_ids
 
 log = logging.getLogger("docdistill")
 PDF_MAGIC = b"%PDF"
+# The most pixels a page may have: PIL's own limit for images (above it PIL refuses the file as a decompression
+# bomb); a PDF page that would render larger at --pdf-dpi is rendered at the resolution that fits it.
+MAX_PAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 # ----------------------------------------------------------------------------- inputs
 
 def expand_inputs(patterns):
     """Files to read, in order and without repeats, and the patterns that matched nothing."""
-    files, missing = [], []
+    files, seen, missing = [], set(), []
     for pattern in patterns:
         if os.path.isdir(pattern):
             found = sorted(os.path.join(d, f) for d, dirs, names in os.walk(pattern)
@@ -69,12 +72,16 @@ def expand_inputs(patterns):
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not found:
             missing.append(pattern)
-        files += [f for f in found if f not in files]
+        for name in found:
+            if name not in seen:
+                seen.add(name)
+                files.append(name)
     return files, missing
 
 
 def read_pages(path, dpi):
-    """Yield the pages of a file as RGB images: every frame of an image file, every page of a PDF."""
+    """Yield the pages of a file as RGB images: every frame of an image file, every page of a PDF (rendered at
+    `dpi`, or at the resolution that keeps it within MAX_PAGE_PIXELS)."""
     with open(path, "rb") as f:
         head = f.read(len(PDF_MAGIC))
     if not head:
@@ -83,10 +90,13 @@ def read_pages(path, dpi):
         try:
             pdf = pdfium.PdfDocument(path)
         except pdfium.PdfiumError as e:
-            raise ValueError(f"not a readable PDF ({e})") from e
+            raise ValueError("not a readable PDF (damaged, encrypted, or a PDF with no pages)") from e
         try:
+            if len(pdf) == 0:
+                raise ValueError("the PDF has no pages")
             for index in range(len(pdf)):
-                yield pdf[index].render(scale=dpi / 72).to_pil().convert("RGB")
+                yield pdf[index].render(scale=pdf_scale(pdf[index].get_size(), dpi, path, index)).to_pil() \
+                    .convert("RGB")
         finally:
             pdf.close()
         return
@@ -98,6 +108,18 @@ def read_pages(path, dpi):
         for frame in ImageSequence.Iterator(image):
             frame.load()  # decode all of it now: a truncated file fails here
             yield frame.convert("RGB")
+
+
+def pdf_scale(points, dpi, path, index):
+    """Pixels per PDF point: dpi / 72, or less for a page that would have more than MAX_PAGE_PIXELS (a page a few
+    hundred bytes can declare 200 inches wide), said in the log."""
+    width, height = points
+    scale = dpi / 72
+    if width * height * scale * scale > MAX_PAGE_PIXELS:
+        scale = (MAX_PAGE_PIXELS / max(width * height, 1)) ** 0.5
+        log.warning("%s page %d is %.0f x %.0f inches: rendered at %.0f dpi instead of --pdf-dpi %d, to stay within "
+                    "%d pixels", path, index + 1, width / 72, height / 72, 72 * scale, dpi, MAX_PAGE_PIXELS)
+    return scale
 
 
 # ----------------------------------------------------------------------------- the student
@@ -344,8 +366,11 @@ def run(cfg):
     """Predict every page of every input; 0 when all files were read, 1 when some failed (2: UserError)."""
     if not cfg.input:
         raise UserError("--mode predict needs --input: image files, PDFs, folders or globs")
-    if cfg.top_k < 1 or cfg.pdf_dpi < 1:
-        raise UserError(f"--top-k and --pdf-dpi must be >= 1, got {cfg.top_k} and {cfg.pdf_dpi}")
+    outputs = [os.path.join(cfg.output_dir, name) for name in ("predictions.jsonl", "predictions.csv")]
+    if any(os.path.exists(p) for p in outputs) and not cfg.overwrite:  # before any slow work
+        found = ", ".join(os.path.basename(p) for p in outputs if os.path.exists(p))
+        raise UserError(f"{cfg.output_dir} already holds predictions ({found}): replace them with --overwrite, or "
+                        f"choose another --output-dir")
     files, missing = expand_inputs(cfg.input)
     if not files:
         raise UserError(f"--input {' '.join(cfg.input)}: no such file, folder or matching glob")

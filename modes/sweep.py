@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 import optuna
+import sqlalchemy
 from accelerate import PartialState
 
 import checkpoints
@@ -59,7 +60,10 @@ NOT_AXES = ("mode", "preset", "config", "task", "dataset", "train_split", "eval_
             "checkpoint", "overwrite", "model", "input", "debug", "sweep", "sweep_sampler", "sweep_trials",
             "sweep_storage", "seeds", "unlabeled")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-AXES = [name for name in checkpoints.RESUME_KEYS if name not in NOT_AXES]  # the settings that shape a training run
+# The settings that shape a training run and take one value per grid point: not a list (extra_teachers) nor a text
+# that is itself comma-separated (teacher_weights): --sweep splits values at commas.
+AXES = [name for name in checkpoints.RESUME_KEYS
+        if name not in NOT_AXES + ("extra_teachers", "teacher_weights")]
 TEST_SPLIT = "test"
 LATER_SETTINGS = ("baseline_epochs", "extra_teachers", "teacher_weights")
 POLL_SECONDS = 10  # how often a process that has no trial left looks at the trials other processes run
@@ -400,9 +404,20 @@ def size_study(cfg, axes, done, runs, seeds):
     return sizes
 
 
+def open_study(storage, sampler, name):
+    """The study in its Optuna storage, created or continued; a storage that cannot be opened (a file that is not a
+    database, a folder that does not exist, an unknown URL scheme or a missing driver) is refused in one line."""
+    try:
+        return optuna.create_study(storage=storage, sampler=sampler, study_name=name, direction="maximize",
+                                   load_if_exists=True)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise UserError(f"--sweep-storage {storage}: cannot open the study's database ({reason}): give "
+                        f"sqlite:///PATH in a folder that exists (a file that is a database, or none yet), or a "
+                        f"database URL whose driver is installed") from e
+
+
 def run(cfg):
-    if cfg.seeds < 1:
-        raise UserError("--seeds must be >= 1")
     if PartialState().num_processes > 1:
         raise UserError("--mode sweep runs one process; run several machines on one --sweep-storage instead of "
                         "accelerate launch")
@@ -423,12 +438,11 @@ def run(cfg):
         if previous["study"] != name:
             raise UserError(f"{cfg.output_dir} holds another sweep ({previous['study']}, axes "
                             f"{previous['axes']}): continue it with the same settings, or choose another --output-dir")
-    utils.atomic_json({"study": name, "storage": storage, "axes": axes}, marker)
     sampler = optuna.samplers.GridSampler(axes, seed=cfg.seed) if cfg.sweep_sampler == "grid" else \
         optuna.samplers.TPESampler(seed=cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage, sampler=sampler, study_name=name, direction="maximize",
-                                load_if_exists=True)
+    study = open_study(storage, sampler, name)
+    utils.atomic_json({"study": name, "storage": storage, "axes": axes}, marker)
     log.info("sweep: study %s in %s, axes %s", name, storage, axes)
     run_trials(cfg, study, axes)
     best, results = final_runs(cfg, study, axes)

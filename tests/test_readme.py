@@ -20,9 +20,9 @@ import config
 from conftest import ROOT, SHARED, run_main
 
 README = os.path.join(ROOT, "README.md")
-SIZING = {"teacher": ["--epochs", "1"], "train": ["--epochs", "1", "--student-size", "micro",
-                                                  "--student-image-size", "32"],
-          "eval": ["--student-size", "micro", "--student-image-size", "32"]}
+SIZING = {"teacher": ["--epochs", "1"], "train": ["--epochs", "1", "--student-size", "micro"],
+          "eval": ["--student-size", "micro"]}
+PAGE_SIZING = ["--student-image-size", "32"]  # page classification's student reads the page too
 WORDS = {"letter": "dear sir sincerely yours regards", "invoice": "invoice total amount due payment",
          "memo": "memo to from subject date"}
 needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="Tesseract is not installed")
@@ -38,7 +38,7 @@ def quick_start(task):
     return [shlex.split(line)[2:] for line in lines]
 
 
-def run_quick_start(task, folder, stand_ins=None, monkeypatch=None):
+def run_quick_start(task, folder, stand_ins=None, monkeypatch=None, sizing=()):
     """Run the block in `folder`; returns {mode: its run's output dir}. stand_ins: settings of the presets replaced
     (hub ids by local stand-ins)."""
     if stand_ins:
@@ -48,7 +48,7 @@ def run_quick_start(task, folder, stand_ins=None, monkeypatch=None):
     for argv in quick_start(task):
         mode = argv[argv.index("--mode") + 1]
         argv = [os.path.join(folder, a) if os.path.exists(os.path.join(folder, a.split("/")[0])) or a.startswith(
-            "runs/") else a for a in argv] + SIZING.get(mode, [])
+            "runs/") else a for a in argv] + SIZING.get(mode, []) + (list(sizing) if mode in SIZING else [])
         done = run_main(*argv)
         assert done.returncode == 0, (argv, done.stderr[-3000:])
         outputs[mode] = argv[argv.index("--output-dir") + 1]
@@ -78,7 +78,7 @@ def test_page_classification_quick_start(tmp_path, one_thread):
     os.makedirs(tmp_path / "new_scans")
     for k, path in enumerate(sorted((tmp_path / "unlabelled").rglob("*.png"))):
         shutil.copy(path, tmp_path / ("my_unlabeled_pages" if k < 4 else "new_scans") / f"page{k}.png")
-    out = run_quick_start("page classification", str(tmp_path))
+    out = run_quick_start("page classification", str(tmp_path), sizing=PAGE_SIZING)
     run = tmp_path / "runs" / "mine"
     assert out["train"] == str(run)
     for name in ("teacher/model.safetensors", "student/model.safetensors", "student/checksums.json", "eval.json",

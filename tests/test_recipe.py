@@ -130,9 +130,10 @@ def test_early_stopping_end_to_end_and_resume_from_the_written_config(stopped_ru
 def test_config_file_round_trip(tmp_path):
     checkpoint = tmp_path / "teacher_checkpoint.pth"
     checkpoint.write_bytes(b"")
-    cfg = parse_config(["--preset", "demo", "--mode", "teacher", "--lr", "1e-4", "--scheduler", "cosine",
-                        "--input", "a.png", "b.pdf", "--no-group-by-length", "--early-stopping-patience", "2",
-                        "--checkpoint", str(checkpoint), "--overwrite"])
+    cfg = parse_config(["--preset", "demo", "--mode", "train", "--lr", "1e-4", "--scheduler", "cosine",
+                        "--teacher", "demo-dit", "--teacher", "demo-minilm", "--no-group-by-length",
+                        "--early-stopping-patience", "2", "--checkpoint", str(checkpoint), "--overwrite"])
+    assert cfg.extra_teachers == ["demo-minilm"]  # a list setting (was --input, which the teacher mode refuses now)
     path = tmp_path / "teacher_config.json"
     path.write_text(json.dumps(cfg.to_file()))  # as training writes it
     again = parse_config(["--config", str(path)]).to_dict()
@@ -237,6 +238,25 @@ def test_mlflow_tracker_writes_config_steps_and_epochs_to_a_local_store(tiny_dem
     assert [v for _, v in sorted(history["epoch/val_accuracy"])] == pytest.approx([r["val_accuracy"] for r in rows])
     assert [v for _, v in sorted(history["train/ce"])] == pytest.approx([r["train_ce"] for r in rows])
     assert run.data.tags["epoch/stop_reason"] == rows[-1]["stop_reason"]  # text: a tag, not a metric
+
+
+def test_a_resume_marks_the_killed_runs_mlflow_run_killed(tiny_demo, tmp_path, monkeypatch):
+    """Reliability III, 9: a run killed by SIGKILL leaves its MLflow run RUNNING; resuming it marks that one KILLED
+    (the resumed run is a run of its own, FINISHED)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    args = ["--mode", "train", *TINY, "--epochs", "1", "--report-to", "mlflow", "--dataset", tiny_demo,
+            "--cache-dir", tmp_path / "cache", "--output-dir", out]
+    assert run_logged(*args)[0] == 0
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("student").experiment_id
+    killed = client.create_run(experiment, run_name="student").info.run_id  # what a SIGKILLed run leaves: RUNNING
+    assert client.get_run(killed).info.status == "RUNNING"
+    assert run_logged(*args, "--checkpoint", out / "latest_checkpoint.pth")[0] == 0
+    assert client.get_run(killed).info.status == "KILLED"
+    assert sorted(r.info.status for r in client.search_runs([experiment])) == ["FINISHED", "FINISHED", "KILLED"]
 
 
 def tiny_beit(labels=3):

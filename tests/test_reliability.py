@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import BeitImageProcessor
 
+import checkpoints
 import main
 import models
-import checkpoints
+import plots
 import utils
 from config import UserError, parse_config
 from conftest import ROOT, assert_same_run, kill_inside_second_epoch, run_main
@@ -255,7 +256,7 @@ def write(f):
     f.flush()
     print("half written", flush=True)
     time.sleep(600)
-utils._atomic_write(sys.argv[1], write)
+utils.atomic_write(sys.argv[1], write)
 """
 
 
@@ -284,7 +285,7 @@ def test_failed_writes_keep_the_previous_file_and_directory(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        utils._atomic_write(path, crash)
+        utils.atomic_write(path, crash)
     assert json.load(open(path)) == {"accuracy": 0.5}
 
     folder = tmp_path / "student"
@@ -297,7 +298,7 @@ def test_failed_writes_keep_the_previous_file_and_directory(tmp_path):
     with pytest.raises(OSError):
         utils.atomic_dir(str(folder), crash_dir)
     assert open(folder / "config.json").read() == "{}"
-    utils.plot_curves([{"epoch": 1, "train_loss": 1.0, "train_kd": 0.5, "train_ce": 1.5, "train_accuracy": 0.5,
+    plots.plot_curves([{"epoch": 1, "train_loss": 1.0, "train_kd": 0.5, "train_ce": 1.5, "train_accuracy": 0.5,
                         "metric_name": "accuracy", "val_accuracy": 0.4}], str(tmp_path / "curves.png"))
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "eval.json", "student"]  # no temp files left over
 

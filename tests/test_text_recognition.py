@@ -382,8 +382,8 @@ def test_main_distil_resume_eval_info(word_crops, tmp_path):
     assert result["crops"] == 4 and {"cer", "wer", "exact", "exact_nocase"} <= set(result["student"])
     assert result["teacher_parameters"] == 3 * 30 + 30 + 1 and result["student_ms_per_crop"] > 0
     assert (out / "worst_errors.png").stat().st_size > 0
-    # predictions.jsonl: one row per crop, whose edits add up to the split's CER (jiwer, in eval.json)
-    crops = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    # eval_predictions.jsonl: one row per crop, whose edits add up to the split's CER (jiwer, in eval.json)
+    crops = [json.loads(line) for line in open(out / "eval_predictions.jsonl")]
     assert len(crops) == 4 and all(r["student_edits"] == textrec.char_errors(r["truth"], r["student"]) for r in crops)
     for who, scores in (("student", result["student"]), ("teacher", result["teacher_scores"])):
         edits, chars = sum(r[f"{who}_edits"] for r in crops), sum(len(r["truth"]) for r in crops)

@@ -1,5 +1,5 @@
 """Text recognition data: crops with transcripts, the student's charset and folding, CTC decoding, degradation,
-metrics.
+metrics. This file is over 400 lines because every crop source has its reader and its checks here.
 
 A crop is a piece of a page (a FUNSD word box, a SROIE text line) or an image of its own (a folder, CSV or JSONL
 of crops). Its transcript may be missing: such a crop is unlabelled and only the teacher teaches on it.
@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -28,6 +29,8 @@ from PIL import Image, ImageFilter
 
 import wordtags
 from config import UserError
+
+log = logging.getLogger("docdistill")
 
 TEACHER_HEIGHT = 48
 MIN_TEACHER_WIDTH = 320  # PP-OCR pads every crop to at least 48 x 320
@@ -75,9 +78,66 @@ def ctc_greedy(best, length=None):
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def _record(image, text, box=None, key=""):
-    return {"image": image, "box": list(map(float, box)) if box is not None else [], "text": text,
-            "has_text": text is not None, "key": key}
+def _record(image, text, box=None, key="", problem=""):
+    """One crop: its page (or crop) image, transcript (None: unlabelled), box on the page ([] : the whole image), key,
+    and why it cannot be used ("" when it can)."""
+    return {"image": image, "box": list(map(float, box)) if box and not problem else [], "text": text,
+            "has_text": text is not None, "key": key, "problem": problem}
+
+
+def box_of(value):
+    """(box [x0, y0, x1, y1] or None, what is wrong with it or ""): a list of at least 4 numbers, or a JSON text of
+    one (CSV), or nothing."""
+    if value in (None, "", []):
+        return None, ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, f"box {value!r} is not a JSON list of numbers"
+    if not (isinstance(value, list) and len(value) >= 4 and all(isinstance(v, (int, float)) and
+                                                                not isinstance(v, bool) and math.isfinite(v)
+                                                                for v in value[:4])):
+        return None, f"box {value!r} is not 4 numbers [x0, y0, x1, y1]"
+    return value[:4], ""
+
+
+def image_problem(path):
+    """Why a page or crop image cannot be read (missing, not an image, over PIL's pixel limit), or ""."""
+    if not os.path.isfile(path):
+        return f"image {path} does not exist"
+    limit = f"over the {Image.MAX_IMAGE_PIXELS} pixels images may have (PIL's limit)"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        return f"image {path} is {limit}"
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        return f"image {path} cannot be read ({type(e).__name__})"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return f"image {path} is {width} x {height} pixels, {limit}"
+    return ""
+
+
+def with_image_problems(rows):
+    """Rows whose image cannot be read get that problem (each image is looked at once)."""
+    problems = {image: image_problem(image) for image in {r["image"] for r in rows if not r["problem"]}}
+    return [{**r, "problem": r["problem"] or problems[r["image"]]} for r in rows]
+
+
+def usable(rows, on_bad_sample, source):
+    """--on-bad-sample: stop at the first row that cannot be used, naming its file and row (fail), or leave them
+    all out and say how many (skip)."""
+    bad = [r for r in rows if r["problem"]]
+    if not bad:
+        return rows
+    if on_bad_sample == "fail":
+        raise UserError(f"{bad[0]['problem']} ({len(bad)} unusable crops in {source}): fix the data, or pass "
+                        f"--on-bad-sample skip to leave such crops out")
+    if len(bad) == len(rows):
+        raise UserError(f"--dataset {source}: all {len(bad)} crops are unusable (first: {bad[0]['problem']})")
+    log.warning("%s: skipping %d unusable crops of %d (first: %s)", source, len(bad), len(rows), bad[0]["problem"])
+    return [r for r in rows if not r["problem"]]
 
 
 def funsd_records(root):
@@ -116,20 +176,43 @@ def sroie_records(root):
     return {"all": rows}
 
 
+def table_rows(path):
+    """(row number, row or what is wrong with its line) of a JSONL or CSV file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                return [(k + 1, row) for k, row in enumerate(csv.DictReader(f))]
+            lines = [(k + 1, line) for k, line in enumerate(f) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append((number, json.loads(line)))
+        except ValueError as e:
+            rows.append((number, f"is not valid JSON ({str(e).splitlines()[0]})"))
+    return rows
+
+
 def table_records(path):
-    """JSONL or CSV rows {image, text (optional), box (optional x0,y0,x1,y1)}; images relative to the file."""
+    """JSONL or CSV rows {image, text (optional), box (optional x0,y0,x1,y1)}. Image paths are read as given:
+    relative ones from the file's folder (a path may lead outside it, as the file says), absolute ones as they are.
+    A row that cannot be used is kept with its problem, named by file and row (usable())."""
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else list(csv.DictReader(f))
     out = []
-    for k, row in enumerate(rows):
-        if "image" not in row:
-            raise UserError(f"{path} row {k + 1} has no 'image' column: each row needs an image and may have text")
-        box = row.get("box") or None
-        box = json.loads(box) if isinstance(box, str) else box
-        text = row.get("text")
-        out.append(_record(os.path.join(base, row["image"]), text if text not in (None, "") else None, box,
-                           f"{os.path.basename(path)}/{k}"))
+    for number, row in table_rows(path):
+        key, where = f"{os.path.basename(path)}/{number - 1}", f"{path} row {number}"
+        if isinstance(row, str) or not isinstance(row, dict):
+            out.append(_record(None, None, None, key, f"{where} {row if isinstance(row, str) else 'is not an object'}"))
+            continue
+        image, text = row.get("image"), row.get("text")
+        box, box_problem = box_of(row.get("box"))
+        problem = (f"{where} has no 'image': each row needs an image and may have text" if not
+                   isinstance(image, str) or not image else
+                   f"{where}: 'text' must be a string, got {type(text).__name__}" if not isinstance(text, (str, type(None)))
+                   else f"{where}: {box_problem}" if box_problem else "")
+        out.append(_record(os.path.join(base, image) if isinstance(image, str) and image else None,
+                           text if text not in (None, "") else None, box, key, problem))
     return out
 
 
@@ -137,9 +220,14 @@ def folder_records(path):
     """Crop images; a transcript in NAME.txt next to NAME.png when there is one (otherwise unlabelled)."""
     out = []
     for image in sorted(p for p in glob.glob(os.path.join(path, "*")) if p.lower().endswith(IMAGE_EXTENSIONS)):
-        txt = os.path.splitext(image)[0] + ".txt"
-        text = open(txt, encoding="utf-8").read().strip("\n") if os.path.exists(txt) else None
-        out.append(_record(image, text, None, os.path.basename(image)))
+        txt, text, problem = os.path.splitext(image)[0] + ".txt", None, ""
+        if os.path.exists(txt):
+            try:
+                with open(txt, encoding="utf-8") as f:
+                    text = f.read().strip("\n")
+            except UnicodeDecodeError as e:
+                problem = f"{txt} is not UTF-8 text (byte {e.start}): save it as UTF-8"
+        out.append(_record(image, text, None, os.path.basename(image), problem))
     return out
 
 
@@ -155,29 +243,45 @@ def split_rows(rows, seed, fractions):
     return out
 
 
-def load_records(source, seed):
-    """train / validation / test lists of crop records from any supported source."""
+def load_records(source, seed, on_bad_sample="fail"):
+    """train / validation / test lists of crop records from any supported source; unusable rows handled by
+    --on-bad-sample (usable())."""
+    splits = read_records(source, seed, lambda rows: usable(with_image_problems(rows), on_bad_sample, source))
+    return splits
+
+
+def unlabeled_records(source, on_bad_sample="fail"):
+    """Every crop of --unlabeled's source (all its splits), transcripts dropped: taught by the teacher alone."""
+    rows = [r for split in read_records(source, 0, lambda rows: usable(with_image_problems(rows), on_bad_sample,
+                                                                        source)).values() for r in split]
+    return [{**r, "text": None, "has_text": False, "key": f"unlabeled/{r['key']}"} for r in rows]
+
+
+def read_records(source, seed, check):
+    """train / validation / test lists of crop records from any supported source; check(rows) -> the usable rows,
+    applied before they are split."""
     if not os.path.exists(source):
         raise UserError(f"--dataset {source}: no such file or directory (text recognition reads a FUNSD folder, "
                         f"a SROIE folder, a folder of crops, or a CSV/JSONL file or a folder of "
                         f"train/validation/test .jsonl files)")
     funsd = funsd_records(source) if os.path.isdir(source) else None
     if funsd:  # validation: 10% of the training forms, so the best epoch is never picked on test forms
-        return {**split_rows(funsd["train"], seed, [("train", 0.9), ("validation", 0.1)]), "test": funsd["test"]}
+        return {**split_rows(check(funsd["train"]), seed, [("train", 0.9), ("validation", 0.1)]),
+                "test": check(funsd["test"])}
     sroie = sroie_records(source) if os.path.isdir(source) else None
     if sroie:
-        return split_rows(sroie["all"], seed, [("train", 0.7), ("validation", 0.1), ("test", 0.2)])
+        return split_rows(check(sroie["all"]), seed, [("train", 0.7), ("validation", 0.1), ("test", 0.2)])
     if os.path.isdir(source):
         files = {name: os.path.join(source, f"{name}{ext}") for name in ("train", "validation", "test")
                  for ext in (".jsonl", ".csv") if os.path.exists(os.path.join(source, f"{name}{ext}"))}
         if files:
-            return {name: table_records(path) for name, path in files.items()}
+            return {name: check(table_records(path)) for name, path in files.items()}
         rows = folder_records(source)
     else:
         rows = table_records(source)
     if not rows:
         raise UserError(f"--dataset {source} holds no crops")
-    return split_rows(rows, seed, [("train", 0.8), ("validation", 0.1), ("test", 0.1)])
+    return split_rows(check(rows), seed, [("train", 0.8), ("validation", 0.1), ("test", 0.1)])
 
 
 def records_key(rows, **settings):
@@ -283,6 +387,11 @@ def text_metrics(truths, preds):
     return {"cer": float(cer), "wer": float(wer),
             "exact": float(np.mean([t == p for t, p in pairs])),
             "exact_nocase": float(np.mean([t.lower() == p.lower() for t, p in pairs])), "crops": len(pairs)}
+
+
+def char_accuracy(cer):
+    """1 - CER, clipped at 0: CER counts insertions too, so a reading much longer than its truth has a CER over 1."""
+    return max(0.0, 1.0 - cer) if cer == cer else cer  # NaN (nothing scored) stays NaN
 
 
 def char_errors(truth, pred):

@@ -64,7 +64,7 @@ def teacher_transcripts(task, cfg, split, loader):
 @torch.no_grad()
 def evaluate(task, cfg, student, path):
     """The student scored on cfg.eval_split (scoring.score), the teacher's own readings of the same crops, both
-    models' milliseconds per crop at batch 1; predictions.jsonl and worst_errors.png beside eval.json."""
+    models' milliseconds per crop at batch 1; eval_predictions.jsonl and worst_errors.png beside eval.json."""
     split = task.splits[cfg.eval_split]
     scored = scoring.score(task, student, cfg.eval_split, cfg, device=torch.device("cpu"), desc="student")
     texts = lambda rows: [data.decode([c for c in row if c >= 0]) for row in rows.tolist()]  # noqa: E731
@@ -92,9 +92,9 @@ def evaluate(task, cfg, student, path):
               "teacher_crops_per_second": len(split) / max(teacher["seconds"], 1e-9),
               "threads": torch.get_num_threads(),
               "teacher_agreement": float(np.mean([p == t for p, t in zip(preds, teacher["texts"])])) if preds else 0.0}
-    result["char_accuracy"] = 1.0 - result["student"]["cer"]
+    result["char_accuracy"] = data.char_accuracy(result["student"]["cer"])
     result["speedup_batch1"] = result["teacher_ms_per_crop"] / result["student_ms_per_crop"]
-    write_predictions(split["key"], truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "predictions.jsonl"))
+    write_predictions(split["key"], truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "eval_predictions.jsonl"))
     worst_errors(split, truths, preds, teacher["texts"], os.path.join(cfg.output_dir, "worst_errors.png"))
     s, t = result["student"], result["teacher_scores"]
     log.info("%s on %s (%d crops): student CER %.4f WER %.4f exact %.4f (%.2f ms/crop); teacher CER %.4f WER %.4f "
@@ -109,7 +109,7 @@ def write_predictions(keys, truths, preds, teacher, path):
     students can be compared crop by crop: benchmarks/textrec_table.py's paired bootstrap)."""
     rows = [{"key": k, "truth": t, "student": p, "teacher": r, "student_edits": data.char_errors(t, p),
              "teacher_edits": data.char_errors(t, r)} for k, t, p, r in zip(keys, truths, preds, teacher)]
-    utils._atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    utils.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def worst_errors(split, truths, preds, teacher, path):
@@ -129,5 +129,5 @@ def worst_errors(split, truths, preds, teacher, path):
     for ax in axes[len(worst):]:
         ax.axis("off")
     fig.tight_layout()
-    utils._atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)

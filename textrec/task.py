@@ -171,11 +171,11 @@ class TextRecognition(tasks.Task):
             raise UserError("text recognition distils a pretrained recogniser (--teacher ppocrv4, an ONNX file or "
                             "a TrOCR directory): it has no --mode teacher; run --mode train")
         self.cfg = cfg
-        records = data.load_records(cfg.dataset, cfg.seed)
+        records = data.load_records(cfg.dataset, cfg.seed, cfg.on_bad_sample)
         for split in (cfg.train_split, cfg.eval_split):
             if split not in records:
                 raise UserError(f"--dataset {cfg.dataset} has no {split!r} split (it has {', '.join(records)})")
-        self.documents, self.splits = {}, {}
+        self.documents, self.splits, self.unlabeled = {}, {}, None
         wanted = {"train": (cfg.train_split, cfg.eval_split), "eval": (cfg.eval_split,)}.get(cfg.mode, tuple(records))
         for name, rows in records.items():
             if name not in wanted:  # cutting crops is done once, but only for the splits this mode reads
@@ -185,12 +185,19 @@ class TextRecognition(tasks.Task):
             if len(usable) < len(rows):
                 log.warning("%s: %d crops with a box under 2 px left out", name, len(rows) - len(usable))
             rows = subset(usable, cfg.max_samples, cfg.seed)
+            unlabeled = []
             if name == cfg.train_split and cfg.mode == "train":
                 rows = dataset.keep_labeled_fraction(rows, cfg, untranscribed)
+                if cfg.unlabeled:  # after the labelled crops, so that their rows (and cache rows) come last
+                    unlabeled = subset(data.unlabeled_records(cfg.unlabeled, cfg.on_bad_sample), cfg.max_samples,
+                                       cfg.seed)
             self.documents[name], self.splits[name] = prepare(
-                rows, cfg.max_text_width, cfg.cache_dir, name)
+                rows + unlabeled, cfg.max_text_width, cfg.cache_dir, name)
+            if unlabeled:
+                split = self.splits[name]
+                self.documents["unlabeled"] = unlabeled
+                self.unlabeled = split.select(range(len(split) - len(unlabeled), len(split)))
         self.labels = self.data_labels = data.student_labels()
-        self.unlabeled = None
         self.teacher = build_teacher(cfg)
         self.student = self.build_student(cfg)
         self.collator = self.make_collator(cfg)
@@ -257,11 +264,12 @@ class TextRecognition(tasks.Task):
     def metrics(self, preds, labels):
         texts = lambda rows: [data.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
         scores = data.text_metrics(texts(labels), texts(preds))
-        return {**scores, "char_accuracy": 1.0 - scores["cer"]}
+        return {**scores, "char_accuracy": data.char_accuracy(scores["cer"])}
 
     # ------------------------------------------------------------------------------ describe, show, save
     def describe(self, name):
-        split = self.splits[name].with_format(None)
+        """Statistics of a split ("unlabeled": the --unlabeled crops, which joined the training split)."""
+        split = (self.unlabeled if name == "unlabeled" else self.splits[name]).with_format(None)
         chars = [len(t) for t, has in zip(split["text"], split["has_label"]) if has]
         steps = np.array(split["n_tokens"] or [0])
         widths = np.array(split["width"] or [0])

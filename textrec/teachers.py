@@ -94,7 +94,13 @@ class OnnxRecognizer(nn.Module):
                             f"recogniser .onnx with a `character` metadata entry, or a transcripts .jsonl)")
         with open(path, "rb") as f:
             blob = f.read()
-        model = onnx.load_from_string(blob)
+        expected = ("a CTC text recogniser in ONNX (input [N, 3, 48, W], output per-step probabilities [N, T, C], its "
+                    "charset in the `character` metadata, as PaddleOCR exports them)")
+        try:
+            model = onnx.load_from_string(blob)
+        except Exception as e:  # noqa: BLE001 - protobuf raises several kinds for bytes that are not a model
+            raise UserError(f"--teacher {path} is not an ONNX model (truncated, or another kind of file): expected "
+                            f"{expected}") from e
         meta = {p.key: p.value for p in model.metadata_props}
         if "character" not in meta:
             raise UserError(f"{path} has no `character` metadata: export the recogniser with its charset")
@@ -108,11 +114,36 @@ class OnnxRecognizer(nn.Module):
         options = ort.SessionOptions()
         threads = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors for a graph it cannot run
+            raise UserError(f"--teacher {path} cannot be run by onnxruntime ({str(e).splitlines()[0][:200]}): "
+                            f"expected {expected}") from e
         self.input_name = self.session.get_inputs()[0].name
+        self.check_shapes(path, expected)
         self.fold = torch.from_numpy(fold_matrix(self.classes))
         self.path = path
         self._model, self._options, self._feature_session, self._feature_dims = model, options, None, None
+
+    def check_shapes(self, path, expected):
+        """Refuse, in one line, a graph that is not a CTC recogniser of its `character` list: run on one blank crop,
+        it must give [1, 40, len(classes)] (a 48 x 320 crop has 320 / 8 time steps)."""
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise UserError(f"--teacher {path} takes {[i.shape for i in inputs]}: expected {expected}")
+        try:
+            out = self.session.run(None, {self.input_name: np.zeros((1, 3, data.TEACHER_HEIGHT,
+                                                                    data.MIN_TEACHER_WIDTH), np.float32)})[0]
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--teacher {path} fails on a 48 x 320 crop ({str(e).splitlines()[0][:200]}): expected "
+                            f"{expected}") from e
+        if out.ndim != 3:
+            raise UserError(f"--teacher {path} gives an output of shape {list(out.shape)} for one crop: expected "
+                            f"{expected}")
+        if out.shape[2] != len(self.classes):
+            raise UserError(f"--teacher {path} gives {out.shape[2]} classes per step and its `character` list has "
+                            f"{len(self.classes) - 2} characters (+ blank first and space last = {len(self.classes)}): "
+                            f"the metadata does not belong to this model")
 
     def feature_session(self):
         """A session of the same graph with the backbone and encoder tensors as extra outputs (built once)."""
@@ -225,11 +256,19 @@ class TranscriptTeacher(PathTeacher):
         with open(path, "rb") as f:
             blob = f.read()
         self.texts = {}
-        for k, line in enumerate(blob.decode("utf-8").splitlines()):
+        try:
+            lines = blob.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"--teacher {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+        for k, line in enumerate(lines):
             if line.strip():
-                row = json.loads(line)
-                if not {"key", "text"} <= set(row):
-                    raise UserError(f"{path} line {k + 1}: each row needs 'key' (the crop's key) and 'text'")
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path} line {k + 1} is not valid JSON ({str(e).splitlines()[0]})") from e
+                if not isinstance(row, dict) or not {"key", "text"} <= set(row) or not isinstance(row["text"], str):
+                    raise UserError(f"{path} line {k + 1}: each row needs 'key' (the crop's key) and 'text' (a "
+                                    f"string)")
                 self.texts[row["key"]] = data.fold(row["text"])
         self.register_buffer("sha256", torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.uint8))
         self.config = types.SimpleNamespace(id2label=dict(enumerate(self.classes)), model_type="transcripts")
