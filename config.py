@@ -28,7 +28,7 @@ STUDENT_SIZES = ("micro", "small", "tiny", "full")  # shapes in models.STUDENT_S
 SCHEDULERS = ("linear", "cosine", "constant")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "trackio")
 UNPINNED_TRACKERS = ("wandb", "trackio")  # handed to Accelerate when installed; not pinned, not tested here
-TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16")
+TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16", "int8")
 
 
 class UserError(Exception):
@@ -256,18 +256,22 @@ class Config:
                                 "(keyed by teacher weights, data, preprocessing and --teacher-precision); training "
                                 "batches then leave the teacher's pixels out (neither read nor normalised); off = "
                                 "teacher runs every step, on batches that carry its pixels", default=True)
-    teacher_precision: str = _help("precision the teacher fills the teacher-logit cache in (torch.autocast; the "
-                                   "cached logits are stored in float32 either way): auto (bf16 on a CPU with native "
-                                   "bf16, AVX512-BF16 or AMX-BF16, and on a CUDA GPU with bf16; fp16 on a CUDA GPU "
-                                   "without it; float32 elsewhere), float32, bf16 or fp16. Before a reduced precision "
-                                   "fills the cache, the KL divergence at --temperature between its and the float32 "
-                                   "teacher's distributions is measured on the first 2 batches of the training split "
-                                   "and logged; above teacher_cache.KL_TOLERANCE (1e-3 nats per prediction) the cache "
-                                   "is filled in float32, with a warning. The precision used is part of the cache key; "
-                                   "an existing float32 cache is reused whatever this says. A teacher that is not a "
-                                   "torch model (text recognition's ONNX or transcript teachers) always gives float32. "
-                                   "Not for --no-teacher-cache: a live teacher runs in --amp's precision (float32 by "
-                                   "default)", default="auto")
+    teacher_precision: str = _help("precision the teacher fills the teacher-logit cache in (the cached logits are "
+                                   "stored in float32 either way): auto, float32, bf16 or fp16 (torch.autocast), or "
+                                   "int8 (CPU: the teacher's linear layers dynamically quantised). auto tries bf16 "
+                                   "where the CPU computes it natively (AVX512-BF16 or AMX) or on a CUDA GPU with "
+                                   "bf16 (fp16 without it), and int8 on a CPU, and keeps the fastest that passes the "
+                                   "check (timed on the check's own pages), float32 when none does; the log says "
+                                   "what it picked and why. The check: each reduced precision runs on the first 2 "
+                                   "batches of the training split (those outputs become their cache rows) and float32 "
+                                   "on as few of those pages as the decision needs; the KL divergence at "
+                                   "--temperature between the two teachers' distributions, per prediction, must stay "
+                                   "below teacher_cache.KL_TOLERANCE (1e-3 nats) with 3 standard errors to spare, or "
+                                   "the precision is refused with a warning. The precision used is part of the "
+                                   "cache key; an existing cache of a precision tried, or of float32, is reused and "
+                                   "nothing is checked again. A teacher that is not a torch model (text recognition's "
+                                   "ONNX or transcript teachers) always gives float32. Not for --no-teacher-cache: a "
+                                   "live teacher runs in --amp's precision (float32 by default)", default="auto")
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
     on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, word boxes "

@@ -1,5 +1,6 @@
 """Teacher and student models: loading by hub id or local directory, the tiny student, label matching, and the
 SimKD head (a student's head made of a learned projector and a frozen copy of its teacher's head)."""
+import copy
 import json
 import logging
 import os
@@ -283,6 +284,16 @@ def check_max_length(max_length, config, who):
         raise UserError(f"--max-length {max_length} is more than the {limit} token positions of the {who} "
                         f"({config.model_type}, max_position_embeddings {config.max_position_embeddings}): use "
                         f"--max-length {limit} or less")
+
+
+def quantize_int8(model):
+    """int8 dynamic quantisation of the Linear layers (CPU kernels only; embeddings stay float).
+
+    LayoutLMv3 reads the weights of its relative-position bias layers directly, so those stay float.
+    """
+    names = {name: torch.ao.quantization.default_dynamic_qconfig for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and "rel_pos" not in name}
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), names, dtype=torch.qint8)
 
 
 def label_names(model):

@@ -12,12 +12,16 @@ stored as its own table, the features and maps in float16 (half the disk and mem
 targets, standardised by the loss, or renormalised distributions) and "logits" in float32, and the cache then
 returns a dict of float32 tensors. Which outputs are stored is part of the key (the caller's `extra`).
 
-Teacher precision (--teacher-precision): a torch teacher may fill the cache under torch.autocast in bf16 or fp16
-(`auto`: bf16 on a CPU with native bf16 and on a CUDA GPU with bf16, fp16 on a CUDA GPU without it, float32
-elsewhere). Before it does, the KL divergence at the run's temperature between the float32 and the reduced-
-precision teacher's distributions is measured on the first SAMPLE_BATCHES batches of the split (float32 math,
-mean over predictions: one per document, or per word / time step for per-position tasks) and logged; above
-KL_TOLERANCE (or not finite: fp16 overflowed) the cache is filled in float32 instead, with a one-line
+Teacher precision (--teacher-precision): a torch teacher may fill the cache under torch.autocast in bf16 or fp16,
+or (CPU) as int8, its linear layers dynamically quantised (models.quantize_int8). `auto` tries, on a CPU, bf16
+where the CPU computes it natively (AVX512-BF16 or AMX) and int8, and on a CUDA GPU bf16 (fp16 without it); it
+keeps the fastest that passes the check, float32 when none does, and logs what it picked and why. The check: the
+reduced precisions run on the first SAMPLE_BATCHES batches (their outputs become those batches' cache rows, so
+none of that work is lost) and float32 runs on as few of those pages as the decision needs (check_precisions): the
+KL divergence at the run's temperature between the float32 and reduced-precision distributions (float32 math, per
+prediction: one per document, or per word / time step) is averaged over CHECK_PAGES pages at a time until its mean
+is below KL_TOLERANCE by Z standard errors (pass) or above it by as much (refuse), or the sample is used up (the
+mean decides). Above the tolerance (or not finite: fp16 overflowed) a precision is refused, with a one-line
 warning; a later batch whose reduced-precision outputs are not finite is computed again in float32. The logits
 are stored in float32 whatever the precision, and the precision used is part of the key, so a bf16 cache and a
 float32 cache of the same teacher and split never stand in for each other, except that an existing float32
@@ -38,11 +42,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import models
+
 log = logging.getLogger("docdistill")
 CACHE_VERSION = "1"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the reduced precisions; float32: no autocast
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the reduced precisions by autocast
 KL_TOLERANCE = 1e-3  # nats per prediction, at the run's temperature: above it a reduced precision is refused
-SAMPLE_BATCHES = 2  # batches of the split on which the reduced precision is checked against float32
+SAMPLE_BATCHES = 2  # batches of the split on which a reduced precision is checked against float32
+CHECK_PAGES = 4  # float32 reference pages added at a time until the check is decided
+Z = 3.0  # standard errors between the mean KL and the tolerance that decide the check early
 
 
 def weights_fingerprint(model):
@@ -100,22 +108,33 @@ def cuda_has_bf16(device):
         return torch.cuda.is_bf16_supported()
 
 
-def resolve_precision(requested, teacher, device):
-    """The precision the teacher is asked to fill the cache in (before the KL check): float32 for a teacher
-    without floating torch weights; `auto` by device; otherwise as requested."""
-    if not has_float_weights(teacher):
-        return "float32"
+def candidate_precisions(requested, teacher, device):
+    """The precisions the cache may be filled in, to try in this order before float32 (the reference): none for a
+    teacher without floating torch weights; `auto` by device (bf16 where native, int8 on a CPU with a quantised
+    engine); otherwise the one requested."""
+    if not has_float_weights(teacher) or requested == "float32":
+        return []
     if requested != "auto":
-        return requested
+        return [requested]
     if device.type == "cuda":
-        return "bf16" if cuda_has_bf16(device) else "fp16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "float32"
+        return ["bf16" if cuda_has_bf16(device) else "fp16"]
+    native = ["bf16"] if device.type == "cpu" and cpu_has_native_bf16() else []
+    return native + (["int8"] if device.type == "cpu" and cpu_has_int8() else [])
+
+
+def resolve_precision(requested, teacher, device):
+    """The first precision the teacher is asked to fill the cache in (float32 when there is none to try)."""
+    return (candidate_precisions(requested, teacher, device) or ["float32"])[0]
+
+
+def cpu_has_int8():
+    """Whether PyTorch has a quantised CPU engine here (dynamic int8 linear layers)."""
+    return any(engine in ("x86", "fbgemm", "onednn") for engine in torch.backends.quantized.supported_engines)
 
 
 def run_teacher(teacher, teacher_forward, batch, precision):
-    """The teacher's outputs on a batch as {name: tensor}, in `precision` (torch.autocast; float32: none)."""
+    """The teacher's outputs on a batch as {name: tensor}, in `precision` (torch.autocast for bf16 and fp16; int8:
+    `teacher` is already the quantised copy; float32: as it is)."""
     device_type = batch["index"].device.type
     with torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
                         enabled=precision in AUTOCAST_DTYPES):
@@ -123,22 +142,37 @@ def run_teacher(teacher, teacher_forward, batch, precision):
     return out if isinstance(out, dict) else {"logits": out}
 
 
-def precision_kl(exact, reduced, temperature, mask=None):
-    """(sum, count): KL(float32 teacher || reduced-precision teacher) at `temperature`, summed over predictions
-    (rows of the last axis: one per document, or per word / time step; with mask [B, W], only the real ones),
-    computed in float32."""
+def prediction_kls(exact, reduced, temperature, mask=None):
+    """KL(float32 teacher || reduced-precision teacher) at `temperature` of every prediction (rows of the last axis:
+    one per document, or per word / time step; with mask [B, W], only the real ones), float32 math; a prediction
+    that overflowed (inf or nan logits) counts inf; float32 rounding's ~-1e-8 counts 0."""
     classes = exact.shape[-1]
     exact, reduced = exact.float(), reduced.float()
     if mask is not None and exact.dim() == 3 and tuple(mask.shape) == tuple(exact.shape[:2]):
         exact, reduced = exact[mask.bool()], reduced[mask.bool()]
     target = F.log_softmax(exact.reshape(-1, classes) / temperature, dim=-1)
     inputs = F.log_softmax(reduced.reshape(-1, classes) / temperature, dim=-1)
-    total = F.kl_div(inputs, target, log_target=True, reduction="sum").item()
-    if math.isfinite(total):
-        total = max(total, 0.0)  # float32 rounding can leave a KL of ~1e-8 below 0: it is 0
-    else:
-        total = math.inf  # the reduced precision overflowed (inf or nan logits)
-    return total, target.shape[0]
+    kls = F.kl_div(inputs, target, log_target=True, reduction="none").sum(-1)
+    return torch.where(torch.isfinite(kls), kls.clamp_min(0.0), torch.full_like(kls, math.inf))
+
+
+def precision_kl(exact, reduced, temperature, mask=None):
+    """(sum, count) of prediction_kls."""
+    kls = prediction_kls(exact, reduced, temperature, mask)
+    return float(kls.sum()), len(kls)
+
+
+def check_verdict(kls):
+    """Whether the KLs so far decide the check: "pass" (mean below KL_TOLERANCE by Z standard errors), "refuse"
+    (above it by as much, or not finite), or "" (not yet). The KL per prediction is a mean of nonnegative values;
+    its standard error shrinks as 1/sqrt(n), so a precision far from the tolerance (bf16: ~1e-5 against 1e-3) is
+    decided by the first few pages, one near it takes the whole sample."""
+    values = torch.cat(kls)
+    if not bool(torch.isfinite(values).all()):
+        return "refuse"
+    mean = float(values.mean())
+    error = float(values.std() / len(values) ** 0.5) if len(values) > 1 else math.inf
+    return "pass" if mean + Z * error <= KL_TOLERANCE else "refuse" if mean - Z * error > KL_TOLERANCE else ""
 
 
 class TeacherCache:
@@ -186,10 +220,10 @@ def to_tables(rows):
 @torch.no_grad()
 def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature):
     """The teacher's outputs on every document of the split as tables, the precision they were computed in, the
-    number of documents, and the seconds the precision check took (float32 and reduced precision on its sample).
+    number of documents, and the seconds the precision check took.
 
-    A reduced precision is first checked on the first SAMPLE_BATCHES batches against float32 (precision_kl):
-    above KL_TOLERANCE, everything is computed in float32. The sample's outputs in the precision kept are used.
+    With precisions to try (candidate_precisions), the first SAMPLE_BATCHES batches decide which (check_precisions)
+    and their outputs in it become their rows; the other batches follow in the precision kept.
     """
     # Own generator: building the cache must not advance the global RNG, or a run that builds it and one
     # that reuses it would draw different dropout masks from the same seed.
@@ -201,50 +235,89 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
         for name, value in outputs.items():
             rows.setdefault(name, {}).update(zip(batch["index"].tolist(), value.float().cpu()))
 
-    done, check_seconds = 0, 0.0
-    if precision != "float32":
+    used, model, done, check_seconds = "float32", teacher, 0, 0.0
+    tried = candidate_precisions(precision, teacher, device)
+    if tried:
         start = time.perf_counter()
         sample = list(itertools.islice(batches, SAMPLE_BATCHES))
-        exact = [run_teacher(teacher, teacher_forward, b, "float32") for b in sample]
-        reduced = [run_teacher(teacher, teacher_forward, b, precision) for b in sample]
-        total, count = map(sum, zip(*(precision_kl(e["logits"], r["logits"], temperature, real_positions(b))
-                                      for b, e, r in zip(sample, exact, reduced))))
-        kl = total / max(count, 1)
-        check_seconds = time.perf_counter() - start
-        documents = sum(len(b["index"]) for b in sample)
-        if not math.isfinite(kl) or kl > KL_TOLERANCE:  # not finite: fp16 overflowed
-            log.warning("teacher precision %s refused: KL(float32 || %s) at T=%g is %.3g nats over %d predictions "
-                        "(%d documents), above the tolerance %g; the teacher cache is filled in float32",
-                        precision, precision, temperature, kl, count, documents, KL_TOLERANCE)
-            precision = "float32"
-        else:
-            log.info("teacher precision %s: KL(float32 || %s) at T=%g is %.3g nats over %d predictions (%d documents), "
-                     "within the tolerance %g", precision, precision, temperature, kl, count, documents, KL_TOLERANCE)
-        for batch, outputs in zip(sample, reduced if precision != "float32" else exact):
-            store(batch, outputs)
-        done = len(sample)
+        used, model, outputs = check_precisions(teacher, teacher_forward, sample, tried, temperature,
+                                                race=precision == "auto")
+        for batch, out in zip(sample, outputs):
+            store(batch, out)
+        check_seconds, done = time.perf_counter() - start, len(sample)
     redone = 0
-    for batch in tqdm(batches, desc=f"teacher logits (once, {precision})", total=len(loader), initial=done):
-        outputs = run_teacher(teacher, teacher_forward, batch, precision)
-        if precision != "float32" and not all(bool(torch.isfinite(v).all()) for v in outputs.values()):
+    for batch in tqdm(batches, desc=f"teacher logits (once, {used})", total=len(loader), initial=done):
+        outputs = run_teacher(model, teacher_forward, batch, used)
+        if used != "float32" and not all(bool(torch.isfinite(v).all()) for v in outputs.values()):
             outputs, redone = run_teacher(teacher, teacher_forward, batch, "float32"), redone + 1
         store(batch, outputs)
     if redone:
         log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
-                    "computed in float32", precision, redone)
-    return to_tables(rows), precision, len(rows["logits"]), check_seconds
+                    "computed in float32", used, redone)
+    return to_tables(rows), used, len(rows["logits"]), check_seconds
+
+
+def check_precisions(teacher, teacher_forward, sample, tried, temperature, race):
+    """(the precision kept, the teacher model it runs, its outputs on the sample batches): each precision of `tried`
+    runs on the whole sample (timed), float32 on CHECK_PAGES of its pages at a time until every one is decided
+    (check_verdict; the sample's end decides by the mean). Kept: with race (auto), the fastest per page among those
+    that passed and float32; else the one asked for if it passed, float32 if not."""
+    pages = sum(len(b["index"]) for b in sample)
+    runs = {}
+    for precision in tried:
+        model = models.quantize_int8(teacher) if precision == "int8" else teacher
+        start = time.perf_counter()
+        runs[precision] = (model, [run_teacher(model, teacher_forward, b, precision) for b in sample],
+                           (time.perf_counter() - start) / pages)
+    kls, verdicts = {p: [] for p in tried}, dict.fromkeys(tried, "")
+    checked, exact_seconds = 0, 0.0
+    for index, batch in enumerate(sample):
+        for first in range(0, len(batch["index"]), CHECK_PAGES):
+            if all(verdicts.values()):
+                break
+            chunk = {k: v[first:first + CHECK_PAGES] for k, v in batch.items()}
+            start = time.perf_counter()
+            exact = run_teacher(teacher, teacher_forward, chunk, "float32")["logits"]
+            exact_seconds += time.perf_counter() - start
+            checked += len(chunk["index"])
+            for precision in (p for p in tried if not verdicts[p]):
+                reduced = runs[precision][1][index]["logits"][first:first + CHECK_PAGES]
+                kls[precision].append(prediction_kls(exact, reduced, temperature, real_positions(chunk)))
+                verdicts[precision] = check_verdict(kls[precision])
+    seconds = {"float32": exact_seconds / max(checked, 1), **{p: runs[p][2] for p in tried}}
+    for precision in tried:
+        values = torch.cat(kls[precision])
+        verdicts[precision] = verdicts[precision] or ("pass" if float(values.mean()) <= KL_TOLERANCE else "refuse")
+    passed = [p for p in tried if verdicts[p] == "pass"]
+    kept = min(passed + ["float32"], key=seconds.get) if race else (passed or ["float32"])[0]
+    for precision in tried:
+        values = torch.cat(kls[precision])
+        said = (f"teacher precision {precision}{{}}: KL(float32 || {precision}) at T={temperature:g} is "
+                f"{float(values.mean()):.3g} nats over {len(values)} predictions ({checked} documents in float32)")
+        if verdicts[precision] == "pass":
+            log.info(said.format("") + f", within the tolerance {KL_TOLERANCE:g}")
+        else:
+            log.warning(said.format(" refused") + f", above the tolerance {KL_TOLERANCE:g}; the teacher cache is "
+                        f"filled in {kept}")
+    if race:
+        log.info("teacher precision auto: %s, the fastest that passed (%s seconds a page)", kept,
+                 ", ".join(f"{p} {seconds[p]:.3g}" + ("" if p == "float32" or verdicts[p] == "pass" else " refused")
+                           for p in ["float32", *tried]))
+    if kept == "float32":  # the reference on the whole sample, as its rows
+        return kept, teacher, [run_teacher(teacher, teacher_forward, b, "float32") for b in sample]
+    return kept, runs[kept][0], runs[kept][1]
 
 
 def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
           precision="float32", temperature=1.0):
     """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them.
 
-    precision: auto, float32, bf16 or fp16 (--teacher-precision; see the module's docstring); temperature: the
-    run's, at which a reduced precision is checked against float32.
+    precision: auto, float32, bf16, fp16 or int8 (--teacher-precision; see the module's docstring); temperature:
+    the run's, at which a reduced precision is checked against float32.
     """
     path, seconds = None, {}
     if accelerator.is_main_process:
-        wanted = resolve_precision(precision, teacher, accelerator.device)
+        tried = candidate_precisions(precision, teacher, accelerator.device)
         keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
         fingerprint = weights_fingerprint(teacher)
 
@@ -252,7 +325,7 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
             key = cache_key(teacher, split, extra, used if keyed else None, fingerprint)
             return os.path.join(cache_dir, "teacher", key + ".safetensors")
 
-        for used in dict.fromkeys([wanted, "float32"]):  # the float32 cache, the reference, is as good as any
+        for used in dict.fromkeys([*tried, "float32"]):  # the float32 cache, the reference, is as good as any
             if os.path.exists(path_of(used)):
                 path = path_of(used)
                 log.info("teacher logits reused from %s (teacher precision %s)", path, used)
@@ -260,7 +333,7 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
         if path is None:
             start = time.perf_counter()
             tables, used, documents, check_seconds = fill(teacher, teacher_forward, split, collator, batch_size,
-                                           accelerator.device, wanted, temperature)
+                                                          accelerator.device, precision, temperature)
             path = path_of(used)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"

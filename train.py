@@ -43,6 +43,7 @@ def fit(cfg, task, model, forward, name="student"):
     why_not_saveable() are saved. SIGTERM saves a checkpoint at the next optimizer step (or epoch end) and raises
     checkpoints.Stopped.
     """
+    started = time.perf_counter()  # each epoch's row says how long the run has taken (validation included)
     accelerator = recipe.make_accelerator(cfg, track=True)
     teaching = name == "student" and cfg.uses_teacher
     criterion = task.make_loss(cfg).to(accelerator.device)  # -> {"total", and named terms}
@@ -111,6 +112,7 @@ def fit(cfg, task, model, forward, name="student"):
                                    desc=f"validate {name}")
             row = epoch_row(accelerator, task, epoch, sums, scored, scheduler, train_seconds, cache_seconds,
                             peak_memory(accelerator, f"epoch {epoch + 1} evaluation"))
+            row["run_seconds"] = time.perf_counter() - started  # since this process started the run
             cache_seconds = {}
             run.end_epoch(task, epoch, row, scored.finite, history, (epoch + 1) * len(train_loader))
             if epoch + 1 < cfg.epochs and stop_requested(accelerator, sigterm):  # got it during validation

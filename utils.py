@@ -330,9 +330,25 @@ def sigterm_requests():
 
 # ----------------------------------------------------------------------------- machine
 
+def cpu_model():
+    """(the CPU's model name, the matrix and bf16 features it has among amx_bf16, amx_int8, avx512_bf16)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, sorted(flags & {"amx_bf16", "amx_int8", "avx512_bf16"})
+
+
 def device_info():
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-            platform.machine(), "cpu_threads": torch.get_num_threads()}
+    name, features = cpu_model()
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": name,
+            "cpu_features": features, "cpu_threads": torch.get_num_threads()}
     info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

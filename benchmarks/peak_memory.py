@@ -1,5 +1,8 @@
 """Peak resident memory of a command and every process it starts: the largest single process, and the largest sum
-over the processes alive at one time (what the machine must hold), polled every 0.2 s with psutil.
+over the processes alive at one time (what the machine must hold), polled every 0.2 s with psutil. The sum is
+given twice: of RSS, which counts the pages processes share (the Python, torch and transformers libraries each of
+them maps) once per process, and of PSS (proportional set size: a page shared by k processes counts 1/k in
+each), the machine's real footprint.
 
     python benchmarks/peak_memory.py --out runs/demo-memory.json -- python main.py --preset demo --mode demo
 
@@ -18,13 +21,14 @@ import psutil
 INTERVAL_S = 0.2
 
 
-def tree_rss(process):
-    """{pid: RSS in MiB} of the process and its descendants alive now."""
+def tree_memory(process):
+    """{pid: (RSS, PSS) in MiB} of the process and its descendants alive now."""
     found = {}
     for p in [process, *process.children(recursive=True)]:
         try:
-            found[p.pid] = p.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
+            info = p.memory_full_info()
+            found[p.pid] = (info.rss / 2**20, info.pss / 2**20)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
 
@@ -40,21 +44,25 @@ def main(argv=None):
     start = time.perf_counter()
     child = subprocess.Popen(command)
     process = psutil.Process(child.pid)
-    peak_one, peak_sum, processes = 0.0, 0.0, set()
+    peak_one, peak_sum, peak_pss, processes = 0.0, 0.0, 0.0, set()
     while child.poll() is None:
         try:
-            rss = tree_rss(process)
+            memory = tree_memory(process)
         except psutil.NoSuchProcess:
             break
-        processes |= set(rss)
-        if rss:
-            peak_one, peak_sum = max(peak_one, max(rss.values())), max(peak_sum, sum(rss.values()))
+        processes |= set(memory)
+        if memory:
+            peak_one = max(peak_one, max(rss for rss, _ in memory.values()))
+            peak_sum = max(peak_sum, sum(rss for rss, _ in memory.values()))
+            peak_pss = max(peak_pss, sum(pss for _, pss in memory.values()))
         time.sleep(INTERVAL_S)
     code = child.wait()
     result = {"command": command, "exit_code": code, "wall_seconds": time.perf_counter() - start,
-              "peak_single_process_mib": peak_one, "peak_sum_mib": peak_sum, "processes_seen": len(processes)}
-    print(f"peak RSS: largest process {peak_one:.0f} MiB, sum over the processes alive at once {peak_sum:.0f} MiB "
-          f"({len(processes)} processes seen, {result['wall_seconds']:.0f} s, exit code {code})", flush=True)
+              "peak_single_process_mib": peak_one, "peak_sum_mib": peak_sum, "peak_pss_sum_mib": peak_pss,
+              "processes_seen": len(processes)}
+    print(f"peak RSS: largest process {peak_one:.0f} MiB, sum over the processes alive at once {peak_sum:.0f} MiB; "
+          f"PSS sum {peak_pss:.0f} MiB ({len(processes)} processes seen, {result['wall_seconds']:.0f} s, exit code "
+          f"{code})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -108,6 +108,9 @@ def parse_args(argv=None):
                    help="steps to run again even where their outputs exist, comma-separated (default: none)")
     g.add_argument("--osd-pages", default="test", choices=("test", "all", "none"),
                    help="pages Tesseract's orientation detection (OSD) reads in the analysis step (default: %(default)s)")
+    g.add_argument("--predict-pages", type=int, default=4,
+                   help="test pages per class that --mode predict reads in the predict step (it OCRs them again: "
+                        "see the results page) (default: %(default)s)")
     g.add_argument("--smoke", action="store_true",
                    help="a small end-to-end check: 4 pages per split and class, 1 teacher epoch, 8 student steps, "
                         "one seed")
@@ -209,7 +212,7 @@ def make_split(args):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise SystemExit(f"no class folders in {root}")
-    split = {name: {} for name in SPLIT_NAMES}
+    split = {name: {} for name in SPLIT_NAMES + ("predict_sample",)}
     for cls in classes:
         files = sorted(os.path.abspath(f) for f in glob.glob(os.path.join(root, cls, "*")) if not
                        os.path.basename(f).startswith("."))
@@ -220,6 +223,7 @@ def make_split(args):
         for name, n in zip(SPLIT_NAMES, args.split):
             split[name][cls] = sorted(files[start:start + n])
             start += n
+        split["predict_sample"][cls] = split["test"][cls][:args.predict_pages]
     return classes, split
 
 
@@ -234,6 +238,7 @@ def folders(args):
         os.path.join(data, "student", "test"): ["test"],
         os.path.join(data, "unlabeled"): ["unlabeled"],
         os.path.join(data, "unlabeled-more"): ["unlabeled", "teacher_train"],
+        os.path.join(data, "predict-sample"): ["predict_sample"],
     }
 
 
@@ -574,11 +579,14 @@ def step_predict(args, state, runner):
     out = run_dir(args, "predict-test")
     before = count_ocr(args)
     if "predict" in args.redo or not os.path.exists(os.path.join(out, "predictions.jsonl")):
-        runner.run_all([("predict", ["--mode", "predict", "--input", data_path(args, "student/test"),
+        runner.run_all([("predict", ["--mode", "predict", "--input", data_path(args, "predict-sample"),
                                      "--model", os.path.join(model_run, "student"), "--output-dir", out,
-                                     "--cache-dir", os.path.join(args.out, "cache"), "--batch-size", 16])], 1, 1)
+                                     "--cache-dir", os.path.join(args.out, "cache"), "--batch-size", 16] +
+                                    (["--overwrite"] if "predict" in args.redo else []))], 1, 1)
         state["predict_new_ocr_entries"] = count_ocr(args) - before
     rows = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    if len(rows) != min(args.predict_pages, args.split[4]) * len(scores_classes(state)):
+        raise SystemExit(f"predict wrote {len(rows)} rows for {args.predict_pages} pages of each class")
     summary = read_json(os.path.join(out, "predict_summary.json"))
     scores = state["scores"]
     names = scores["class_names"]
@@ -587,25 +595,37 @@ def step_predict(args, state, runner):
     truth = {os.path.basename(f): os.path.basename(os.path.dirname(f)) for f in scores["files"]}
     agree = sum(by_file[os.path.basename(r["file"])] == r["label"] for r in rows)
     right = sum(truth[os.path.basename(r["file"])] == r["label"] for r in rows)
-    same_words, compared = compare_predict_ocr(args, scores["files"])
+    same_words, compared, quality = compare_predict_ocr(args, [f for f in scores["files"]
+                                                      if os.path.basename(f) in {os.path.basename(r["file"])
+                                                                                 for r in rows}])
     state["predict"] = {"pages": len(rows), "agree_with_scored": agree, "accuracy": right / len(rows),
                         "summary": summary, "new_ocr_entries": state.get("predict_new_ocr_entries"),
-                        "ocr_same_words_as_training": same_words, "ocr_compared": compared}
+                        "ocr_same_words_as_training": same_words, "ocr_compared": compared,
+                        "ocr_quality": quality}
     say(f"predict: {len(rows)} pages, accuracy {right / len(rows):.3f}, the same label as eval's scoring on {agree}; "
         f"new OCR cache entries written by predict: {state.get('predict_new_ocr_entries')}; predict's OCR has the "
-        f"same words as training's on {same_words} of {compared} pages")
+        f"same words as training's on {same_words} of {compared} pages; vocabulary words {quality}")
+
+
+def scores_classes(state):
+    return state["scores"]["class_names"]
 
 
 def compare_predict_ocr(args, files):
-    """How many pages predict's OCR (the page as predict reads it: converted to RGB, ocr.cached_page_ocr) gives the
-    same words as the OCR training read (ocr._cached_ocr of the file); only pages with both entries are compared."""
+    """Predict's OCR (the page as predict reads it: converted to RGB, ocr.cached_page_ocr) against the OCR training
+    read (ocr._cached_ocr of the file): on how many pages the words are the same, and for each the share of its
+    words (lowercased, punctuation stripped) that are whole words of MiniLM's vocabulary (a rough OCR quality
+    measure). Only pages with both entries are compared."""
     sys.path.insert(0, REPO)
     import hashlib
 
     import datasets
     import ocr
     from PIL import Image
+    from transformers import AutoTokenizer
+    vocab = AutoTokenizer.from_pretrained(os.path.join(args.out, "cache", "minilm-tokenizer")).get_vocab()
     same = compared = 0
+    quality = {"training": [0, 0], "predict": [0, 0]}
     for f in files:
         page = Image.open(f)
         page.load()
@@ -617,9 +637,15 @@ def compare_predict_ocr(args, files):
         if not os.path.exists(path):
             continue
         trained = ocr._cached_ocr({"bytes": None, "path": f}, datasets.Image(), ocr_dir(args))
+        predicted = read_json(path)
         compared += 1
-        same += read_json(path)["ocr_words"] == trained["ocr_words"]
-    return same, compared
+        same += predicted["ocr_words"] == trained["ocr_words"]
+        for name, words in (("training", trained["ocr_words"]), ("predict", predicted["ocr_words"])):
+            cleaned = [w for w in (w.lower().strip(".,;:()\"'") for w in words) if w]
+            quality[name][0] += sum(w in vocab for w in cleaned)
+            quality[name][1] += len(cleaned)
+    return same, compared, {k: {"words": b, "vocabulary_words": a, "share": a / max(b, 1)}
+                            for k, (a, b) in quality.items()}
 
 
 # ----------------------------------------------------------------------------- 10. analysis
@@ -665,6 +691,8 @@ def step_analysis(args, state):
     a = {}
     zero, turned = {}, {}
     for part, by_class in split["files"].items():
+        if part not in SPLIT_NAMES:  # predict_sample: test pages again
+            continue
         for cls, files in by_class.items():
             for f in files:
                 if not ocr_by_file[f]["ocr_words"]:

@@ -116,16 +116,6 @@ def time_model(forward, model, split, collator, device, amp_dtype):
             "peak_memory_mb": memory.peak_mb}
 
 
-def quantize_int8(model):
-    """int8 dynamic quantisation of the Linear layers (CPU kernels only; embeddings stay float).
-
-    LayoutLMv3 reads the weights of its relative-position bias layers directly, so those stay float.
-    """
-    names = {name: torch.ao.quantization.default_dynamic_qconfig for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and "rel_pos" not in name}
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), names, dtype=torch.qint8)
-
-
 def onnx_variants(student, split, collator, directory, forward):
     """The student exported to ONNX (float32, and int8 by quantize_dynamic), run by onnxruntime on the CPU."""
     if student.config.model_type == "vision-encoder-decoder":  # generate() in a loop: not exported to ONNX here
@@ -156,7 +146,7 @@ def run(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     split, collator = task.splits[cfg.eval_split], task.collator
-    int8 = quantize_int8(student)
+    int8 = models.quantize_int8(student)
     onnx_dir = tempfile.TemporaryDirectory()
     variants = [("student fp32", student.eval(), task.student_logits, device),
                 ("student int8 (dynamic)", int8, task.student_logits, torch.device("cpu")),

@@ -91,7 +91,7 @@ def kill_inside_second_epoch(args, out):
 # wall-clock and peak memory, the only things allowed to differ between equal runs (the teacher cache's fill
 # seconds are in epoch 1's row only of a run that filled it: not in a resumed run's, which reuses it)
 TIMING = ("train_seconds", "train_docs_per_s", "peak_rss_mb", "peak_cuda_mb", "teacher_cache_seconds",
-          "precision_check_seconds")
+          "precision_check_seconds", "run_seconds")
 
 
 def metrics(out_dir):

@@ -2,6 +2,7 @@
 peak memory per phase (issue #11)."""
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -150,6 +151,59 @@ def test_non_finite_reduced_precision_outputs_are_computed_in_float32(task, tmp_
     assert torch.isfinite(cache.logits).all()
 
 
+def test_the_check_decides_early_when_the_kl_is_far_from_the_tolerance():
+    tiny, near = torch.full((4,), 1e-6), torch.full((4,), 1e-3)
+    assert teacher_cache.check_verdict([tiny]) == "pass"  # 4 pages of bf16-sized KL: decided
+    assert teacher_cache.check_verdict([near + torch.tensor([1e-5, -1e-5, 2e-5, -2e-5])]) == ""  # at the tolerance
+    assert teacher_cache.check_verdict([torch.full((4,), 1e-2)]) == "refuse"
+    assert teacher_cache.check_verdict([tiny, torch.tensor([math.inf])]) == "refuse"  # fp16 overflowed
+
+
+def test_the_float32_reference_runs_on_as_few_pages_as_the_decision_needs(task, tmp_path):
+    """Speed III: the check's float32 pages are CHECK_PAGES (bf16's KL is far below the tolerance), not the whole
+    sample; the reduced precision's sample outputs are the cache's rows."""
+    float32_pages = []
+
+    def forward(teacher, batch):
+        if not torch.is_autocast_enabled("cpu"):
+            float32_pages.append(len(batch["index"]))
+        return task.teacher_logits(teacher, batch)
+    teacher_cache.build(Accelerator(cpu=True), task.teacher.eval(), forward, task.splits["train"], task.collator, 8,
+                        str(tmp_path), precision="bf16", temperature=4.0)
+    assert float32_pages == [teacher_cache.CHECK_PAGES]
+
+
+def test_an_int8_teacher_is_checked_like_bf16_and_keyed_by_its_precision(task, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "KL_TOLERANCE", 1e9)  # a random teacher: int8 moves its soft targets a lot
+    with caplog.at_level("INFO", logger="docdistill"):
+        cache = build(task, tmp_path, "int8")
+    assert "teacher precision int8: KL(float32 || int8) at T=4" in caplog.text
+    key = teacher_cache.cache_key(task.teacher, task.splits["train"], precision="int8")
+    assert os.listdir(tmp_path / "teacher") == [key + ".safetensors"]
+    batch = first_batch(task)
+    with torch.no_grad():
+        live = task.teacher_logits(task.teacher.eval(), batch)
+    assert not torch.equal(cache(batch), live) and torch.isfinite(cache(batch)).all()  # int8 numbers
+
+
+def test_auto_keeps_the_fastest_precision_that_passes(task, tmp_path, caplog, monkeypatch):
+    """auto races the candidates it checks: here int8 is made the fastest (the others sleep), and all pass."""
+    import time as clock
+    monkeypatch.setattr(teacher_cache, "KL_TOLERANCE", 1e9)
+    monkeypatch.setattr(teacher_cache, "cpu_has_native_bf16", lambda: True)
+
+    def forward(teacher, batch):
+        if not any("quantized" in type(m).__module__ for m in teacher.modules()):  # int8: no sleep
+            clock.sleep(0.06 * len(batch["index"]))
+        return task.teacher_logits(teacher, batch)
+    with caplog.at_level("INFO", logger="docdistill"):
+        teacher_cache.build(Accelerator(cpu=True), task.teacher.eval(), forward, task.splits["train"],
+                            task.collator, 8, str(tmp_path), precision="auto", temperature=4.0)
+    assert "teacher precision auto: int8, the fastest that passed" in caplog.text
+    assert os.listdir(tmp_path / "teacher") == [
+        teacher_cache.cache_key(task.teacher, task.splits["train"], precision="int8") + ".safetensors"]
+
+
 # ----------------------------------------------------------------------------------------- lean batches
 
 def classification_docs():
@@ -288,4 +342,5 @@ def test_peak_memory_counts_every_process_the_command_starts(tmp_path):
     assert peaks["exit_code"] == 3 and peaks["processes_seen"] >= 2
     assert 200 <= peaks["peak_single_process_mib"] < 400
     assert peaks["peak_sum_mib"] >= peaks["peak_single_process_mib"] + 50
-    assert "largest process" in done.stdout
+    assert 250 <= peaks["peak_pss_sum_mib"] <= peaks["peak_sum_mib"]  # shared pages counted once
+    assert "largest process" in done.stdout and "PSS sum" in done.stdout
