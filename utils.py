@@ -267,12 +267,12 @@ def output_lock(directory):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _lock_holder(path)
+            holder = read_json(path)  # None: being written, or torn
             if holder and holder.get("host") != me["host"]:
                 raise UserError(f"{directory} is in use by a docdistill run on {holder['host']} (process "
                                 f"{holder.get('pid')}): wait for it to end, choose another --output-dir, or remove "
                                 f"{path} if that run is gone") from None
-            if holder and _alive(holder.get("pid")):
+            if holder and process_alive(holder.get("pid")):
                 raise UserError(f"{directory} is in use by another docdistill run (process {holder['pid']}): wait "
                                 f"for it to end, or choose another --output-dir") from None
             log.warning("%s: taking over the lock of a run that ended without releasing it (process %s)", directory,
@@ -293,8 +293,8 @@ def output_lock(directory):
                 os.rmdir(directory)
 
 
-def _lock_holder(path):
-    """The {"pid", "host"} of a lock file, or None when it cannot be read (being written, or torn)."""
+def read_json(path):
+    """A JSON file's content, or None when it cannot be read (missing, being written, torn)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -302,7 +302,8 @@ def _lock_holder(path):
         return None
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether a process of this host with this pid runs (another user's counts as running)."""
     if not isinstance(pid, int):
         return False
     try:

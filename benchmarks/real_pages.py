@@ -69,7 +69,7 @@ def parse_args(argv=None):
                    help="pages per class for: the teacher's training, the student's labelled pages, the unlabelled "
                         "pages, validation (shared by teacher and students), test (default: %(default)s)")
     g = p.add_argument_group("models and training")
-    g.add_argument("--max-length", type=int, default=256,
+    g.add_argument("--max-length", type=int, default=128,
                    help="token limit of teacher and student (MiniLM's WordPiece with word boxes) (default: %(default)s)")
     g.add_argument("--teacher-epochs", type=int, default=6, help="teacher fine-tuning epochs (default: %(default)s)")
     g.add_argument("--teacher-lr", type=float, default=3e-4, help="teacher peak learning rate (default: %(default)s)")

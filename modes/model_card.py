@@ -16,14 +16,6 @@ import utils
 log = logging.getLogger("docdistill")
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _parameters(student_dir):
     """(parameters, MB) of the weights in model.safetensors, read from its header only."""
     path = os.path.join(student_dir, "model.safetensors")
@@ -48,13 +40,13 @@ def _is_path(value):
 def build(student_dir, eval_path=None):
     """The card's text."""
     run_dir = os.path.dirname(os.path.abspath(student_dir))
-    config = _read_json(os.path.join(student_dir, "config.json")) or {}
-    train = _read_json(os.path.join(run_dir, "train_config.json")) or {}
+    config = utils.read_json(os.path.join(student_dir, "config.json")) or {}
+    train = utils.read_json(os.path.join(run_dir, "train_config.json")) or {}
     history = utils.read_jsonl(os.path.join(run_dir, "student_metrics.jsonl")) \
         if os.path.exists(os.path.join(run_dir, "student_metrics.jsonl")) else []
-    scores = _read_json(eval_path or os.path.join(run_dir, "eval.json"))
-    bench = _read_json(os.path.join(run_dir, "bench.json"))
-    export = _read_json(os.path.join(student_dir, "..", "onnx", "export.json"))
+    scores = utils.read_json(eval_path or os.path.join(run_dir, "eval.json"))
+    bench = utils.read_json(os.path.join(run_dir, "bench.json"))
+    export = utils.read_json(os.path.join(student_dir, "..", "onnx", "export.json"))
     labels = [config.get("id2label", {}).get(str(i)) for i in range(len(config.get("id2label", {})))]
     arch = (config.get("architectures") or ["?"])[0]
     token_level = arch.endswith("ForTokenClassification")

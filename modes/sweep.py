@@ -156,16 +156,6 @@ def train_command(cfg, params, output_dir, seed=None):
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_interrupted(study):
     """Queue again, to run in the same directory (and so resume from its checkpoint), every trial that was
     interrupted: left RUNNING by a process of this host that is gone (SIGKILL, power cut), or stopped by
@@ -173,7 +163,7 @@ def recover_interrupted(study):
     host, storage = socket.gethostname(), study._storage
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(pid):
+        if t.user_attrs.get("host") != host or pid is None or utils.process_alive(pid):
             continue  # another machine's, or still running
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         # Through the storage, not study.tell: the sampler must not see a finished trial (GridSampler stops).
