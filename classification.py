@@ -22,6 +22,7 @@ from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import Layou
 import collate
 import dataset
 import demo_corpus
+import heads
 import kd_terms
 import minilm
 import models
@@ -76,7 +77,7 @@ class ClassificationTask(tasks.Task):
     def student_from_saved(cls, config, weights, path):
         if weights is None:  # a save_pretrained directory (its checksums verified by registry.load_student)
             return models.from_pretrained(cls.auto_class, path)
-        model = models.restore_head(cls.auto_class.from_config(models.config_from_dict(config)))
+        model = heads.restore_head(cls.auto_class.from_config(models.config_from_dict(config)))
         return models.load_student_weights(model, weights, path)
 
     # ------------------------------------------------------------------ teachers and terms
@@ -114,7 +115,7 @@ class ClassificationTask(tasks.Task):
                                     ([f"teachers averaged in probability at T={cfg.temperature}"]
                                      if isinstance(self.teacher, kd_terms.TeacherEnsemble) else []))
         if "simkd" in self.kd_terms:
-            models.attach_simkd_head(self.student, models.head_of(self.teacher), self.teacher_order)
+            heads.attach_simkd_head(self.student, heads.head_of(self.teacher), self.teacher_order)
         if self.attention:  # sdpa attention returns no maps
             self.student.set_attn_implementation("eager")
             self.teacher.set_attn_implementation("eager")
@@ -137,17 +138,17 @@ class ClassificationTask(tasks.Task):
 
     def student_outputs(self, student, batch):
         simkd = "simkd" in self.feature_terms  # simkd: the projected features, else what the head reads
-        head = models.head_of(student)
+        head = heads.head_of(student)
         return self.outputs(student, batch, "student", self.student_logits, head.projector if simkd else head, simkd)
 
     def teacher_outputs(self, teacher, batch):
         return self.outputs(teacher, batch, "teacher", self.teacher_logits,
-                            models.head_of(teacher) if self.feature_terms else None)
+                            heads.head_of(teacher) if self.feature_terms else None)
 
     def make_loss(self, cfg):
         """kd_terms.TermsLoss over --kd-terms; without a teacher (cfg.uses_teacher False), CE alone."""
         teacher = cfg.uses_teacher
-        widths = (models.feature_width(models.head_of(self.student)), models.feature_width(models.head_of(self.teacher))) \
+        widths = (heads.feature_width(heads.head_of(self.student)), heads.feature_width(heads.head_of(self.teacher))) \
             if teacher and "feature" in self.kd_terms else None
         return kd_terms.TermsLoss(cfg.temperature, cfg.alpha if teacher else 0.0, cfg.unlabeled_weight,
                                   self.kd_terms if teacher else ["kd"], cfg.feature_weight, widths)

@@ -1,5 +1,4 @@
-"""Teacher and student models: loading by hub id or local directory, the tiny student, label matching, and the
-SimKD head (a student's head made of a learned projector and a frozen copy of its teacher's head)."""
+"""Teacher and student models: loading by hub id or local directory, the tiny student, label matching, int8."""
 import copy
 import json
 import logging
@@ -7,7 +6,6 @@ import os
 import pickle
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
                           AutoModelForSequenceClassification, BeitConfig, DistilBertConfig, LayoutLMv3Config,
@@ -16,6 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.beit.image_processing_pil_beit import BeitImageProcessorPil
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
 
+import heads
 import minilm
 import utils
 from config import UserError, has_weights, why_random_student
@@ -116,7 +115,7 @@ def from_pretrained(auto_class, source, **kwargs):
     student whose head is not its architecture's (--kd-terms simkd: SimKDHead) is built from its config with that
     head, then given its weights."""
     if saved_simkd_head(source):
-        model = restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
+        model = heads.restore_head(auto_class.from_config(AutoConfig.from_pretrained(source)))
         return load_student_weights(model, load_file(os.path.join(source, "model.safetensors")), source)
     try:
         return auto_class.from_pretrained(source, **kwargs)
@@ -325,77 +324,4 @@ def load_student_weights(model, state_dict, source):
         raise UserError(f"{source} does not hold weights for this student ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]}): check "
                         f"--student-config/--student-size/--task match the run that saved it")
-    return model
-
-
-
-# ----------------------------------------------------------------------------- SimKD: the teacher's head reused
-
-def head_of(model):
-    """The classification head of a (possibly DDP-wrapped) classifier: the module whose input is its features."""
-    return getattr(model, "module", model).classifier
-
-
-def feature_width(head):
-    """Width of the features a classification head reads (its first linear layer's input)."""
-    return next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
-
-
-def teacher_head_layers(head):
-    """The teacher head as (spec, its linear layers): an nn.Linear, or LayoutLMv3's dense-tanh-out_proj head (its
-    dropout left out: the teacher's head is used as in eval)."""
-    if isinstance(head, nn.Linear):
-        linears = [head]
-    elif type(head).__name__ == "LayoutLMv3ClassificationHead" and not head.pool_feature:
-        linears = [head.dense, head.out_proj]
-    else:
-        raise UserError(f"--kd-terms simkd reuses the teacher's classification head, which must be a linear layer or "
-                        f"LayoutLMv3's head; this teacher's is a {type(head).__name__}")
-    spec = [["linear", m.in_features, m.out_features] for m in linears]
-    return (spec if len(spec) == 1 else [spec[0], ["tanh"], spec[1]]), linears
-
-
-class SimKDHead(nn.Module):
-    """SimKD (Chen et al., CVPR 2022): projector (student width -> teacher width, learned), then the teacher's head
-    (a frozen copy), so the student's logits are the teacher head's on its projected features.
-
-    spec: {"student_width", "teacher_width", "teacher_head": [["linear", in, out] | ["tanh"], ...]}, kept in the
-    student's config (`simkd_head`) so that a saved student rebuilds its head without the teacher."""
-
-    def __init__(self, spec):
-        super().__init__()
-        self.projector = nn.Linear(spec["student_width"], spec["teacher_width"])
-        self.teacher_head = nn.Sequential(*(nn.Linear(*layer[1:]) if layer[0] == "linear" else nn.Tanh()
-                                            for layer in spec["teacher_head"]))
-        self.teacher_head.requires_grad_(False)
-
-    def forward(self, features):
-        return self.teacher_head(self.projector(features))
-
-
-def attach_simkd_head(student, teacher_head, order):
-    """Replace the student's head by a SimKDHead whose teacher part copies `teacher_head`, its classes put in the
-    dataset's order (order: the teacher's class index of each dataset class); recorded in the student's config."""
-    spec, linears = teacher_head_layers(teacher_head)
-    spec = {"student_width": feature_width(student.classifier), "teacher_width": feature_width(teacher_head),
-            "teacher_head": spec}
-    head = SimKDHead(spec)
-    copies = [m for m in head.teacher_head if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        for mine, theirs in zip(copies, linears):
-            mine.weight.copy_(theirs.weight)
-            mine.bias.copy_(theirs.bias)
-        copies[-1].weight.copy_(linears[-1].weight[order])
-        copies[-1].bias.copy_(linears[-1].bias[order])
-    student.classifier = head
-    student.config.simkd_head = spec
-    return student
-
-
-def restore_head(model):
-    """A model built from a saved config: with its SimKDHead (to be filled by the saved weights) where the config
-    says it has one."""
-    spec = getattr(model.config, "simkd_head", None)
-    if spec:
-        model.classifier = SimKDHead(spec)
     return model

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import heads
 import kd_terms
-import models
 import saved
 from conftest import TIMING
 from losses import IGNORE_INDEX, DistillationLoss
@@ -169,7 +169,7 @@ def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(t
     teacher_head = (LayoutLMv3ClassificationHead(LayoutLMv3Config(hidden_size=6, num_labels=4)) if layoutlmv3_head
                     else nn.Linear(6, 4)).eval()
     order = [2, 0, 3, 1]  # the teacher's class of each of the dataset's classes
-    models.attach_simkd_head(student, teacher_head, order)
+    heads.attach_simkd_head(student, teacher_head, order)
     head = student.classifier
     assert [p.requires_grad for p in head.teacher_head.parameters()] == [False] * len(list(head.teacher_head.parameters()))
     assert head.projector.weight.requires_grad and head.projector.weight.shape == (6, 8)
@@ -186,7 +186,7 @@ def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(t
     del student, teacher_head  # nothing of the teacher is left
     for path in (tmp_path / "student", tmp_path / "student_model.pth"):
         model, _, config = predict.load_model(str(path))
-        assert isinstance(model.classifier, models.SimKDHead) and config.simkd_head["teacher_width"] == 6
+        assert isinstance(model.classifier, heads.SimKDHead) and config.simkd_head["teacher_width"] == 6
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, expected), path
 
@@ -194,7 +194,7 @@ def test_simkd_student_is_its_projection_and_the_teachers_head_and_loads_alone(t
 def test_simkd_refuses_a_head_it_cannot_copy():
     from config import UserError
     with pytest.raises(UserError, match="simkd"):
-        models.attach_simkd_head(tiny_word_student(), nn.Sequential(nn.Linear(6, 4)), [0, 1, 2, 3])
+        heads.attach_simkd_head(tiny_word_student(), nn.Sequential(nn.Linear(6, 4)), [0, 1, 2, 3])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -311,7 +311,7 @@ def test_word_tagging_feature_and_simkd_runs(tmp_path, one_thread, capsys):
     assert main.main(["--mode", "eval", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert 0 <= json.load(open(tmp_path / "simkd" / "eval.json"))["f1"] <= 1
     model, _, _ = predict.load_model(str(tmp_path / "simkd" / "student"))
-    assert isinstance(model.classifier, models.SimKDHead)
+    assert isinstance(model.classifier, heads.SimKDHead)
     capsys.readouterr()
     assert main.main(["--mode", "info", *common, "--output-dir", str(tmp_path / "simkd")]) == 0
     assert f"{tmp_path / 'cache' / 'teacher'}: 1 caches" in capsys.readouterr().out

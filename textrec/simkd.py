@@ -11,7 +11,7 @@ file; attach() replaces the CRNN student's head (nn.Linear 2 hidden -> student c
       -> log: the student's per-step "logits", log-probabilities over blank + the student's charset.
 
 Since they are log-probabilities already, log_softmax leaves them unchanged: CTC, kl and the other terms read them
-as any CRNN logits. The head is models.SimKDHead (the projector and the frozen teacher head of page
+as any CRNN logits. The head is heads.SimKDHead (the projector and the frozen teacher head of page
 classification and word tagging) with the fold on top. Its description (widths, the teacher head's shape and the
 fold: the student class of each teacher class) is the student config's `simkd_head`, so crnn.CRNN rebuilds the head
 from the saved config alone: the saved student loads, predicts, evaluates and exports without the teacher.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import models
+import heads
 from config import UserError
 
 LOG_FLOOR = 1e-12  # as the teacher's folded log-probabilities (teachers.OnnxRecognizer.forward)
@@ -69,10 +69,10 @@ def teacher_head(graph):
     return torch.tensor(np.ascontiguousarray(weight.T), dtype=torch.float32), torch.tensor(bias, dtype=torch.float32)
 
 
-class CTCSimKDHead(models.SimKDHead):
+class CTCSimKDHead(heads.SimKDHead):
     """projector (learned) -> the teacher's linear head (frozen) -> softmax -> fold -> log.
 
-    spec: models.SimKDHead's {"student_width", "teacher_width", "teacher_head"} plus "fold" (the student class of
+    spec: heads.SimKDHead's {"student_width", "teacher_width", "teacher_head"} plus "fold" (the student class of
     each teacher class) and "student_classes"."""
 
     def __init__(self, spec):
