@@ -12,12 +12,12 @@ logit-mse  squared difference of the raw logits, averaged over the classes.
 feature    squared difference between P(student features) and the teacher's features, averaged over the
            channels; P is a learned nn.Linear from the student's width to the teacher's, a parameter of this
            loss: train.fit optimises it with the student and keeps it in the checkpoint (not in the saved student).
-simkd      SimKD (Chen et al., CVPR 2022): the student's classification head is replaced by models.SimKDHead, a learned
+simkd      SimKD (Chen et al., CVPR 2022): the student's classification head is replaced by heads.SimKDHead, a learned
            nn.Linear projector to the teacher's width followed by a frozen copy of the teacher's classification
            head, so the student's logits are the teacher head's on its projected features; the term is the squared
            difference between the projected student features and the teacher's, averaged over the channels. The
            projector and the teacher head are part of the student (its config's `simkd_head` describes them), so
-           the saved student loads and predicts without the teacher (models.restore_head).
+           the saved student loads and predicts without the teacher (heads.restore_head).
 attention  attention-map transfer: each model's last-layer attention probabilities, averaged over the heads, kept at
            the matched positions (below) for rows and columns and renormalised over the real columns, so that each
            row a_i is a distribution over the positions; the term is KL(teacher a_i || student a_i), averaged over
