@@ -77,9 +77,11 @@ def parse_args(argv=None):
     g.add_argument("--student-image-size", type=int, default=64,
                    help="--student-image-size: the side of the page the student sees (default: %(default)s)")
     g.add_argument("--student-lr", type=float, default=1e-3, help="student peak learning rate (default: %(default)s)")
-    g.add_argument("--student-steps", type=int, default=480,
-                   help="optimizer steps of every student run, alone or distilled: epochs = steps / batches per "
-                        "epoch, rounded up (the best epoch on validation is kept) (default: %(default)s)")
+    g.add_argument("--student-steps", default="480",
+                   help="optimizer steps of every student run, alone or distilled alike: epochs = steps / batches "
+                        "per epoch, rounded (the best epoch on validation is kept); several comma-separated budgets "
+                        "run the alone and distilled rows at each (the transfer rows at the first) (default: "
+                        "%(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="student batch size (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=0.9, help="distilled students' --alpha (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=1.0,
@@ -119,13 +121,14 @@ def parse_args(argv=None):
     if len(args.split) != 5:
         p.error("--split needs 5 numbers")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.student_steps = [int(x) for x in str(args.student_steps).split(",")]
     args.steps = [s for s in args.steps.split(",") if s]
     args.redo = [s for s in args.redo.split(",") if s]
     for s in args.steps + args.redo:
         if s not in STEPS:
             p.error(f"unknown step {s!r}: choose from {', '.join(STEPS)}")
     if args.smoke:
-        args.split, args.teacher_epochs, args.student_steps, args.seeds = [4, 2, 2, 2, 2], 1, 8, args.seeds[:1]
+        args.split, args.teacher_epochs, args.student_steps, args.seeds = [4, 2, 2, 2, 2], 1, [8], args.seeds[:1]
     args.out = os.path.abspath(args.out)
     if os.path.abspath(args.out).startswith(REPO + os.sep):
         p.error("--out must be outside the repository (the pages may not be copied into it)")
@@ -135,6 +138,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- helpers
 
 START = time.time()
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process and of every child it has waited for (main.py runs, Tesseract)."""
+    import resource
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
 
 
 def say(*parts):
@@ -163,6 +173,7 @@ class Runner:
         os.makedirs(self.logs, exist_ok=True)
         self.seconds = state.setdefault("command_seconds", {})  # name -> wall seconds of its command
         self.commands = state.setdefault("commands", {})  # name -> the command line
+        self.cpu = state.setdefault("command_cpu_seconds", {})  # name -> user + system CPU seconds
 
     def env(self, threads):
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
@@ -189,17 +200,20 @@ class Runner:
             time.sleep(2)
             for item in list(running):
                 name, proc, log, started = item
-                if proc.poll() is None:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # its CPU seconds, which a busy machine
+                if pid == 0:  # inflates less than its wall seconds
                     continue
+                proc.returncode = os.waitstatus_to_exitcode(status)
                 running.remove(item)
                 log.close()
                 self.seconds[name] = time.time() - started
+                self.cpu[name] = usage.ru_utime + usage.ru_stime
                 if proc.returncode != 0:
                     failed.append(name)
                     say(f"FAILED {name} (exit {proc.returncode}); the end of {self.logs}/{name}.log:")
                     print("".join(open(os.path.join(self.logs, f"{name}.log")).readlines()[-15:]), flush=True)
                 else:
-                    say(f"done {name} in {self.seconds[name]:.0f}s")
+                    say(f"done {name} in {self.seconds[name]:.0f}s ({self.cpu[name]:.0f} CPU s)")
         if failed:
             raise SystemExit(f"failed: {', '.join(failed)} (logs in {self.logs})")
 
@@ -378,10 +392,10 @@ def step_teachers(args, state, runner):
     say(f"the students' teacher: {chosen} (best on validation)")
 
 
-def epochs_for(args, pages):
-    """Epochs that give about --student-steps optimizer steps on `pages` training pages."""
+def epochs_for(args, pages, steps):
+    """Epochs that give about `steps` optimizer steps on `pages` training pages."""
     per_epoch = -(-pages // args.batch_size)
-    return max(1, round(args.student_steps / per_epoch))
+    return max(1, round(steps / per_epoch))
 
 
 def aligned_demo_student(args, classes):
@@ -425,21 +439,25 @@ def student_runs(args, state):
         rows["distilled-more-unlabeled"] = (["--unlabeled", data_path(args, "unlabeled-more")],
                                             labelled + unlabeled + n["teacher_train"] * len(classes), args.alpha)
     runs = []
-    for seed in args.seeds:
-        for row, (extra, pages, alpha) in rows.items():
-            runs.append((f"{row}-seed{seed}", row, seed, extra, pages, alpha, [], True))
-            if args.transfer and row in ("alone", "distilled"):
-                init = ["--student-config", aligned_demo_student(args, classes), "--student-size", "full"]
-                runs.append((f"transfer-{row}-seed{seed}", f"transfer-{row}", seed, extra, pages, alpha, init, True))
+    first = args.student_steps[0]
+    for steps in args.student_steps:
+        tag = "" if steps == first else f"-{steps}steps"  # the first budget's runs keep the plain names
+        for seed in args.seeds:
+            for row, (extra, pages, alpha) in rows.items():
+                runs.append((f"{row}{tag}-seed{seed}", row + tag, seed, extra, pages, alpha, [], True, steps))
+                if args.transfer and row in ("alone", "distilled") and steps == first:
+                    init = ["--student-config", aligned_demo_student(args, classes), "--student-size", "full"]
+                    runs.append((f"transfer-{row}-seed{seed}", f"transfer-{row}", seed, extra, pages, alpha, init,
+                                 True, steps))
     if args.transfer:  # the demo's student given as it is: its head rows keep the demo's class order (one seed)
         demo_student = os.path.join(args.demo_run, "distilled_unlabeled-seed42", "student")
         runs.append((f"transfer-unaligned-alone-seed{args.seeds[0]}", "transfer-unaligned-alone", args.seeds[0], [],
-                     labelled, 0, ["--student-config", demo_student, "--student-size", "full"], False))
+                     labelled, 0, ["--student-config", demo_student, "--student-size", "full"], False, first))
     out = []
-    for name, row, seed, extra, pages, alpha, init, evaluated in runs:
+    for name, row, seed, extra, pages, alpha, init, evaluated, steps in runs:
         flags = ["--mode", "train", "--dataset", data_path(args, "student"), "--teacher", teacher, *extra,
                  "--alpha", alpha, "--temperature", args.temperature, "--lr", args.student_lr,
-                 "--batch-size", args.batch_size, "--epochs", epochs_for(args, pages), "--seed", seed,
+                 "--batch-size", args.batch_size, "--epochs", epochs_for(args, pages, steps), "--seed", seed,
                  "--output-dir", run_dir(args, name), *common(args), *init]
         out.append((name, row, seed, flags, evaluated))
     return out
@@ -491,9 +509,11 @@ def step_score(args, state):
     """Per-page predictions on the test pages: each saved student as eval reads it (registry.load_student,
     scoring.score), each teacher the same way; written to OUT/scores.json."""
     path = os.path.join(args.out, "scores.json")
-    if os.path.exists(path) and "score" not in args.redo:
-        state["scores"] = read_json(path)
-        if set(state["students"]) <= set(state["scores"]["models"]):
+    scores = {"models": {}}
+    if os.path.exists(path) and "score" not in args.redo:  # score only the models not scored yet
+        scores = read_json(path)
+        if set(state["students"]) | set(teacher_runs(args)) <= set(scores["models"]):
+            state["scores"] = scores
             say(f"scores: read {path}")
             return
     sys.path.insert(0, REPO)
@@ -509,9 +529,10 @@ def step_score(args, state):
     import utils  # noqa: E402
     utils.setup_logging(True)
     cache = os.path.join(args.out, "cache")
-    scores = {"models": {}}
     task = None
     for name in state["students"]:
+        if name in scores["models"]:
+            continue
         out = run_dir(args, name)
         model = os.path.join(out, "student_model.pth")
         cfg = config.parse_config(["--mode", "eval", "--dataset", data_path(args, "student"), "--eval-split", "test",
@@ -529,6 +550,8 @@ def step_score(args, state):
                                   "accuracy": scored.metrics["accuracy"], "macro_f1": scored.metrics["macro_f1"],
                                   "pages_per_second_1_thread": len(scored.labels) / scored.seconds,
                                   "parameters": models.count_parameters(student)}
+        if "labels" in scores and scored.labels.tolist() != scores["labels"]:
+            raise SystemExit(f"{name}: the test pages are not in the order of the models scored before")
         if "labels" not in scores:
             scores["labels"] = scored.labels.tolist()
             scores["indices"] = [int(i) for i in task.splits["test"].with_format(None)["index"]]
@@ -539,6 +562,8 @@ def step_score(args, state):
             scores["truncated"] = [bool(t) for t in task.splits["test"].with_format(None)["truncated"]]
         say(f"scored {name}: {sum(correct)}/{len(correct)}")
     for name in teacher_runs(args):
+        if name in scores["models"]:
+            continue
         teacher_dir = os.path.join(run_dir(args, name), "teacher")
         cfg = config.parse_config(["--mode", "eval", "--dataset", data_path(args, "student"), "--eval-split", "test",
                                    "--output-dir", os.path.join(args.out, "runs", "score-" + name), "--cache-dir", cache,
@@ -838,9 +863,14 @@ def step_report(args, state, runner):
         return np.mean([scores["models"][n]["correct"] for n in names], axis=0)
 
     comparisons = {}
-    pairs = [("distilled", "alone"), ("distilled-more-unlabeled", "alone"), ("distilled-more-unlabeled", "distilled"),
-             ("transfer-alone", "alone"), ("transfer-distilled", "distilled"), ("transfer-distilled", "alone"),
+    pairs = [("transfer-alone", "alone"), ("transfer-distilled", "distilled"), ("transfer-distilled", "alone"),
              ("transfer-distilled", "transfer-alone"), ("transfer-unaligned-alone", "transfer-alone")]
+    for steps in args.student_steps:
+        tag = "" if steps == args.student_steps[0] else f"-{steps}steps"
+        pairs += [(f"distilled{tag}", f"alone{tag}"), (f"distilled-more-unlabeled{tag}", f"alone{tag}"),
+                  (f"distilled-more-unlabeled{tag}", f"distilled{tag}")]
+        if tag:
+            pairs += [(f"{row}{tag}", row) for row in ("alone", "distilled", "distilled-more-unlabeled")]
     for b, a in pairs:
         if b in per_row and a in per_row:
             comparisons[f"{b} - {a}"] = {**stats.paired_bootstrap(per_page(per_row[a]["runs"]),
@@ -863,7 +893,10 @@ def step_report(args, state, runner):
                                "train_seconds": state["command_seconds"].get(n)}
                            for n in teacher_runs(args)}
     results["seconds"] = {"steps": state.get("step_seconds", {}), "commands": state.get("command_seconds", {}),
-                          "steps_total": sum(state.get("step_seconds", {}).values())}
+                          "steps_total": sum(state.get("step_seconds", {}).values()),
+                          "cpu_steps": state.get("step_cpu_seconds", {}),
+                          "cpu_commands": state.get("command_cpu_seconds", {}),
+                          "cpu_steps_total": sum(state.get("step_cpu_seconds", {}).values())}
     write_json(results, os.path.join(args.out, "results.json"))
     table = report_table(args, state, results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -905,7 +938,9 @@ def report_table(args, state, results):
         steps = -(-pages // args.batch_size) * r["epochs"]
         speed = f"{r['pages_per_second_eval']:.1f}" if r["pages_per_second_eval"] else \
             f"{r['pages_per_second_scored']:.1f} (scored, no eval)"
-        lines.append(f"| {row}: {TITLES.get(row, row)} | {n['labelled'] * k} | {unl} | {steps} ({r['epochs']}) | "
+        title = TITLES.get(row.split("-")[0] if row.endswith("steps") and not row.startswith("distilled-more")
+                           else row.rsplit("-", 1)[0] if row.endswith("steps") else row, row)
+        lines.append(f"| {row}: {title} | {n['labelled'] * k} | {unl} | {steps} ({r['epochs']}) | "
                      f"{mean(r['validation_accuracy']):.3f} | {', '.join(f'{a:.3f}' for a in r['accuracy'])} | "
                      f"**{r['mean']:.3f}** | {r['macro_f1']:.3f} | {r['parameters'] / 1e6:.2f}M | {speed} |")
     lines += ["", "Paired bootstrap over the test pages (each page's correctness averaged over the seeds; 2,000 "
@@ -927,7 +962,7 @@ def report_table(args, state, results):
                      f"batch 1, {b['summary']['throughput_ratio']:.1f}x the throughput at batch 16")
     a = state.get("analysis")
     if a:
-        models_ = [chosen] + [r for r in ("alone", "distilled") if r in rows]
+        models_ = [chosen] + [r for r in rows if not r.startswith("transfer")]
         lines += ["", "Test accuracy by kind of page (students: mean over seeds):", "",
                   "| pages | count | " + " | ".join(models_) + " |", "|---|---|" + "---|" * len(models_)]
         for g, v in a["by_group"].items():
@@ -942,6 +977,21 @@ def report_table(args, state, results):
                   f"{a['sideways_pages']['by_class']}; OSD on the test pages: {a.get('osd')}",
                   "", "Bag of words (TF-IDF + logistic regression) test accuracy: " +
                   "; ".join(f"{k}: {v:.3f}" for k, v in a["bag_of_words"].items())]
+    sc = state.get("scores")
+    if sc:  # per class: the teacher and the two main student rows (mean over seeds)
+        import numpy as np
+        labels = np.asarray(sc["labels"])
+        cols = [chosen] + [r for r in rows if not r.startswith("transfer")]
+        lines += ["", "Test accuracy per class (students: mean over seeds):", "",
+                  "| class | pages without words | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for i, name in enumerate(sc["class_names"]):
+            mask = labels == i
+            cells = []
+            for c in cols:
+                names = [c] if c == chosen else rows[c]["runs"]
+                cells.append(f"{np.mean([np.asarray(sc['models'][x]['correct'])[mask].mean() for x in names]):.3f}")
+            zero = int(sum(n == 0 for n, m in zip(sc["n_words"], mask) if m))
+            lines.append(f"| {name} | {zero} | " + " | ".join(cells) + " |")
     pr = state.get("predict")
     if pr:
         lines += ["", f"--mode predict on the test folder: {pr['pages']} pages, accuracy {pr['accuracy']:.3f}, the "
@@ -949,7 +999,9 @@ def report_table(args, state, results):
                   f"{pr['new_ocr_entries']} pages again ({pr['summary']['seconds']['ocr']:.0f} s of OCR); its OCR "
                   f"has the same words as training's on {pr['ocr_same_words_as_training']} of {pr['ocr_compared']}"]
     lines += ["", f"Wall time of the steps: {results['seconds']['steps_total']:.0f} s " +
-              str({k: round(v) for k, v in results["seconds"]["steps"].items()})]
+              str({k: round(v) for k, v in results["seconds"]["steps"].items()}),
+              f"CPU time (user + system, all processes): {results['seconds']['cpu_steps_total']:.0f} s " +
+              str({k: round(v) for k, v in results["seconds"]["cpu_steps"].items()})]
     return "\n".join(lines)
 
 
@@ -971,6 +1023,7 @@ def main(argv=None):
              "predict": lambda: step_predict(args, state, runner), "analysis": lambda: step_analysis(args, state),
              "report": lambda: step_report(args, state, runner)}
     timings = state.setdefault("step_seconds", {})
+    cpu_timings = state.setdefault("step_cpu_seconds", {})
     for name in STEPS:
         if name not in args.steps:
             continue
@@ -978,10 +1031,12 @@ def main(argv=None):
                 "data" not in args.redo:
             say("data: the split exists (--redo data to make it again)")
             continue
-        start = time.time()
+        start, cpu = time.time(), cpu_seconds()
         say(f"== {name}")
         steps[name]()
         timings[name] = time.time() - start
+        cpu_timings[name] = cpu_seconds() - cpu
+        say(f"{name}: {timings[name]:.0f} s wall, {cpu_timings[name]:.0f} CPU s")
         state["ocr_entries_now"] = count_ocr(args)
         write_json({k: v for k, v in state.items() if k != "scores"}, state_path)
     say(f"finished in {time.time() - START:.0f}s; OCR cache entries: {count_ocr(args)} "

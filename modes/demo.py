@@ -53,6 +53,7 @@ STUDENT = dict(student_size="small", tokenizer="minilm", max_length=128, student
 # (the best epoch on validation is kept in every run).
 LABELLED_EPOCHS, UNLABELED_EPOCHS = 20, 8
 SEEDS = (42, 43)  # the two rows that matter (alone, distilled with unlabelled pages) run with both
+MMAP_THRESHOLD = 4 << 20  # bytes: the worker processes' glibc mmap threshold (run())
 
 
 def steps(cfg):
@@ -141,6 +142,11 @@ def run(cfg):
     results = {"runs": {}, "timings_s": timings}
     start = time.perf_counter()  # the teacher first, on every core; then the students, one thread each
     first_unlabeled = next(j for j in steps(cfg) if j[0] == "distilled_unlabeled")
+    # glibc serves a large block from the heap once a block of its size was freed (its mmap threshold rises to
+    # 32 MB), so the attention tensors of batches of changing length fragment the heap and the fine-tuning's RSS
+    # keeps what it once held; a fixed 4 MB threshold maps them and gives them back. Read by the processes this
+    # one starts (the numbers they compute are the same).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     # In a process of its own, as the students are: its memory (fine-tuning is the demo's peak) goes back to the
     # system when it ends instead of staying with this process while the two students train beside it.
     with multiprocessing.get_context("spawn").Pool(1, initializer=utils.setup_logging, maxtasksperchild=1) as pool:
