@@ -29,6 +29,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "trackio")
 UNPINNED_TRACKERS = ("wandb", "trackio")  # handed to Accelerate when installed; not pinned, not tested here
 TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16")
+READ_AS = ("auto", "crop", "page")  # --mode predict of a text-recognition student
+OCR_ENGINES = ("tesseract", "ppocrv4")  # or the path of a text-recognition student or its rec_ppocr.onnx
 
 
 class UserError(Exception):
@@ -222,6 +224,17 @@ class Config:
                        "written by --mode export", default="")
     input: list = _help("--mode predict: image files (png, jpg, multi-page tif...), PDFs, folders (searched "
                         "recursively) or globs; several may follow the flag", default_factory=list)
+    read_as: str = _help("--mode predict with a text-recognition student: auto (an image whose sides are both at "
+                         "least 256 px, every PDF page among them, is a page: PP-OCRv4's text detector finds its lines "
+                         "and the student reads them; a smaller image is one crop), crop (every image is one crop) or "
+                         "page (every image is a page)", default="auto")
+    ocr_engine: str = _help("the OCR of page classification and word tagging, for data without OCR columns and for "
+                            "--mode predict: tesseract; ppocrv4 (PP-OCRv4's text detector and recogniser from "
+                            "rapidocr-onnxruntime); or PP-OCRv4's detector with a distilled recogniser: a saved "
+                            "text-recognition student (its student/ directory or student_model.pth) or its "
+                            "rec_ppocr.onnx from --mode export. Lines are split into words at spaces, each word's box "
+                            "interpolated by character position. Cached under CACHE_DIR/ocr per page and engine",
+                            default="tesseract")
     top_k: int = _help("--mode predict: how many of the most likely classes (page classification) to write per "
                        "page, with their probabilities", default=3)
     pdf_dpi: int = _help("--mode predict and export: resolution PDF pages are rendered at (pypdfium2) before OCR; a "
@@ -338,6 +351,11 @@ class Config:
                             "temperature=1,2,4 alpha=0,0.5,0.9")
         if self.on_bad_sample not in BAD_SAMPLE:
             problems.append(f"--on-bad-sample must be skip or fail, got {self.on_bad_sample!r}")
+        if self.read_as not in READ_AS:
+            problems.append(f"--read-as must be one of {', '.join(READ_AS)}, got {self.read_as!r}")
+        if self.ocr_engine not in OCR_ENGINES and not os.path.exists(self.ocr_engine):
+            problems.append(f"--ocr-engine {self.ocr_engine}: not {' or '.join(OCR_ENGINES)} and no such file or "
+                            f"directory (a text-recognition student or its rec_ppocr.onnx)")
         for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
             if getattr(self, name) and not os.path.exists(getattr(self, name)):
                 problems.append(f"--{name} {getattr(self, name)}: no such file or directory")
@@ -503,9 +521,10 @@ FLAG_TASKS = {
     **dict.fromkeys(("tokenizer", "max_length", "teacher_weights", "unlabeled_weight", "lora_r", "lora_alpha",
                      "lora_dropout", "lora_target_modules"), CLASSIFICATION),
     **dict.fromkeys(("student_image_size", "top_k"), ("sequence-classification",)),
+    "read_as": TEXT_RECOGNITION, "ocr_engine": CLASSIFICATION,
 }
 FLAG_MODES = {
-    **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), "top_k": ("predict",),
+    **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), **dict.fromkeys(("top_k", "read_as"), ("predict",)),
     **dict.fromkeys(("sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs"), ("sweep",)),
     "model": ("eval", "bench", "predict", "export"), "checkpoint": ("train", "teacher"),
     # distillation's data: the teacher trains on labels only (--mode teacher)
@@ -516,7 +535,7 @@ FLAG_MODES = {
 FLAG_GROUPS = {
     "what to run": ("mode", "task", "preset", "config"),
     "data": ("dataset", "unlabeled", "labeled_fraction", "train_split", "eval_split", "max_samples", "max_length",
-             "on_bad_sample"),
+             "on_bad_sample", "ocr_engine"),
     "models": ("teacher", "extra_teachers", "teacher_weights", "student_config", "student_size", "student_image_size",
                "tokenizer", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
     "distillation": ("alpha", "temperature", "kd_terms", "feature_weight", "unlabeled_weight"),
@@ -524,8 +543,9 @@ FLAG_GROUPS = {
                  "early_stopping_patience", "early_stopping_min_delta", "seed", "checkpoint", "save_every"),
     "text recognition": ("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
                          "degrade_blur", "degrade_noise", "degrade_jpeg"),
-    "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "pdf_dpi", "report_to",
-                        "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs",
+    "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "read_as", "pdf_dpi",
+                        "report_to", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds",
+                        "baseline_epochs",
                         "log_every", "debug"),
     "speed": ("amp", "teacher_cache", "teacher_precision", "group_by_length", "num_workers", "num_proc"),
 }
@@ -557,7 +577,7 @@ def build_parser():
                 continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(preset_names()), "on_bad_sample": BAD_SAMPLE,
                        "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS,
-                       "teacher_precision": TEACHER_PRECISIONS}.get(f.name)
+                       "teacher_precision": TEACHER_PRECISIONS, "read_as": READ_AS}.get(f.name)
             group.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {f.default!r})")
     return parser

@@ -96,6 +96,14 @@ class CRNN(nn.Module):
         return model
 
 
+def from_saved(config, weights, path):
+    """A saved CRNN student: its student/ directory (weights None: safetensors + JSON config read from `path`) or
+    the config and state dict of a student_model.pth (saved.read_student reads both, checksums verified)."""
+    if weights is None:
+        return CRNN.from_pretrained(path)
+    return models.load_student_weights(CRNN(CRNNConfig.from_dict(config)), weights, path)
+
+
 def build(chars, height, size):
     shape = FULL if size == "full" else models.STUDENT_SIZES[size]["crnn"]
     return CRNN(CRNNConfig(chars, height=height, **shape))

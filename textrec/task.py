@@ -87,9 +87,10 @@ class Collator:
                             jpeg=cfg.degrade_jpeg)
 
     def student_array(self, image, key):
+        """The degraded grey crop at the student's height and half the teacher's width (the student steps every 4 px
+        at half the width: the teacher's steps), as the exported graph computes it (data.student_pixels)."""
         image = data.degrade(image, self.seed, key, **self.degrade)
-        width = -(-image.width // 2)  # the student steps every 4 px at half the teacher's width: same steps
-        return data.normalise(image.resize((width, self.height), Image.BILINEAR))
+        return data.student_pixels(np.asarray(image), self.height)
 
     def decoder_labels(self, items):
         """A sequence-to-sequence student's target token ids [B, L] (IGNORE_INDEX-padded; unlabelled: all)."""
@@ -295,9 +296,7 @@ class TextRecognition(tasks.Task):
     @classmethod
     def student_from_saved(cls, config, weights, path):
         """A CRNN student: its student/ directory (safetensors + JSON config) or student_model.pth."""
-        if weights is None:
-            return crnn.CRNN.from_pretrained(path)
-        return models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(config)), weights, path)
+        return crnn.from_saved(config, weights, path)
 
     def check_saved(self, config, path):
         if not self.owns_saved(config):
