@@ -176,6 +176,19 @@ class Config:
                                   default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
+    label_conventions: bool = _help("text-recognition, distilling with labelled crops: measure how the labels write "
+                                    "what the teacher reads (letter case, spaces inside lines, trailing punctuation; "
+                                    "on up to 300 labelled training crops), log it, save it with the student, and "
+                                    "teach the teacher's distribution in the labels' convention: its letters folded to "
+                                    "the labels' case, and no per-step KL at a space of a label that the teacher does "
+                                    "not read (textrec/conventions.py); --no-label-conventions teaches the teacher as "
+                                    "it reads", default=True)
+    augment: bool = _help("text-recognition: augment the student's training crops, a fresh draw each epoch (a pure "
+                          "function of --seed, the epoch and the crop, so a resumed run draws the same): each of "
+                          "contrast and brightness, blur, noise, a lower resolution, JPEG and a small vertical shift "
+                          "with probability 0.5; nothing moves a character sideways, so the student's time steps stay "
+                          "the teacher's, who reads the clean crop; validation and eval crops are never augmented",
+                          default=False)
     max_new_tokens: int = _help("text-recognition with a TrOCR (VisionEncoderDecoder) teacher or student: the most "
                                 "tokens a greedy generate() writes per crop", default=64)
     student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
@@ -281,6 +294,11 @@ class Config:
                                    "torch model (text recognition's ONNX or transcript teachers) always gives float32. "
                                    "Not for --no-teacher-cache: a live teacher runs in --amp's precision (float32 by "
                                    "default)", default="auto")
+    teacher_top_k: int = _help("text-recognition: the teacher cache keeps, per time step, only the teacher's K most "
+                               "likely classes (of the 96 it is folded onto) and the probability left over, which "
+                               "a lookup shares evenly among the other classes (0 = all classes). The default was "
+                               "chosen by measurement (docs/results/textrec-funsd.md: the kl term within 1e-3 of "
+                               "the full cache's, 14x smaller)", default=8)
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
     on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, word boxes "
@@ -481,6 +499,7 @@ NUMERIC_BOUNDS = {
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
     "baseline_epochs": (0, None, False), "top_k": (1, None, False), "pdf_dpi": (1, None, False),
     "feature_weight": (0, None, False), "labeled_fraction": (0, 1, False),  # 0: no labels at all (needs a teacher)
+    "teacher_top_k": (0, None, False),
 }
 
 
@@ -517,11 +536,12 @@ CLASSIFICATION = ("sequence-classification", "token-classification")
 TEXT_RECOGNITION = ("text-recognition",)
 FLAG_TASKS = {
     **dict.fromkeys(("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
-                     "degrade_blur", "degrade_noise", "degrade_jpeg"), TEXT_RECOGNITION),
+                     "degrade_blur", "degrade_noise", "degrade_jpeg", "label_conventions", "augment"),
+                    TEXT_RECOGNITION),
     **dict.fromkeys(("tokenizer", "max_length", "teacher_weights", "unlabeled_weight", "lora_r", "lora_alpha",
                      "lora_dropout", "lora_target_modules"), CLASSIFICATION),
     **dict.fromkeys(("student_image_size", "top_k"), ("sequence-classification",)),
-    "read_as": TEXT_RECOGNITION, "ocr_engine": CLASSIFICATION,
+    "read_as": TEXT_RECOGNITION, "ocr_engine": CLASSIFICATION, "teacher_top_k": TEXT_RECOGNITION,
 }
 FLAG_MODES = {
     **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), **dict.fromkeys(("top_k", "read_as"), ("predict",)),
@@ -529,6 +549,7 @@ FLAG_MODES = {
     "model": ("eval", "bench", "predict", "export"), "checkpoint": ("train", "teacher"),
     # distillation's data: the teacher trains on labels only (--mode teacher)
     "unlabeled": ("train", "sweep", "info"), "labeled_fraction": ("train", "sweep"),
+    **dict.fromkeys(("label_conventions", "augment"), ("train", "sweep")),
 }
 
 # --help shows the flags in these groups, in this order (every field in exactly one).
@@ -541,13 +562,14 @@ FLAG_GROUPS = {
     "distillation": ("alpha", "temperature", "kd_terms", "feature_weight", "unlabeled_weight"),
     "training": ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio",
                  "early_stopping_patience", "early_stopping_min_delta", "seed", "checkpoint", "save_every"),
-    "text recognition": ("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
-                         "degrade_blur", "degrade_noise", "degrade_jpeg"),
+    "text recognition": ("blank_weight", "label_conventions", "augment", "max_new_tokens", "student_height",
+                         "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg"),
     "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "read_as", "pdf_dpi",
                         "report_to", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds",
                         "baseline_epochs",
                         "log_every", "debug"),
-    "speed": ("amp", "teacher_cache", "teacher_precision", "group_by_length", "num_workers", "num_proc"),
+    "speed": ("amp", "teacher_cache", "teacher_precision", "teacher_top_k", "group_by_length", "num_workers",
+              "num_proc"),
 }
 
 

@@ -141,9 +141,51 @@ def precision_kl(exact, reduced, temperature, mask=None):
     return total, target.shape[0]
 
 
+TOP_K_PARTS = ("topk_ids", "topk_logp", "rest_logp", "classes")  # a top-k table's tensors, stored as NAME.PART
+
+
+class TopK:
+    """A per-step table stored as its top-k classes: per row and step the k most likely classes (ids), their
+    log-probabilities (float16) and the log of the probability left over (float16). Looked up, each step is the full
+    distribution again: the k classes as stored, the rest shared evenly by the other classes (log-probabilities,
+    which every loss that reads them through a softmax, KL at any temperature included, reads as the logits)."""
+
+    def __init__(self, ids, logp, rest, classes):
+        self.ids, self.logp, self.rest, self.classes = ids, logp, rest, int(classes)
+
+    @classmethod
+    def of(cls, logits, k):
+        """Top-k parts of [N, T, C] logits (normalised to log-probabilities first)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top, ids = logp.topk(k, dim=-1)
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+        return cls(ids.to(torch.uint8 if logits.shape[-1] <= 256 else torch.int32), top.half(), rest.half(),
+                   logits.shape[-1])
+
+    def tables(self, name):
+        parts = (self.ids, self.logp, self.rest, torch.tensor([self.classes]))
+        return {f"{name}.{part}": t for part, t in zip(TOP_K_PARTS, parts)}
+
+    def __getitem__(self, index):
+        """Full [len(index), T, C] log-probabilities of the rows at `index`."""
+        ids, logp, rest = self.ids[index].long(), self.logp[index].float(), self.rest[index].float()
+        others = max(self.classes - ids.shape[-1], 1)
+        full = (rest - math.log(others)).unsqueeze(-1).expand(*rest.shape, self.classes).clone()
+        return full.scatter_(-1, ids, logp)
+
+
+def with_top_k(tables):
+    """Stored tables -> the tables to look up: the parts NAME.topk_ids, ... grouped into one TopK."""
+    out = {name: table for name, table in tables.items() if name.rsplit(".", 1)[-1] not in TOP_K_PARTS}
+    for name in {n.rsplit(".", 1)[0] for n in tables if n.rsplit(".", 1)[-1] in TOP_K_PARTS}:
+        ids, logp, rest, classes = (tables[f"{name}.{part}"] for part in TOP_K_PARTS)
+        out[name] = TopK(ids, logp, rest, classes.item())
+    return out
+
+
 class TeacherCache:
     """Logits of the teacher for every document of a split, looked up by the batch's `index` column (or a dict of
-    such tables: the same dict of outputs as the teacher's forward)."""
+    such tables: the same dict of outputs as the teacher's forward); a table may be a TopK (top_k)."""
 
     def __init__(self, logits, seconds=None):
         self.logits = logits
@@ -170,21 +212,25 @@ def real_positions(batch):
     return next((batch[k] for k in ("positions", "step_mask") if k in batch), None)
 
 
-def to_tables(rows):
+def to_tables(rows, top_k=0):
     """{name: {index: row}} -> {name: table}: rows at their index, per-word rows (and attention maps, on both axes)
-    zero-padded to the longest; "logits" in float32, features and attention maps in float16."""
+    zero-padded to the longest; "logits" in float32, features and attention maps in float16. top_k: per-step
+    "logits" ([N, T, C], text recognition) stored as their top_k classes and the mass left (TopK.tables)."""
     tables = {}
     for name, found in rows.items():
         table = torch.zeros((max(found) + 1, *(max(sizes) for sizes in zip(*(r.shape for r in found.values())))),
                             dtype=torch.float32 if name == "logits" else torch.float16)
         for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
             table[i][tuple(slice(0, n) for n in row.shape)] = row
-        tables[name] = table
+        if name == "logits" and top_k and table.dim() == 3 and top_k < table.shape[-1]:
+            tables.update(TopK.of(table, top_k).tables(name))
+        else:
+            tables[name] = table
     return tables
 
 
 @torch.no_grad()
-def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature):
+def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature, top_k=0):
     """The teacher's outputs on every document of the split as tables, the precision they were computed in, the
     number of documents, and the seconds the precision check took (float32 and reduced precision on its sample).
 
@@ -232,17 +278,19 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
     if redone:
         log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
                     "computed in float32", precision, redone)
-    return to_tables(rows), precision, len(rows["logits"]), check_seconds
+    return to_tables(rows, top_k), precision, len(rows["logits"]), check_seconds
 
 
 def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
-          precision="float32", temperature=1.0):
+          precision="float32", temperature=1.0, top_k=0):
     """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them.
 
     precision: auto, float32, bf16 or fp16 (--teacher-precision; see the module's docstring); temperature: the
-    run's, at which a reduced precision is checked against float32.
+    run's, at which a reduced precision is checked against float32. top_k: per-step logits stored as their top_k
+    classes and the mass left (TopK; 0: all classes), part of the key.
     """
     path, seconds = None, {}
+    extra = f"{extra}|top-k {top_k}" if top_k else extra
     if accelerator.is_main_process:
         wanted = resolve_precision(precision, teacher, accelerator.device)
         keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
@@ -260,7 +308,7 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
         if path is None:
             start = time.perf_counter()
             tables, used, documents, check_seconds = fill(teacher, teacher_forward, split, collator, batch_size,
-                                           accelerator.device, wanted, temperature)
+                                           accelerator.device, wanted, temperature, top_k)
             path = path_of(used)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
@@ -271,5 +319,5 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
                      "%.1f s): %s", documents, used, seconds["teacher_cache_seconds"], check_seconds, path)
     path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
-    tables = load_file(path)
+    tables = with_top_k(load_file(path))
     return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables, seconds)

@@ -363,6 +363,36 @@ def degrade(image, seed, key, height=0, blur=0.0, noise=0.0, jpeg=0):
     return image
 
 
+def augment(image, seed, epoch, key):
+    """--augment: the student's grey training crop (L) with photometric changes, a pure function of (seed, epoch, crop
+    key): each with probability 0.5, contrast x U(0.5, 1.2) and brightness + U(-40, 40), Gaussian blur of radius
+    U(0.3, 1.2), noise of std U(2, 12), down to U(12, 24) px high and back up, JPEG at quality U(25, 80), a vertical
+    shift of up to 3 px (edge rows repeated). Nothing moves sideways: the time steps stay the teacher's."""
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), 1])
+    draw = rng.random(6) < 0.5
+    pixels = np.asarray(image, np.float32)
+    if draw[0]:
+        pixels = (pixels - 128.0) * rng.uniform(0.5, 1.2) + 128.0 + rng.uniform(-40, 40)
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if draw[1]:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if draw[2]:
+        pixels = np.asarray(image, np.float32) + rng.normal(0.0, rng.uniform(2, 12), (image.height, image.width))
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if draw[3]:
+        height = int(rng.integers(12, 25))
+        image = image.resize((image.width, height), Image.BILINEAR).resize(image.size, Image.BILINEAR)
+    if draw[4]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(25, 81)))
+        image = Image.open(buffer).convert("L")
+    if draw[5]:
+        shift = int(rng.integers(-3, 4))
+        rows = np.clip(np.arange(image.height) - shift, 0, image.height - 1)
+        image = Image.fromarray(np.asarray(image)[rows])
+    return image
+
+
 def normalise(pixels):
     """uint8 -> PP-OCR's (x / 255 - 0.5) / 0.5, in [-1, 1]."""
     return (np.asarray(pixels, np.float32) / 255.0 - 0.5) / 0.5
