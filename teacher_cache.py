@@ -141,51 +141,59 @@ def precision_kl(exact, reduced, temperature, mask=None):
     return total, target.shape[0]
 
 
-TOP_K_PARTS = ("topk_ids", "topk_logp", "rest_logp", "classes")  # a top-k table's tensors, stored as NAME.PART
+COMPACT_PARTS = ("logp_uint8", "topk_ids", "topk_logp", "rest_logp", "classes")  # stored as NAME.PART
+LOGP_RANGE = 32.0  # 8-bit log-probabilities cover [-LOGP_RANGE, 0] in steps of LOGP_RANGE / 255 (0.125 nats)
 
 
-class TopK:
-    """A per-step table stored as its top-k classes: per row and step the k most likely classes (ids), their
-    log-probabilities (float16) and the log of the probability left over (float16). Looked up, each step is the full
-    distribution again: the k classes as stored, the rest shared evenly by the other classes (log-probabilities,
-    which every loss that reads them through a softmax, KL at any temperature included, reads as the logits)."""
+class CompactLogits:
+    """A per-step table ([N, T, C] logits: text recognition's) stored small, looked up as full log-probabilities
+    (which every loss that reads the teacher through a softmax, KL at any temperature included, reads as its logits):
 
-    def __init__(self, ids, logp, rest, classes):
-        self.ids, self.logp, self.rest, self.classes = ids, logp, rest, int(classes)
+        top_k 0   every class, its log-probability clamped to [-LOGP_RANGE, 0] and stored in 8 bits (4x smaller than
+                  float32; the run's KL within 2e-5 nats per step of the float32 table's, see docs/results);
+        top_k K   only the K most likely classes of each step (ids uint8, log-probabilities float16) and the log of the
+                  probability left over (float16), which a lookup shares evenly among the other classes.
+    """
+
+    def __init__(self, parts, classes):
+        self.parts, self.classes = parts, int(classes)
 
     @classmethod
-    def of(cls, logits, k):
-        """Top-k parts of [N, T, C] logits (normalised to log-probabilities first)."""
+    def of(cls, logits, top_k):
         logp = torch.log_softmax(logits.float(), dim=-1)
-        top, ids = logp.topk(k, dim=-1)
+        if not top_k:
+            return cls({"logp_uint8": torch.round((logp.clamp(min=-LOGP_RANGE) + LOGP_RANGE) * 255 / LOGP_RANGE)
+                        .to(torch.uint8)}, logits.shape[-1])
+        top, ids = logp.topk(top_k, dim=-1)
         rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-        return cls(ids.to(torch.uint8 if logits.shape[-1] <= 256 else torch.int32), top.half(), rest.half(),
-                   logits.shape[-1])
+        return cls({"topk_ids": ids.to(torch.uint8 if logits.shape[-1] <= 256 else torch.int32),
+                    "topk_logp": top.half(), "rest_logp": rest.half()}, logits.shape[-1])
 
     def tables(self, name):
-        parts = (self.ids, self.logp, self.rest, torch.tensor([self.classes]))
-        return {f"{name}.{part}": t for part, t in zip(TOP_K_PARTS, parts)}
+        return {f"{name}.{part}": t for part, t in {**self.parts, "classes": torch.tensor([self.classes])}.items()}
 
     def __getitem__(self, index):
         """Full [len(index), T, C] log-probabilities of the rows at `index`."""
-        ids, logp, rest = self.ids[index].long(), self.logp[index].float(), self.rest[index].float()
+        if "logp_uint8" in self.parts:
+            return self.parts["logp_uint8"][index].float() * (LOGP_RANGE / 255) - LOGP_RANGE
+        ids, logp, rest = (self.parts[k][index] for k in ("topk_ids", "topk_logp", "rest_logp"))
         others = max(self.classes - ids.shape[-1], 1)
-        full = (rest - math.log(others)).unsqueeze(-1).expand(*rest.shape, self.classes).clone()
-        return full.scatter_(-1, ids, logp)
+        full = (rest.float() - math.log(others)).unsqueeze(-1).expand(*rest.shape, self.classes).clone()
+        return full.scatter_(-1, ids.long(), logp.float())
 
 
-def with_top_k(tables):
-    """Stored tables -> the tables to look up: the parts NAME.topk_ids, ... grouped into one TopK."""
-    out = {name: table for name, table in tables.items() if name.rsplit(".", 1)[-1] not in TOP_K_PARTS}
-    for name in {n.rsplit(".", 1)[0] for n in tables if n.rsplit(".", 1)[-1] in TOP_K_PARTS}:
-        ids, logp, rest, classes = (tables[f"{name}.{part}"] for part in TOP_K_PARTS)
-        out[name] = TopK(ids, logp, rest, classes.item())
+def with_compact(tables):
+    """Stored tables -> the tables to look up: a CompactLogits' parts (NAME.PART) grouped into one."""
+    out = {name: table for name, table in tables.items() if name.rsplit(".", 1)[-1] not in COMPACT_PARTS}
+    for name in {n.rsplit(".", 1)[0] for n in tables if n.rsplit(".", 1)[-1] in COMPACT_PARTS}:
+        parts = {p: tables[f"{name}.{p}"] for p in COMPACT_PARTS if f"{name}.{p}" in tables}
+        out[name] = CompactLogits({p: t for p, t in parts.items() if p != "classes"}, parts["classes"].item())
     return out
 
 
 class TeacherCache:
     """Logits of the teacher for every document of a split, looked up by the batch's `index` column (or a dict of
-    such tables: the same dict of outputs as the teacher's forward); a table may be a TopK (top_k)."""
+    such tables: the same dict of outputs as the teacher's forward); a table may be a CompactLogits (top_k)."""
 
     def __init__(self, logits, seconds=None):
         self.logits = logits
@@ -212,25 +220,25 @@ def real_positions(batch):
     return next((batch[k] for k in ("positions", "step_mask") if k in batch), None)
 
 
-def to_tables(rows, top_k=0):
+def to_tables(rows, top_k=None):
     """{name: {index: row}} -> {name: table}: rows at their index, per-word rows (and attention maps, on both axes)
-    zero-padded to the longest; "logits" in float32, features and attention maps in float16. top_k: per-step
-    "logits" ([N, T, C], text recognition) stored as their top_k classes and the mass left (TopK.tables)."""
+    zero-padded to the longest; "logits" in float32, features and attention maps in float16. top_k not None: per-step
+    "logits" ([N, T, C], text recognition) stored compactly (CompactLogits: 8-bit, or top_k classes and the rest)."""
     tables = {}
     for name, found in rows.items():
         table = torch.zeros((max(found) + 1, *(max(sizes) for sizes in zip(*(r.shape for r in found.values())))),
                             dtype=torch.float32 if name == "logits" else torch.float16)
         for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
             table[i][tuple(slice(0, n) for n in row.shape)] = row
-        if name == "logits" and top_k and table.dim() == 3 and top_k < table.shape[-1]:
-            tables.update(TopK.of(table, top_k).tables(name))
+        if name == "logits" and top_k is not None and table.dim() == 3 and top_k < table.shape[-1]:
+            tables.update(CompactLogits.of(table, top_k).tables(name))
         else:
             tables[name] = table
     return tables
 
 
 @torch.no_grad()
-def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature, top_k=0):
+def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature, top_k=None):
     """The teacher's outputs on every document of the split as tables, the precision they were computed in, the
     number of documents, and the seconds the precision check took (float32 and reduced precision on its sample).
 
@@ -282,15 +290,15 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
 
 
 def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
-          precision="float32", temperature=1.0, top_k=0):
+          precision="float32", temperature=1.0, top_k=None):
     """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them.
 
     precision: auto, float32, bf16 or fp16 (--teacher-precision; see the module's docstring); temperature: the
-    run's, at which a reduced precision is checked against float32. top_k: per-step logits stored as their top_k
-    classes and the mass left (TopK; 0: all classes), part of the key.
+    run's, at which a reduced precision is checked against float32. top_k: None (every table as it is), or per-step
+    logits stored compactly (CompactLogits: 0, every class in 8 bits; K, the top K classes and the rest), in the key.
     """
     path, seconds = None, {}
-    extra = f"{extra}|top-k {top_k}" if top_k else extra
+    extra = f"{extra}|compact logits, top-k {top_k}" if top_k is not None else extra
     if accelerator.is_main_process:
         wanted = resolve_precision(precision, teacher, accelerator.device)
         keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
@@ -319,5 +327,5 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
                      "%.1f s): %s", documents, used, seconds["teacher_cache_seconds"], check_seconds, path)
     path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
-    tables = with_top_k(load_file(path))
+    tables = with_compact(load_file(path))
     return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables, seconds)

@@ -23,7 +23,7 @@ SAMPLES = {
     "input": ["a.png"], "top_k": 5, "read_as": "page", "ocr_engine": "ppocrv4", "pdf_dpi": 100, "sweep": None,
     "sweep_sampler": "tpe", "sweep_trials": 3,
     "sweep_storage": "sqlite:///x.db", "seeds": 2, "baseline_epochs": 3, "group_by_length": False,
-    "teacher_cache": False, "teacher_precision": "float32", "teacher_top_k": 4, "save_every": 5,
+    "teacher_cache": False, "teacher_precision": "float32", "teacher_top_k": 8, "save_every": 5,
     "on_bad_sample": "skip", "num_workers": 1, "num_proc": 2, "log_every": 5, "debug": True,
 }  # None: flags whose refusals other tests cover (they need files, or pair with other flags)
 

@@ -105,11 +105,19 @@ def test_kl_leaves_out_the_steps_around_a_space_the_teacher_drops():
 
 # ------------------------------------------------------------------------------------------- top-k cache
 
-def test_top_k_cache_keeps_k_classes_and_shares_the_rest():
+def test_compact_teacher_cache_tables():
+    """8-bit log-probabilities of every class (--teacher-top-k 0), and the top K with the rest shared evenly (K)."""
     torch.manual_seed(5)
     logits = torch.randn(3, 4, 6) * 3
-    table = teacher_cache.TopK.of(logits, 2)
-    assert table.ids.dtype == torch.uint8 and table.logp.dtype == torch.float16 and table.rest.shape == (3, 4)
+    logp = torch.log_softmax(logits, -1)
+    eight = teacher_cache.CompactLogits.of(logits, 0)
+    assert eight.parts["logp_uint8"].dtype == torch.uint8
+    step = teacher_cache.LOGP_RANGE / 255
+    expected = torch.round((logp.clamp(min=-32) + 32) / step) * step - 32
+    torch.testing.assert_close(eight[torch.tensor([2, 0])], expected[[2, 0]], atol=1e-5, rtol=0)
+    assert (eight[torch.arange(3)] - logp).abs().max() <= step / 2 + 1e-5
+    table = teacher_cache.CompactLogits.of(logits, 2)
+    assert table.parts["topk_ids"].dtype == torch.uint8 and table.parts["rest_logp"].shape == (3, 4)
     got = table[torch.tensor([2, 0])]
     for row, i in zip(got, (2, 0)):
         for t in range(4):
@@ -120,11 +128,11 @@ def test_top_k_cache_keeps_k_classes_and_shares_the_rest():
             torch.testing.assert_close(row[t].exp(), expected, atol=2e-3, rtol=2e-3)  # float16 log-probabilities
     stored = table.tables("logits")
     assert set(stored) == {"logits.topk_ids", "logits.topk_logp", "logits.rest_logp", "logits.classes"}
-    back = teacher_cache.with_top_k({**stored, "backbone": torch.zeros(3, 4, 2)})
+    back = teacher_cache.with_compact({**stored, "backbone": torch.zeros(3, 4, 2)})
     assert set(back) == {"logits", "backbone"} and torch.equal(back["logits"][torch.tensor([1])], table[[1]])
     rows = {"logits": {i: logits[i] for i in range(3)}}
-    assert set(teacher_cache.to_tables(rows, top_k=2)) == set(stored)
-    assert set(teacher_cache.to_tables(rows, top_k=0)) == {"logits"}  # all classes: as before
+    assert set(teacher_cache.to_tables(rows, top_k=0)) == {"logits.logp_uint8", "logits.classes"}
+    assert set(teacher_cache.to_tables(rows, top_k=None)) == set(teacher_cache.to_tables(rows, top_k=6)) == {"logits"}
 
 
 # ------------------------------------------------------------------------------------------- augmentation

@@ -220,7 +220,7 @@ class TextRecognition(tasks.Task):
         self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_") or t == "simkd"] \
             if cfg.uses_teacher else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
-        self.teacher_top_k = cfg.teacher_top_k  # the cached per-step distributions: top-k classes + the rest
+        self.teacher_top_k = cfg.teacher_top_k  # the cached per-step distributions: 8-bit, or top-k + the rest
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
         if cfg.uses_teacher and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
             raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC distributions or features over the "
