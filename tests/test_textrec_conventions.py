@@ -189,6 +189,7 @@ def test_main_measures_conventions_and_trains_without_transcripts(capital_crops,
         in done.stderr
     saved = json.loads((tmp_path / "caps" / "student" / "config.json").read_text())
     assert saved["label_conventions"]["case"] == "upper"
+    assert "letter case upper" in (tmp_path / "caps" / "student" / "README.md").read_text()  # the model card says it
     off = run_main("--mode", "train", "--dataset", root, "--output-dir", tmp_path / "off", "--no-label-conventions",
                    *common)
     assert off.returncode == 0 and "label conventions" not in off.stderr
