@@ -120,7 +120,7 @@ def sample_batches(cfg, model, directory, config, names):
     elif cfg.input:
         files, _ = predict.expand_inputs(cfg.input)
         predictor = predict.PREDICTORS[task_name](directory, config, cfg, model)
-        engine = pages.ocr_engine(cfg.ocr_engine, cfg.max_text_width) if predictor.needs_ocr else None
+        engine = pages.ocr_engine(cfg.ocr_engine) if predictor.needs_ocr else None
         items = []
         for path in files:
             try:

@@ -309,7 +309,7 @@ class TextPredictor:
             return pages.crop_item(page, self.height, self.max_width)
         if self.page_reader is None:
             reader = pages.StudentReader(lambda pixels: self.model(pixel_values=pixels).logits, self.chars,
-                                         self.height, self.max_width)
+                                         self.height)  # a line at its own width, as PP-OCR reads it
             self.page_reader = pages.PageReader(reader)
         return {"lines": self.page_reader(page)}
 
@@ -408,7 +408,7 @@ def run(cfg):
     model, directory, config = load_model(path)
     task_name = registry.task_name_of(config.to_dict(), path)
     predictor = PREDICTORS[task_name](directory, config, cfg, model)
-    engine = pages.ocr_engine(cfg.ocr_engine, cfg.max_text_width) if predictor.needs_ocr else None
+    engine = pages.ocr_engine(cfg.ocr_engine) if predictor.needs_ocr else None
     device = torch.device("cuda" if torch.cuda.is_available() and isinstance(model, torch.nn.Module) else "cpu")
     if isinstance(model, torch.nn.Module):
         model.to(device)

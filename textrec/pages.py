@@ -5,7 +5,8 @@
                       perspective crop of each line, turned upright when taller than 1.5x its width); no angle
                       classifier.
     StudentReader     a CRNN student (PyTorch, or the model.onnx of --mode export) reads crops: each crop prepared as
-                      the student's eval crops are (crop_item), crops sorted by width and read BATCH at a time.
+                      the student's eval crops are (crop_item; a page's lines at their own width, up to LINE_WIDTH,
+                      as PP-OCR reads them), crops sorted by width and read BATCH at a time.
     OnnxReader        any recogniser with PaddleOCR's contract (PP-OCRv4's own, the teacher, or a student's
                       rec_ppocr.onnx) read by rapidocr's TextRecognizer; texts folded onto ASCII (textrec.data.fold).
     PageReader        detector + reader: page -> lines {box, points, text, confidence} in reading order; page_text()
@@ -27,6 +28,7 @@ from textrec import crnn, data
 
 BATCH = 16  # crops read at once by a student
 MIN_PAGE_SIDE = 256  # --read-as auto: an image whose sides are both at least this many pixels is a page
+LINE_WIDTH = 4800  # a page's line is read at its own width up to this (at height 48): PP-OCR squeezes no line
 
 
 def threads():
@@ -79,7 +81,7 @@ def crop_readings(logits, items, chars):
 class StudentReader:
     """A CRNN student reading RGB crops: logits_of(pixel_values [N, 1, h, W]) -> logits [N, T, C] (torch)."""
 
-    def __init__(self, logits_of, chars, height, max_width=640):
+    def __init__(self, logits_of, chars, height, max_width=LINE_WIDTH):
         self.logits_of, self.chars, self.height, self.max_width = logits_of, chars, height, max_width
 
     @torch.no_grad()
@@ -216,8 +218,8 @@ class OcrEngine:
     its models' bytes, for the OCR cache. The models are loaded on first use in each process (the engine is
     pickled to --num-proc workers without them)."""
 
-    def __init__(self, spec, max_width=640):
-        self.spec, self.max_width, self.reader = spec, max_width, None
+    def __init__(self, spec):
+        self.spec, self.reader = spec, None
         from rapidocr_onnxruntime import __file__ as package  # heavy: page OCR only
         models = os.path.join(os.path.dirname(package), "models")
         self.detector_path = os.path.join(models, "ch_PP-OCRv4_det_infer.onnx")
@@ -245,8 +247,7 @@ class OcrEngine:
                 self.reader = PageReader(OnnxReader(self.recogniser))
             else:
                 student = saved_student(self.recogniser)
-                self.reader = PageReader(StudentReader(student, student.config.chars, student.config.height,
-                                                       self.max_width))
+                self.reader = PageReader(StudentReader(student, student.config.chars, student.config.height))
         return self.reader
 
     def read(self, page):
@@ -256,6 +257,6 @@ class OcrEngine:
                 "paragraph_boxes": [line["box"] for line in lines]}
 
 
-def ocr_engine(spec, max_width=640):
+def ocr_engine(spec):
     """--ocr-engine: None for tesseract (ocr.py's own), else an OcrEngine."""
-    return None if spec == "tesseract" else OcrEngine(spec, max_width)
+    return None if spec == "tesseract" else OcrEngine(spec)
