@@ -19,7 +19,7 @@ RESUME_KEYS = ("task", "teacher", "extra_teachers", "teacher_weights", "student_
                "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",
                "lora_dropout", "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
                "student_height", "max_text_width", "max_new_tokens", "degrade_height", "degrade_blur", "degrade_noise",
-               "degrade_jpeg", "augment", "label_conventions", "teacher_top_k")
+               "degrade_jpeg", "augment", "label_conventions", "teacher_top_k", "mute_teacher_disagreements")
 # Settings whose default changed when they were added: a checkpoint that does not record them ran like this.
 BEFORE = {"label_conventions": False, "teacher_top_k": 0}
 

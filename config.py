@@ -183,6 +183,13 @@ class Config:
                                     "the labels' case, and no per-step KL at a space of a label that the teacher does "
                                     "not read (textrec/conventions.py); --no-label-conventions teaches the teacher as "
                                     "it reads", default=True)
+    mute_teacher_disagreements: bool = _help("text-recognition, distilling with labelled crops: on a labelled crop the "
+                                             "per-step KL is silent around every character of the transcript that "
+                                             "the teacher does not read (the transcript aligned to the teacher's "
+                                             "distribution by CTC Viterbi; the teacher's probability of that "
+                                             "character under 0.5 there), so the labels alone teach where teacher and "
+                                             "labels disagree (--label-conventions does this for the conventions "
+                                             "it finds only)", default=False)
     augment: bool = _help("text-recognition: augment the student's training crops, a fresh draw each epoch (a pure "
                           "function of --seed, the epoch and the crop, so a resumed run draws the same): each of "
                           "contrast and brightness, blur, noise, a lower resolution, JPEG and a small vertical shift "
@@ -538,8 +545,8 @@ CLASSIFICATION = ("sequence-classification", "token-classification")
 TEXT_RECOGNITION = ("text-recognition",)
 FLAG_TASKS = {
     **dict.fromkeys(("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
-                     "degrade_blur", "degrade_noise", "degrade_jpeg", "label_conventions", "augment"),
-                    TEXT_RECOGNITION),
+                     "degrade_blur", "degrade_noise", "degrade_jpeg", "label_conventions", "augment",
+                     "mute_teacher_disagreements"), TEXT_RECOGNITION),
     **dict.fromkeys(("tokenizer", "max_length", "teacher_weights", "unlabeled_weight", "lora_r", "lora_alpha",
                      "lora_dropout", "lora_target_modules"), CLASSIFICATION),
     **dict.fromkeys(("student_image_size", "top_k"), ("sequence-classification",)),
@@ -551,7 +558,7 @@ FLAG_MODES = {
     "model": ("eval", "bench", "predict", "export"), "checkpoint": ("train", "teacher"),
     # distillation's data: the teacher trains on labels only (--mode teacher)
     "unlabeled": ("train", "sweep", "info"), "labeled_fraction": ("train", "sweep"),
-    **dict.fromkeys(("label_conventions", "augment"), ("train", "sweep")),
+    **dict.fromkeys(("label_conventions", "augment", "mute_teacher_disagreements"), ("train", "sweep")),
 }
 
 # --help shows the flags in these groups, in this order (every field in exactly one).
@@ -564,8 +571,9 @@ FLAG_GROUPS = {
     "distillation": ("alpha", "temperature", "kd_terms", "feature_weight", "unlabeled_weight"),
     "training": ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio",
                  "early_stopping_patience", "early_stopping_min_delta", "seed", "checkpoint", "save_every"),
-    "text recognition": ("blank_weight", "label_conventions", "augment", "max_new_tokens", "student_height",
-                         "max_text_width", "degrade_height", "degrade_blur", "degrade_noise", "degrade_jpeg"),
+    "text recognition": ("blank_weight", "label_conventions", "mute_teacher_disagreements", "augment",
+                         "max_new_tokens", "student_height", "max_text_width", "degrade_height", "degrade_blur",
+                         "degrade_noise", "degrade_jpeg"),
     "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "read_as", "pdf_dpi",
                         "report_to", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds",
                         "baseline_epochs",

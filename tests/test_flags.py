@@ -17,7 +17,7 @@ SAMPLES = {
     "grad_accum": 2, "lr": 1e-3, "weight_decay": 0.1, "scheduler": "cosine", "warmup_ratio": 0.2,
     "early_stopping_patience": 2, "early_stopping_min_delta": 0.01, "alpha": 0.5, "temperature": 2.0,
     "max_length": 128, "kd_terms": None, "feature_weight": 0.5, "blank_weight": 0.2, "label_conventions": False,
-    "augment": True, "max_new_tokens": 8, "student_height": 48, "max_text_width": 320, "degrade_height": 16,
+    "mute_teacher_disagreements": True, "augment": True, "max_new_tokens": 8, "student_height": 48, "max_text_width": 320, "degrade_height": 16,
     "degrade_blur": 0.5, "degrade_noise": 2.0, "degrade_jpeg": 50, "lora_r": None, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_target_modules": "query",
     "report_to": "tensorboard", "seed": 1, "amp": "bf16", "checkpoint": None, "overwrite": True, "model": None,
     "input": ["a.png"], "top_k": 5, "read_as": "page", "ocr_engine": "ppocrv4", "pdf_dpi": 100, "sweep": None,

@@ -83,10 +83,10 @@ def test_kl_leaves_out_the_steps_around_a_space_the_teacher_drops():
     torch.manual_seed(4)
     student = torch.randn(3, 5, 96)
     batch = make_batch([5, 5, 5], [[a, SPACE, b], [], [a, SPACE, b]], steps=5)
-    gaps = conventions.space_gaps(teacher, batch["labels"], batch["has_label"], batch["step_mask"])
+    gaps = conventions.label_gaps(teacher, batch["labels"], batch["has_label"], batch["step_mask"])
     assert gaps.tolist() == [[False, True, True, False, False], [False] * 5, [False] * 5]
     T, w_blank = 2.0, 0.1
-    loss = ctc_kd.CTCDistillationLoss(0.5, T, ["kl"], w_blank, True, space_gaps=True)
+    loss = ctc_kd.CTCDistillationLoss(0.5, T, ["kl"], w_blank, True, label_gaps=("space",))
     out = loss(student, teacher, batch)
     num = den = 0.0
     for i in range(3):
@@ -101,6 +101,24 @@ def test_kl_leaves_out_the_steps_around_a_space_the_teacher_drops():
     assert out["kl"].item() == pytest.approx(T * T * num / den, rel=1e-4)
     plain = ctc_kd.CTCDistillationLoss(0.5, T, ["kl"], w_blank, True)(student, teacher, batch)
     assert plain["kl"].item() != pytest.approx(out["kl"].item(), rel=1e-3)
+
+
+def test_trailing_punctuation_and_every_disagreement():
+    """"Fax:" read "Fax": "trailing" masks the colon's steps; "all" masks every character the teacher misreads ("Fbx:"
+    read "Fax": the b and the colon), not those it reads; a space is not trailing punctuation."""
+    F, a, x, b, colon = (data.STUDENT_CHARS.index(c) + 1 for c in "Faxb:")
+    best = torch.tensor([[F, 0, a, 0, x, 0, 0, 0]])
+    teacher = (torch.nn.functional.one_hot(best, 96).float() * 8).log_softmax(-1)
+    fax = make_batch([8], [[F, a, x, colon]], steps=8)
+    gaps = conventions.label_gaps(teacher, fax["labels"], fax["has_label"], fax["step_mask"], ("trailing",))
+    assert gaps[0, :5].tolist() == [False] * 5 and gaps[0, 5:].any()
+    assert not conventions.label_gaps(teacher, fax["labels"], fax["has_label"], fax["step_mask"], ("space",)).any()
+    fbx = make_batch([8], [[F, b, x, colon]], steps=8)
+    gaps = conventions.label_gaps(teacher, fbx["labels"], fbx["has_label"], fbx["step_mask"], ("all",))
+    assert gaps[0, 0].item() is False and gaps[0, 2].item() is True and gaps[0, 4].item() is False
+    assert conventions.checked([F, a, x, colon], ("trailing",)) == [3] and conventions.checked([F, a], ("trailing",)) == []
+    found = conventions.measure(["Fax:"] * 12, ["Fax"] * 12)
+    assert conventions.gap_kinds(found) == ("trailing",) and conventions.gap_kinds(None) == ()
 
 
 # ------------------------------------------------------------------------------------------- top-k cache

@@ -8,18 +8,20 @@ of each (teachers.OnnxRecognizer.read: greedy CTC over its charset, folded onto 
              the other way round; else "as printed" (nothing to do).
     spaces   "keep" when the labels have at least MIN_SPACES spaces inside their texts and the teacher reads fewer
              than 80% of them (PP-OCRv4 runs English words together); else "as read".
-    trailing punctuation (reported, not acted on): the share of labels ending in `: . , ;` that the teacher reads
-             without that last character (FUNSD's `Fax:` read `Fax`).
+    trailing punctuation: the share of labels ending in `: . , ;` that the teacher reads without that last character
+             (FUNSD's `Fax:` read `Fax`); taught from the labels when it is at least a third (of at least 10).
 
 Taught in the labels' convention:
     case     the teacher's probability of each letter goes to the case the labels use (case_fold: a [C, C] 0/1
              matrix after the teacher's fold onto the student's charset, as full-width characters are folded), so
              kl, seq and simkd teach "TOTAL" where the teacher read "Total". Part of the teacher cache's key.
-    spaces   on a labelled crop, the steps where the labels have a space that the teacher does not read leave the kl
-             term (space_gaps): the transcript is aligned to the teacher's per-step distribution (CTC Viterbi), and
-             the steps of the blank before the space, the space and the blank after it are masked when the teacher
-             gives the space less than 0.5 at all of them. CTC on the label then teaches the space there, and the
-             teacher is not heard saying "no space". Unlabelled crops are taught as the teacher reads.
+    spaces, trailing punctuation   on a labelled crop, the steps where the labels have a space (or the trailing
+             punctuation) that the teacher does not read leave the kl term (label_gaps): the transcript is aligned to
+             the teacher's per-step distribution (CTC Viterbi), and the steps of the blank before the character, the
+             character and the blank after it are masked when the teacher gives that character less than 0.5 at all
+             of them. CTC on the label then teaches it there, and the teacher is not heard saying "nothing here".
+             Unlabelled crops are taught as the teacher reads. --mute-teacher-disagreements does the same for every
+             character of a transcript the teacher does not read (all its disagreements with the labels).
 """
 import logging
 import random
@@ -33,6 +35,7 @@ log = logging.getLogger("docdistill")
 SAMPLE = 300
 MIN_SPACES = 20
 TRAILING = ":.,;"
+TRAILING_SHARE, MIN_TRAILING = 1 / 3, 10  # trailing punctuation taught from the labels: the teacher drops a third
 SPACE = data.STUDENT_CHARS.index(" ") + 1  # the student class of the space
 
 
@@ -126,21 +129,44 @@ def viterbi_states(logp, targets, lengths):
     return states
 
 
-def space_gaps(teacher_logp, labels, labelled, mask):
-    """[B, T] True at the steps to leave out of kl: around each space of a labelled crop's transcript that the teacher
-    does not read (its probability of the space under 0.5 at each of the steps the alignment gives the blank before
-    the space, the space and the blank after it). teacher_logp [B, T, C] on the student's steps."""
+def checked(target, kinds):
+    """Positions of a transcript's characters (class ids) that the kl term may leave out: "space" its spaces,
+    "trailing" its last character when it is trailing punctuation, "all" every character."""
+    if "all" in kinds:
+        return list(range(len(target)))
+    found = [k for k, c in enumerate(target) if c == SPACE] if "space" in kinds else []
+    if "trailing" in kinds and len(target) > 1 and data.decode(target[-1:]) in TRAILING:
+        found.append(len(target) - 1)
+    return found
+
+
+def label_gaps(teacher_logp, labels, labelled, mask, kinds=("space",)):
+    """[B, T] True at the steps to leave out of kl: around each character of a labelled crop's transcript that the
+    teacher does not read (of the kinds in checked(): its probability of that character under 0.5 at each of the
+    steps the alignment gives the blank before it, the character and the blank after it). teacher_logp [B, T, C]
+    on the student's steps."""
     gaps = torch.zeros(mask.shape, dtype=torch.bool)
-    rows = [b for b in range(len(labels)) if labelled[b] and bool((labels[b] == SPACE).any())]
-    if not rows:
+    targets = {b: [int(c) for c in labels[b] if c != data.IGNORE_INDEX] for b in range(len(labels)) if labelled[b]}
+    targets = {b: t for b, t in targets.items() if checked(t, kinds)}
+    if not targets:
         return gaps.to(mask.device)
-    targets = [[int(c) for c in labels[b] if c != data.IGNORE_INDEX] for b in rows]
+    rows = list(targets)
     logp = teacher_logp[rows].detach().float().cpu()
-    states = viterbi_states(logp, targets, mask[rows].sum(1).cpu())
-    space_prob = logp[..., SPACE].exp()
-    for r, (b, target) in enumerate(zip(rows, targets)):
-        for k in (k for k, c in enumerate(target) if c == SPACE):
+    states = viterbi_states(logp, [targets[b] for b in rows], mask[rows].sum(1).cpu())
+    probs = logp.exp()
+    for r, b in enumerate(rows):
+        for k in checked(targets[b], kinds):
             steps = (states[r] >= 2 * k) & (states[r] <= 2 * k + 2)
-            if steps.any() and bool((space_prob[r][steps] < 0.5).all()):
+            if steps.any() and bool((probs[r][steps, targets[b][k]] < 0.5).all()):
                 gaps[b] |= steps
     return gaps.to(mask.device)
+
+
+def gap_kinds(found):
+    """What kl leaves out, from what measure() found: the spaces the teacher drops ("keep"), and the trailing
+    punctuation when the teacher drops at least a third of it."""
+    if not found:
+        return ()
+    return tuple(["space"] * (found["spaces"] == "keep")
+                 + ["trailing"] * (found["trailing_punctuation_dropped_by_teacher"] >= TRAILING_SHARE
+                                   and found["trailing_punctuation_labels"] >= MIN_TRAILING))

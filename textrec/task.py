@@ -261,7 +261,7 @@ class TextRecognition(tasks.Task):
         (textrec/conventions.py), measured on a sample of the labelled training crops, logged, saved with the
         student (its config's label_conventions) and taught: the teacher's letters folded to the labels' case (its
         fold, or a transcript teacher's texts; part of the teacher cache's key), kl silent where a label keeps a
-        space the teacher drops (the loss's space_gaps). None when not measured."""
+        space or trailing punctuation the teacher drops (the loss's label_gaps). None when not measured."""
         if not (cfg.mode == "train" and cfg.uses_teacher and cfg.label_conventions):
             return None
         split = self.splits[cfg.train_split]
@@ -328,7 +328,8 @@ class TextRecognition(tasks.Task):
             dims = {k: (student[k], teacher[k]) for k in student}
         return ctc_kd.CTCDistillationLoss(cfg.alpha, cfg.temperature, cfg.kd_terms.split(","), cfg.blank_weight,
                                           cfg.uses_teacher, cfg.feature_weight, dims,
-                                          space_gaps=bool(self.conventions and self.conventions["spaces"] == "keep"))
+                                          label_gaps=("all",) if cfg.mute_teacher_disagreements and cfg.uses_teacher
+                                          else conventions.gap_kinds(self.conventions))
 
     def predictions(self, logits, batch):
         lengths = batch["step_mask"].sum(1).tolist()
