@@ -19,7 +19,9 @@ RESUME_KEYS = ("task", "teacher", "extra_teachers", "teacher_weights", "student_
                "seed", "epochs", "early_stopping_patience", "early_stopping_min_delta", "lora_r", "lora_alpha",
                "lora_dropout", "lora_target_modules", "group_by_length", "kd_terms", "blank_weight", "feature_weight",
                "student_height", "max_text_width", "max_new_tokens", "degrade_height", "degrade_blur", "degrade_noise",
-               "degrade_jpeg")
+               "degrade_jpeg", "augment", "label_conventions", "teacher_top_k", "mute_teacher_disagreements")
+# Settings whose default changed when they were added: a checkpoint that does not record them ran like this.
+BEFORE = {"label_conventions": False, "teacher_top_k": 0}
 
 
 def criterion_state(criterion):
@@ -113,7 +115,7 @@ def load_checkpoint(path, cfg, name):
                         f"with --mode {'train' if checkpoint['name'] == 'student' else 'teacher'}")
     if checkpoint["fingerprint"] != cfg.fingerprint(RESUME_KEYS):
         # A setting added after the checkpoint was written is not recorded there: it ran at the default.
-        saved = {**defaults(), **checkpoint["settings"]}
+        saved = {**defaults(), **BEFORE, **checkpoint["settings"]}
         if saved["task"] != "text-recognition" and saved["kd_terms"] == "kl":  # written when page and word
             saved["kd_terms"] = "kd"  # classification ignored --kd-terms (its default then: kl): their kd term
         saved["kd_terms"] = saved["kd_terms"] or KD_TERMS[saved["task"]][0]  # not recorded: the task's default

@@ -8,8 +8,10 @@ their metrics' evaluation (--mode eval: the teacher scored beside the student, a
 table, confusion matrix). A subclass provides load_teacher(source, trainable) -> (teacher, ...),
 teacher_input(loaded) (what its batches are made with) and one_teacher_logits(teacher, order, batch), and calls
 add_teachers(cfg, trainable, first) and init_kd_terms(cfg) once its teacher, student and teacher_order are built.
+This file is over 400 lines because both tasks, and what they share, live in it (one each would duplicate the rest).
 """
 import contextlib
+import functools
 import logging
 import os
 
@@ -34,6 +36,7 @@ import utils
 import wordtags
 from config import UserError
 from losses import IGNORE_INDEX
+from textrec import pages
 
 log = logging.getLogger("docdistill")
 
@@ -200,7 +203,8 @@ class DocumentClassification(ClassificationTask):
 
     def __init__(self, cfg, train_teacher=False, model_labels=None):
         self.cfg = cfg
-        documents, self.labels = dataset.load_documents(cfg)
+        engine = pages.ocr_engine(cfg.ocr_engine)  # pages without OCR columns: --ocr-engine (None: Tesseract)
+        documents, self.labels = dataset.load_documents(cfg, engine)
         tasks.use_model_labels(self, model_labels)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.cache_dir, documents[cfg.train_split])
         first = self.load_teacher(cfg.teacher, train_teacher)
@@ -219,7 +223,8 @@ class DocumentClassification(ClassificationTask):
         teacher_spec = dataset.image_spec(teacher_processor) if models.reads_page(self.teacher) else None
         self.add_teachers(cfg, train_teacher, first)
         self.documents = documents
-        tasks.prepare_splits(self, dataset.load_unlabeled, lambda split, **kw: dataset.preprocess_classification(
+        tasks.prepare_splits(self, functools.partial(dataset.load_unlabeled, engine=engine),
+                             lambda split, **kw: dataset.preprocess_classification(
             split, self.tokenizer, student_spec, teacher_spec, cfg.max_length, cfg.cache_dir, **kw),
             dataset.without_labels)
         self.collator = tasks.relabelled(self, collate.ClassificationCollator(self.tokenizer.pad_token_id, student_spec,

@@ -25,6 +25,8 @@ def make_loader(task, split, cfg, shuffle, lean=False):
     if cfg.group_by_length and "n_tokens" in data.column_names:
         lengths = [int(n) for n in data.with_format(None)["n_tokens"]]
     sampler = recipe.EpochShuffle(len(data), cfg.seed, cfg.batch_size, lengths) if shuffle else None
+    if sampler is not None and hasattr(collator, "follow_epochs"):  # text recognition's --augment: by epoch
+        collator = collator.follow_epochs(sampler)
     # Its own generator: each new iterator draws a worker base seed, which must not advance the global RNG
     # (a resumed run makes one iterator more than an uninterrupted one, and dropout would drift).
     return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,

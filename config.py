@@ -29,6 +29,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb", "trackio")
 UNPINNED_TRACKERS = ("wandb", "trackio")  # handed to Accelerate when installed; not pinned, not tested here
 TEACHER_PRECISIONS = ("auto", "float32", "bf16", "fp16", "int8")
+READ_AS = ("auto", "crop", "page")  # --mode predict of a text-recognition student
+OCR_ENGINES = ("tesseract", "ppocrv4")  # or the path of a text-recognition student or its rec_ppocr.onnx
 
 
 class UserError(Exception):
@@ -174,6 +176,26 @@ class Config:
                                   default=1.0)
     blank_weight: float = _help("text-recognition: weight of the time steps whose most likely teacher class is "
                                 "the CTC blank in the kl term (the others weigh 1)", default=0.1)
+    label_conventions: bool = _help("text-recognition, distilling with labelled crops: measure how the labels write "
+                                    "what the teacher reads (letter case, spaces inside lines, trailing punctuation; "
+                                    "on up to 300 labelled training crops), log it, save it with the student, and "
+                                    "teach the teacher's distribution in the labels' convention: its letters folded to "
+                                    "the labels' case, and no per-step KL at a space of a label that the teacher does "
+                                    "not read (textrec/conventions.py); --no-label-conventions teaches the teacher as "
+                                    "it reads", default=True)
+    mute_teacher_disagreements: bool = _help("text-recognition, distilling with labelled crops: on a labelled crop the "
+                                             "per-step KL is silent around every character of the transcript that "
+                                             "the teacher does not read (the transcript aligned to the teacher's "
+                                             "distribution by CTC Viterbi; the teacher's probability of that "
+                                             "character under 0.5 there), so the labels alone teach where teacher and "
+                                             "labels disagree (--label-conventions does this for the conventions "
+                                             "it finds only)", default=False)
+    augment: bool = _help("text-recognition: augment the student's training crops, a fresh draw each epoch (a pure "
+                          "function of --seed, the epoch and the crop, so a resumed run draws the same): each of "
+                          "contrast and brightness, blur, noise, a lower resolution, JPEG and a small vertical shift "
+                          "with probability 0.5; nothing moves a character sideways, so the student's time steps stay "
+                          "the teacher's, who reads the clean crop; validation and eval crops are never augmented",
+                          default=False)
     max_new_tokens: int = _help("text-recognition with a TrOCR (VisionEncoderDecoder) teacher or student: the most "
                                 "tokens a greedy generate() writes per crop", default=64)
     student_height: int = _help("text-recognition: height in pixels of the student's input crops", default=32)
@@ -222,6 +244,17 @@ class Config:
                        "written by --mode export", default="")
     input: list = _help("--mode predict: image files (png, jpg, multi-page tif...), PDFs, folders (searched "
                         "recursively) or globs; several may follow the flag", default_factory=list)
+    read_as: str = _help("--mode predict with a text-recognition student: auto (an image whose sides are both at "
+                         "least 256 px, every PDF page among them, is a page: PP-OCRv4's text detector finds its lines "
+                         "and the student reads them; a smaller image is one crop), crop (every image is one crop) or "
+                         "page (every image is a page)", default="auto")
+    ocr_engine: str = _help("the OCR of page classification and word tagging, for data without OCR columns and for "
+                            "--mode predict: tesseract; ppocrv4 (PP-OCRv4's text detector and recogniser from "
+                            "rapidocr-onnxruntime); or PP-OCRv4's detector with a distilled recogniser: a saved "
+                            "text-recognition student (its student/ directory or student_model.pth) or its "
+                            "rec_ppocr.onnx from --mode export. Lines are split into words at spaces, each word's box "
+                            "interpolated by character position. Cached under CACHE_DIR/ocr per page and engine",
+                            default="tesseract")
     top_k: int = _help("--mode predict: how many of the most likely classes (page classification) to write per "
                        "page, with their probabilities", default=3)
     pdf_dpi: int = _help("--mode predict and export: resolution PDF pages are rendered at (pypdfium2) before OCR; a "
@@ -272,6 +305,13 @@ class Config:
                                    "nothing is checked again. A teacher that is not a torch model (text recognition's "
                                    "ONNX or transcript teachers) always gives float32. Not for --no-teacher-cache: a "
                                    "live teacher runs in --amp's precision (float32 by default)", default="auto")
+    teacher_top_k: int = _help("text-recognition: how the teacher cache stores the per-step distributions (96 classes "
+                               "after folding): 0 = every class, each log-probability in 8 bits (4x smaller than "
+                               "float32; the KL term within 0.2 percent and 2e-5 nats a step of float32's, "
+                               "measured on FUNSD); K = only the K most likely classes and the probability left, "
+                               "shared evenly on lookup (K 8: 15x smaller, but the KL term at T 2 moves by 60 "
+                               "percent: the teacher's tail matters); 96 or more = float32, every class "
+                               "(docs/results/textrec-funsd.md)", default=0)
     save_every: int = _help("also save latest_checkpoint.pth every N optimizer steps (0 = only at epoch ends)",
                             default=0)
     on_bad_sample: str = _help("what to do with a document that cannot be used (unreadable image, word boxes "
@@ -342,6 +382,11 @@ class Config:
                             "temperature=1,2,4 alpha=0,0.5,0.9")
         if self.on_bad_sample not in BAD_SAMPLE:
             problems.append(f"--on-bad-sample must be skip or fail, got {self.on_bad_sample!r}")
+        if self.read_as not in READ_AS:
+            problems.append(f"--read-as must be one of {', '.join(READ_AS)}, got {self.read_as!r}")
+        if self.ocr_engine not in OCR_ENGINES and not os.path.exists(self.ocr_engine):
+            problems.append(f"--ocr-engine {self.ocr_engine}: not {' or '.join(OCR_ENGINES)} and no such file or "
+                            f"directory (a text-recognition student or its rec_ppocr.onnx)")
         for name in ("checkpoint", "model"):  # checked now rather than after an hour of preprocessing
             if getattr(self, name) and not os.path.exists(getattr(self, name)):
                 problems.append(f"--{name} {getattr(self, name)}: no such file or directory")
@@ -467,6 +512,7 @@ NUMERIC_BOUNDS = {
     "lora_dropout": (0, 1, False), "sweep_trials": (0, None, False), "seeds": (1, None, False),
     "baseline_epochs": (0, None, False), "top_k": (1, None, False), "pdf_dpi": (1, None, False),
     "feature_weight": (0, None, False), "labeled_fraction": (0, 1, False),  # 0: no labels at all (needs a teacher)
+    "teacher_top_k": (0, None, False),
 }
 
 
@@ -503,35 +549,41 @@ CLASSIFICATION = ("sequence-classification", "token-classification")
 TEXT_RECOGNITION = ("text-recognition",)
 FLAG_TASKS = {
     **dict.fromkeys(("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
-                     "degrade_blur", "degrade_noise", "degrade_jpeg"), TEXT_RECOGNITION),
+                     "degrade_blur", "degrade_noise", "degrade_jpeg", "label_conventions", "augment",
+                     "mute_teacher_disagreements"), TEXT_RECOGNITION),
     **dict.fromkeys(("tokenizer", "max_length", "teacher_weights", "unlabeled_weight", "lora_r", "lora_alpha",
                      "lora_dropout", "lora_target_modules"), CLASSIFICATION),
     **dict.fromkeys(("student_image_size", "top_k"), ("sequence-classification",)),
+    "read_as": TEXT_RECOGNITION, "ocr_engine": CLASSIFICATION, "teacher_top_k": TEXT_RECOGNITION,
 }
 FLAG_MODES = {
-    **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), "top_k": ("predict",),
+    **dict.fromkeys(("input", "pdf_dpi"), ("predict", "export")), **dict.fromkeys(("top_k", "read_as"), ("predict",)),
     **dict.fromkeys(("sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs"), ("sweep",)),
     "model": ("eval", "bench", "predict", "export"), "checkpoint": ("train", "teacher"),
     # distillation's data: the teacher trains on labels only (--mode teacher)
     "unlabeled": ("train", "sweep", "info"), "labeled_fraction": ("train", "sweep"),
+    **dict.fromkeys(("label_conventions", "augment", "mute_teacher_disagreements"), ("train", "sweep")),
 }
 
 # --help shows the flags in these groups, in this order (every field in exactly one).
 FLAG_GROUPS = {
     "what to run": ("mode", "task", "preset", "config"),
     "data": ("dataset", "unlabeled", "labeled_fraction", "train_split", "eval_split", "max_samples", "max_length",
-             "on_bad_sample"),
+             "on_bad_sample", "ocr_engine"),
     "models": ("teacher", "extra_teachers", "teacher_weights", "student_config", "student_size", "student_image_size",
                "tokenizer", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
     "distillation": ("alpha", "temperature", "kd_terms", "feature_weight", "unlabeled_weight"),
     "training": ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "scheduler", "warmup_ratio",
                  "early_stopping_patience", "early_stopping_min_delta", "seed", "checkpoint", "save_every"),
-    "text recognition": ("blank_weight", "max_new_tokens", "student_height", "max_text_width", "degrade_height",
-                         "degrade_blur", "degrade_noise", "degrade_jpeg"),
-    "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "pdf_dpi", "report_to",
-                        "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds", "baseline_epochs",
+    "text recognition": ("blank_weight", "label_conventions", "mute_teacher_disagreements", "augment",
+                         "max_new_tokens", "student_height", "max_text_width", "degrade_height", "degrade_blur",
+                         "degrade_noise", "degrade_jpeg"),
+    "output and runs": ("output_dir", "cache_dir", "overwrite", "model", "input", "top_k", "read_as", "pdf_dpi",
+                        "report_to", "sweep", "sweep_sampler", "sweep_trials", "sweep_storage", "seeds",
+                        "baseline_epochs",
                         "log_every", "debug"),
-    "speed": ("amp", "teacher_cache", "teacher_precision", "group_by_length", "num_workers", "num_proc"),
+    "speed": ("amp", "teacher_cache", "teacher_precision", "teacher_top_k", "group_by_length", "num_workers",
+              "num_proc"),
 }
 
 
@@ -561,7 +613,7 @@ def build_parser():
                 continue
             choices = {"mode": MODES, "task": TASKS, "preset": tuple(preset_names()), "on_bad_sample": BAD_SAMPLE,
                        "scheduler": SCHEDULERS, "report_to": TRACKERS, "sweep_sampler": SWEEP_SAMPLERS,
-                       "teacher_precision": TEACHER_PRECISIONS}.get(f.name)
+                       "teacher_precision": TEACHER_PRECISIONS, "read_as": READ_AS}.get(f.name)
             group.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {f.default!r})")
     return parser

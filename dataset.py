@@ -213,8 +213,9 @@ def without_labels(split, hidden):
     return split.remove_columns("label").add_column("label", labels)
 
 
-def load_documents(cfg):
-    """The raw documents (DatasetDict) with OCR columns, label names, and at most cfg.max_samples per split."""
+def load_documents(cfg, engine=None):
+    """The raw documents (DatasetDict) with OCR columns (read by `engine`, None: Tesseract, where the data has none),
+    label names, and at most cfg.max_samples per split."""
     data = ensure_splits(load_source(cfg.dataset, cfg.cache_dir), cfg)
     data = datacheck.encode_string_labels(data, cfg.train_split)
     labels = label_names_of(data[cfg.train_split])
@@ -224,7 +225,7 @@ def load_documents(cfg):
         split = select_samples(split, cfg.max_samples, cfg.seed)
         if "ocr_words" not in split.column_names:
             split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc=f"OCR {name}",
-                                        num_proc=cfg.num_proc)
+                                        num_proc=cfg.num_proc, engine=engine)
         out[name] = split
     return datasets.DatasetDict(out), labels
 
@@ -239,8 +240,9 @@ def unlabeled_split(data, cfg):
     return select_samples(data[name], cfg.max_samples, cfg.seed)
 
 
-def load_unlabeled(cfg):
-    """The documents of --unlabeled (its 'train' split, or its only one), with their labels, if any, removed.
+def load_unlabeled(cfg, engine=None):
+    """The documents of --unlabeled (its 'train' split, or its only one), with their labels, if any, removed; OCR
+    by `engine` (None: Tesseract) where they have none.
 
     Each gets label IGNORE_INDEX: in training it adds only the distillation term (see losses.py).
     """
@@ -248,7 +250,7 @@ def load_unlabeled(cfg):
     split = split.remove_columns([c for c in ("label", "category") if c in split.column_names])
     if "ocr_words" not in split.column_names:
         split = ocr.add_ocr_columns(split, os.path.join(cfg.cache_dir, "ocr"), desc="OCR unlabeled",
-                                    num_proc=cfg.num_proc)
+                                    num_proc=cfg.num_proc, engine=engine)
     return split.add_column("label", [IGNORE_INDEX] * len(split))
 
 

@@ -1,6 +1,11 @@
 """
-Tesseract OCR for document-image datasets that ship without OCR columns.
-Each page is OCR'd once; results are cached on disk keyed by a hash of the image content.
+OCR for document-image datasets that ship without OCR columns: Tesseract, or another engine (--ocr-engine).
+Each page is OCR'd once; results are cached on disk keyed by a hash of the image content (and, for an engine other
+than Tesseract, its `key`: Tesseract's entries keep the key they always had, so existing caches are reused).
+
+An engine is any object with `key` (bytes naming it and its models) and `read(image) -> dict` of ocr_page()'s
+format; textrec/pages.py builds them (PP-OCRv4's detector with PP-OCRv4's recogniser or a distilled one). None
+means Tesseract.
 """
 
 import hashlib
@@ -75,8 +80,16 @@ def _image_column(dataset: datasets.Dataset) -> str:
     return "image" if "image" in image_cols else image_cols[0]
 
 
-def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
+def page_key(engine):
+    """The start of a page's cache key: Tesseract's as it always was; another engine's adds its key."""
     h = hashlib.sha256(CACHE_VERSION)
+    if engine is not None:
+        h.update(b"engine|" + engine.key + b"|")
+    return h
+
+
+def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str, engine=None) -> dict:
+    h = page_key(engine)
     image = None
     if cell["bytes"] is not None:
         h.update(cell["bytes"])
@@ -85,16 +98,18 @@ def _cached_ocr(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
         image = _decode(decoder, cell)
         h.update(f"{image.mode}:{image.size}".encode())
         h.update(image.tobytes())
-    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image or _decode(decoder, cell))
+    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image or _decode(decoder, cell),
+                          engine)
 
 
-def _ocr_stored_at(path, get_image):
+def _ocr_stored_at(path, get_image, engine=None):
     """The OCR result stored at `path`, or OCR of get_image() written there (only decoded when needed)."""
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     image = get_image()
-    result = {**ocr_page(image), "width": image.width, "height": image.height}
+    read = ocr_page(image) if engine is None else engine.read(image.convert("RGB"))
+    result = {**read, "width": image.width, "height": image.height}
     # write to a temp file and rename so a crash or a concurrent run never leaves a half-written entry
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -103,13 +118,13 @@ def _ocr_stored_at(path, get_image):
     return result
 
 
-def cached_page_ocr(image: Image.Image, cache_dir: str) -> dict:
+def cached_page_ocr(image: Image.Image, cache_dir: str, engine=None) -> dict:
     """OCR of a decoded page (--mode predict), cached under the same key as a path-only page in training."""
     os.makedirs(cache_dir, exist_ok=True)
-    h = hashlib.sha256(CACHE_VERSION)
+    h = page_key(engine)
     h.update(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
-    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image)
+    return _ocr_stored_at(os.path.join(cache_dir, h.hexdigest() + ".json"), lambda: image, engine)
 
 
 class BadImage(Exception):
@@ -125,17 +140,19 @@ def _decode(decoder: datasets.Image, cell: dict) -> Image.Image:
         raise BadImage(str(e)) from e
 
 
-def _ocr_or_blank(cell: dict, decoder: datasets.Image, cache_dir: str) -> dict:
+def _ocr_or_blank(cell: dict, decoder: datasets.Image, cache_dir: str, engine=None) -> dict:
     """A page that cannot be decoded gets no words (not cached); preprocessing reports it (--on-bad-sample)."""
     try:
-        return _cached_ocr(cell, decoder, cache_dir)
+        return _cached_ocr(cell, decoder, cache_dir, engine)
     except BadImage:
         return {"ocr_words": [], "word_boxes": [], "ocr_paragraphs": [], "paragraph_boxes": [], "width": 0,
                 "height": 0}
 
 
-def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR", num_proc: int = 1) -> datasets.Dataset:
-    """Add ocr_words, word_boxes, ocr_paragraphs, paragraph_boxes (and width/height if missing).
+def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR", num_proc: int = 1,
+                    engine=None) -> datasets.Dataset:
+    """Add ocr_words, word_boxes, ocr_paragraphs, paragraph_boxes (and width/height if missing), read by Tesseract
+    (engine None) or by `engine`.
 
     num_proc > 1: pages are read in that many processes (datasets' map over contiguous shards, in order); each
     page's result is its own cache entry, so the columns are the same for any number."""
@@ -146,9 +163,10 @@ def add_ocr_columns(dataset: datasets.Dataset, cache_dir: str, desc: str = "OCR"
     decoder = datasets.Image(mode=dataset.features[col].mode)
     # decode=False yields {"bytes", "path"}, so cache hits cost a hash instead of an image decode
     raw = dataset.select_columns([col]).cast_column(col, datasets.Image(decode=False))
-    results = raw.map(lambda page: _ocr_or_blank(page[col], decoder, cache_dir), remove_columns=[col],
+    results = raw.map(lambda page: _ocr_or_blank(page[col], decoder, cache_dir, engine), remove_columns=[col],
                       features=datasets.Features(OCR_FEATURES), keep_in_memory=True, desc=desc,
                       num_proc=num_proc if num_proc > 1 else None,
-                      new_fingerprint=hashlib.sha256(CACHE_VERSION + raw._fingerprint.encode()).hexdigest()[:16])
+                      new_fingerprint=hashlib.sha256(CACHE_VERSION + (b"" if engine is None else engine.key)
+                                                     + raw._fingerprint.encode()).hexdigest()[:16])
     missing = [name for name in OCR_FEATURES if name not in dataset.column_names]  # keep the data's width/height
     return datasets.concatenate_datasets([dataset, results.select_columns(missing)], axis=1)

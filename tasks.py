@@ -38,6 +38,7 @@ class Task:
     unit = "documents"  # what the metric counts, in eval's throughput (documents, words, crops)
     item = "page"  # one input, as bench's table names it (page, form, crop)
     teacher_cache_extra = ()  # what else the teacher cache's key depends on (outputs stored besides the logits)
+    teacher_top_k = None  # per-step teacher logits cached compactly (compact_logits.CompactLogits) unless None
 
     # ------------------------------------------------------------------ which task builds, which saved student
     @classmethod

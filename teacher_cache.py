@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import compact_logits
 import models
 
 log = logging.getLogger("docdistill")
@@ -177,7 +178,7 @@ def check_verdict(kls):
 
 class TeacherCache:
     """Logits of the teacher for every document of a split, looked up by the batch's `index` column (or a dict of
-    such tables: the same dict of outputs as the teacher's forward)."""
+    such tables: the same dict of outputs as the teacher's forward); a table may be a CompactLogits (top_k)."""
 
     def __init__(self, logits, seconds=None):
         self.logits = logits
@@ -204,21 +205,25 @@ def real_positions(batch):
     return next((batch[k] for k in ("positions", "step_mask") if k in batch), None)
 
 
-def to_tables(rows):
+def to_tables(rows, top_k=None):
     """{name: {index: row}} -> {name: table}: rows at their index, per-word rows (and attention maps, on both axes)
-    zero-padded to the longest; "logits" in float32, features and attention maps in float16."""
+    zero-padded to the longest; "logits" in float32, features and attention maps in float16. top_k not None: per-step
+    "logits" ([N, T, C], text recognition) stored compactly (CompactLogits: 8-bit, or top_k classes and the rest)."""
     tables = {}
     for name, found in rows.items():
         table = torch.zeros((max(found) + 1, *(max(sizes) for sizes in zip(*(r.shape for r in found.values())))),
                             dtype=torch.float32 if name == "logits" else torch.float16)
         for i, row in found.items():  # per-word rows differ in length: zero-padded to the longest
             table[i][tuple(slice(0, n) for n in row.shape)] = row
-        tables[name] = table
+        if name == "logits" and top_k is not None and table.dim() == 3 and top_k < table.shape[-1]:
+            tables.update(compact_logits.CompactLogits.of(table, top_k).tables(name))
+        else:
+            tables[name] = table
     return tables
 
 
 @torch.no_grad()
-def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature):
+def fill(teacher, teacher_forward, split, collator, batch_size, device, precision, temperature, top_k=None):
     """The teacher's outputs on every document of the split as tables, the precision they were computed in, the
     number of documents, and the seconds the precision check took.
 
@@ -254,7 +259,7 @@ def fill(teacher, teacher_forward, split, collator, batch_size, device, precisio
     if redone:
         log.warning("teacher precision %s gave non-finite outputs on %d batches after the check: those were "
                     "computed in float32", used, redone)
-    return to_tables(rows), used, len(rows["logits"]), check_seconds
+    return to_tables(rows, top_k), used, len(rows["logits"]), check_seconds
 
 
 def check_precisions(teacher, teacher_forward, sample, tried, temperature, race):
@@ -309,13 +314,16 @@ def check_precisions(teacher, teacher_forward, sample, tried, temperature, race)
 
 
 def build(accelerator, teacher, teacher_forward, split, collator, batch_size, cache_dir, extra="",
-          precision="float32", temperature=1.0):
+          precision="float32", temperature=1.0, top_k=None):
     """Load the split's teacher logits from cache_dir, or compute them once (main process) and store them.
 
     precision: auto, float32, bf16, fp16 or int8 (--teacher-precision; see the module's docstring); temperature:
-    the run's, at which a reduced precision is checked against float32.
+    the run's, at which a reduced precision is checked against float32. top_k: None (every table as it is), or
+    per-step logits stored compactly (CompactLogits: 0, every class in 8 bits; K, the top K classes and the
+    rest), in the key.
     """
     path, seconds = None, {}
+    extra = f"{extra}|compact logits, top-k {top_k}" if top_k is not None else extra
     if accelerator.is_main_process:
         tried = candidate_precisions(precision, teacher, accelerator.device)
         keyed = has_float_weights(teacher)  # a teacher without a precision to choose keeps its key
@@ -333,7 +341,7 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
         if path is None:
             start = time.perf_counter()
             tables, used, documents, check_seconds = fill(teacher, teacher_forward, split, collator, batch_size,
-                                                          accelerator.device, precision, temperature)
+                                                          accelerator.device, precision, temperature, top_k)
             path = path_of(used)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
@@ -344,5 +352,5 @@ def build(accelerator, teacher, teacher_forward, split, collator, batch_size, ca
                      "%.1f s): %s", documents, used, seconds["teacher_cache_seconds"], check_seconds, path)
     path = broadcast_object_list([path])[0]  # the other processes wait here for the main one's cache
     accelerator.wait_for_everyone()
-    tables = load_file(path)
+    tables = compact_logits.with_compact(load_file(path))
     return TeacherCache(tables["logits"] if set(tables) == {"logits"} else tables, seconds)

@@ -273,7 +273,7 @@ def cached_teacher(accelerator, task, teacher, teacher_forward, cfg):
     return teacher_cache.build(
         accelerator, teacher, teacher_forward, task.splits[cfg.train_split], task.collator, cfg.batch_size,
         cfg.cache_dir, extra=cache_extra(cfg, task, teacher), precision=cfg.teacher_precision,
-        temperature=cfg.temperature)
+        temperature=cfg.temperature, top_k=task.teacher_top_k)
 
 
 @torch.no_grad()

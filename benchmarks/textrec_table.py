@@ -16,8 +16,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import stats  # noqa: E402
 from textrec import data  # noqa: E402
 
-NAMES = {"ctc": "CTC on labels alone", "kl": "distilled: + per-step KL", "seq": "distilled: + sequence KD"}
-PREFIXES = {"lowres": None, "l10": "10% of the training crops labelled"}
+NAMES = {"ctc": "CTC on labels alone", "kl": "distilled: + per-step KL", "seq": "distilled: + sequence KD",
+         "klnoconv": "distilled: + per-step KL, the teacher as it reads (--no-label-conventions)",
+         "klsimkd": "distilled: + per-step KL and SimKD"}
+PREFIXES = {"lowres": None, "l10": "10% of the training crops labelled", "l0": "no training transcript"}
 
 
 def describe(run, result):
@@ -70,8 +72,8 @@ def main(out):
         prefix, kind, name = describe(run, r)
         gain = "-"
         # the strongest student alone on the same data (lowest CER; e.g. ctc60, trained as many steps as kl)
-        alone = [a for a in results if describe(a, results[a])[0] == prefix
-                 and describe(a, results[a])[1].startswith("ctc") and predictions(out, a)]
+        alone = [a for a in results if describe(a, results[a])[0] == (prefix if prefix != "l0" else "")
+                 and describe(a, results[a])[1].startswith("ctc") and predictions(out, a)]  # l0: vs all labels
         if not kind.startswith("ctc") and alone and predictions(out, run):
             baseline = min(alone, key=lambda a: results[a]["student"]["cer"])
             s = stats.paired_bootstrap(edits(out, baseline), edits(out, run))

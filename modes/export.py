@@ -12,7 +12,11 @@ The float32 model is checked against PyTorch on real preprocessed documents: the
 one. Above TOLERANCE (max absolute difference of the logits) the export is refused and nothing is written. The
 int8 model is approximate by design: its difference and its top-1 agreement with PyTorch are reported.
 A text-recognition student (CRNN) is exported with dynamic batch and width axes and checked on --input crops
-(required for it).
+(required for it), and also as rec_ppocr.onnx, a drop-in recogniser with PaddleOCR's contract (input [N, 3, 48, W]
+BGR crops normalised as PP-OCR does, output per-step probabilities with blank at 0, the charset in the `character`
+metadata: textrec/dropin.py), which RapidOCR(rec_model_path=...) or PaddleOCR's own inference reads as their own
+recogniser. It is checked against the same wrapper in PyTorch (max |probability difference| <= TOLERANCE, else
+refused) and its greedy texts against the PyTorch student's on its own preprocessing (reported).
 """
 import json
 import logging
@@ -20,6 +24,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 
 import ocr
@@ -28,11 +33,13 @@ import saved
 import utils
 from config import UserError
 from modes import predict
+from textrec import dropin, pages
 
 log = logging.getLogger("docdistill")
 TOLERANCE = 1e-3  # max |logit difference|, float32 ONNX against PyTorch
 PARITY_DOCUMENTS = 8
 OPSET = 17
+PPOCR_FILE = "rec_ppocr.onnx"  # the drop-in recogniser of a text-recognition student (PaddleOCR's contract)
 
 
 def quiet_quantize(fp32, int8):
@@ -104,15 +111,22 @@ def max_difference(model, onnx_model, batches):
 def sample_batches(cfg, model, directory, config, names):
     """Real preprocessed documents: one padded batch of up to PARITY_DOCUMENTS, and each of them alone."""
     task_name = registry.task_name_of(config.to_dict(), directory)
-    if cfg.input:
+    if task_name == "text-recognition":  # every --input image read as one crop
+        items = [pages.crop_item(crop, config.height, cfg.max_text_width) for crop in input_crops(cfg)]
+        if not items:
+            raise UserError("--mode export of a text-recognition student needs --input: a few crop images to check it "
+                            "on" + (f" (none of {' '.join(cfg.input)} could be read)" if cfg.input else ""))
+        collate = lambda chosen: {"pixel_values": pages.crop_batch(chosen, config.height)}  # noqa: E731
+    elif cfg.input:
         files, _ = predict.expand_inputs(cfg.input)
-        predictor = predict.PREDICTORS[task_name](directory, config, cfg)
+        predictor = predict.PREDICTORS[task_name](directory, config, cfg, model)
+        engine = pages.ocr_engine(cfg.ocr_engine) if predictor.needs_ocr else None
         items = []
         for path in files:
             try:
                 for page in predict.read_pages(path, cfg.pdf_dpi):
-                    words = ocr.cached_page_ocr(page, os.path.join(cfg.cache_dir, "ocr")) if predictor.needs_ocr \
-                        else None
+                    words = ocr.cached_page_ocr(page, os.path.join(cfg.cache_dir, "ocr"), engine) \
+                        if predictor.needs_ocr else None
                     items.append(predictor.encode(page, words))
                     if len(items) >= PARITY_DOCUMENTS:
                         break
@@ -123,8 +137,6 @@ def sample_batches(cfg, model, directory, config, names):
         if not items:
             raise UserError(f"--input {' '.join(cfg.input)}: no readable page to check the export on")
         collate = predictor.collate
-    elif task_name == "text-recognition":
-        raise UserError("--mode export of a text-recognition student needs --input: a few crop images to check it on")
     else:
         task = registry.build_task(cfg, model_labels=saved.label_names(directory))
         split = task.splits[cfg.eval_split]
@@ -132,6 +144,50 @@ def sample_batches(cfg, model, directory, config, names):
         collate = task.collator
     keep = lambda batch: {n: batch[n] for n in names}  # noqa: E731
     return [keep(collate(items))] + [keep(collate([item])) for item in items]
+
+
+def input_crops(cfg, limit=PARITY_DOCUMENTS):
+    """Up to `limit` crops (RGB) of --input, turned upright as predict turns them, for the drop-in check."""
+    files, crops = predict.expand_inputs(cfg.input)[0], []
+    for path in files:
+        try:
+            crops += [pages.upright(page) for page in predict.read_pages(path, cfg.pdf_dpi)][:limit - len(crops)]
+        except Exception:  # noqa: BLE001 - unreadable inputs are skipped here, as in sample_batches
+            continue
+        if len(crops) >= limit:
+            break
+    return crops
+
+
+@torch.no_grad()
+def export_ppocr(model, crops, directory, cfg):
+    """rec_ppocr.onnx: the student behind PaddleOCR's recogniser contract (textrec/dropin.py), checked against the
+    same wrapper in PyTorch on `crops` (one padded batch and each alone: max |probability difference|, refused
+    above TOLERANCE) and, crop by crop, its greedy texts against the PyTorch student's own (predict's) reading."""
+    import onnxruntime as ort  # heavy: only when exporting
+    student = model.crnn
+    path = os.path.join(directory, PPOCR_FILE)
+    batch = torch.from_numpy(dropin.ppocr_batch(crops, cfg.max_text_width))
+    wrapper = dropin.export(student, path, batch, OPSET)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    difference, texts = 0.0, []
+    for pixels in [batch] + [torch.from_numpy(dropin.ppocr_batch([c], cfg.max_text_width)) for c in crops]:
+        got = session.run(None, {"x": pixels.numpy()})[0]
+        difference = max(difference, float(np.abs(wrapper(pixels).numpy() - got).max()))
+        if len(pixels) == 1:
+            texts.append(dropin.greedy_texts(got, student.config.chars)[0])
+    reader = pages.StudentReader(student, student.config.chars, student.config.height, cfg.max_text_width)
+    agree = sum(reading["text"] == text for reading, text in zip(reader(crops), texts))
+    print(f"{PPOCR_FILE} (PaddleOCR's recogniser contract): max abs probability difference to PyTorch "
+          f"{difference:.3e} (tolerance {TOLERANCE:.0e}); same text as the PyTorch student on {agree} of {len(crops)} "
+          f"crops")
+    if not difference <= TOLERANCE:
+        raise UserError(f"{PPOCR_FILE} differs from the PyTorch wrapper by {difference:.3e} (> {TOLERANCE:.0e}): not "
+                        f"written; report it with --debug output")
+    return {"file": PPOCR_FILE, "input": "[N, 3, 48, W] BGR, (x / 255 - 0.5) / 0.5", "output": "[N, W / 8, 96] "
+            "probabilities, blank first, `character` metadata order, space last", "max_abs_difference": difference,
+            "crops_checked": len(crops), "same_text_as_pytorch_student": agree / max(len(crops), 1),
+            "size_mb": os.path.getsize(path) / 1e6}
 
 
 def run(cfg):
@@ -169,6 +225,8 @@ def run(cfg):
         quiet_quantize(fp32, int8)
         int8_difference, int8_agreement = max_difference(model, predict.OrtModel(int8), batches)
         print(f"onnx int8: max abs difference to PyTorch {int8_difference:.3e}, top-1 agreement {int8_agreement:.3f}")
+        if names == ["pixel_values"]:  # a CRNN: also the drop-in recogniser with PaddleOCR's contract
+            report["ppocr"] = export_ppocr(model, input_crops(cfg), tmp, cfg)
         report.update({"model": path, "opset": OPSET, "inputs": names, "tolerance": TOLERANCE,
                        "documents_checked": documents,
                        "float32": {"max_abs_difference": difference, "top1_agreement": agreement,

@@ -12,6 +12,7 @@ import os
 from safetensors import safe_open
 
 import utils
+from textrec import conventions
 
 log = logging.getLogger("docdistill")
 
@@ -94,6 +95,9 @@ def build(student_dir, eval_path=None):
     if best:
         lines.append(f"| best validation {metric} | {best[f'val_{metric}']:.4f} (epoch {best['epoch']} of "
                      f"{len(history)}) |")
+    if config.get("label_conventions"):  # a text-recognition student distilled with --label-conventions
+        lines += ["", "## Label conventions", "", "Measured before training (--label-conventions): "
+                  + conventions.describe(config["label_conventions"]) + "."]
     lines += ["", "## Evaluation", ""]
     if scores:
         lines += [f"On split `{scores.get('split')}` of `{dataset}` ({scores.get('documents')} documents; "
@@ -131,6 +135,10 @@ def build(student_dir, eval_path=None):
         lines.append(f"- ONNX (`--mode export`): float32 {export['float32']['size_mb']:.1f} MB (max |logit difference| "
                      f"to PyTorch {export['float32']['max_abs_difference']:.1e}), int8 {export['int8']['size_mb']:.1f} MB "
                      f"(top-1 agreement {export['int8']['top1_agreement']:.3f})")
+        if export.get("ppocr"):
+            lines.append(f"- `onnx/{export['ppocr']['file']}`: a drop-in recogniser with PaddleOCR's contract, "
+                         f"`RapidOCR(rec_model_path=...)` reads it (max |probability difference| to PyTorch "
+                         f"{export['ppocr']['max_abs_difference']:.1e})")
     auto = "AutoModelForTokenClassification" if token_level else "AutoModelForSequenceClassification"
     lines += ["", "## How to use", "", "With plain transformers (this directory holds the weights, the tokenizer"
               + ("" if token_level else " and the image processor") + "):", "", "```python",

@@ -4,22 +4,25 @@ This file is over 400 lines because it holds the page handling of all three task
     python main.py --mode predict --model runs/demo/distilled/student --input scans/ report.pdf 'inbox/*.tif'
 
 Inputs are image files (every page of a multi-page TIFF), PDFs (each page rendered with pypdfium2 at --pdf-dpi),
-folders (searched recursively; hidden files are left out) and globs. Pages are OCR'd with Tesseract (cached
-under CACHE_DIR/ocr, as in training), batched (--batch-size) and run through the student: the PyTorch weights
-(a student/ directory or student_model.pth beside one) or the ONNX file written by --mode export. Writes
-OUTPUT_DIR/predictions.jsonl, one line per page:
+folders (searched recursively; hidden files are left out) and globs. Pages are OCR'd by --ocr-engine (Tesseract
+by default; cached under CACHE_DIR/ocr, as in training), batched (--batch-size) and run through the student: the
+PyTorch weights (a student/ directory or student_model.pth beside one) or the ONNX file written by --mode export.
+Writes OUTPUT_DIR/predictions.jsonl, one line per page:
 
     page classification:  file, page, label, probability, top_k [{label, probability}], words, truncated
     word tagging:         file, page, words [{text, box, tag, probability}], entities [{type, text, box, words}]
-    text recognition:     file, page, text, confidence   (each image is one crop; no OCR: see CropPredictor)
+    text recognition:     a crop: file, page, text, confidence; a page: one line per text line, file, page, line,
+                          box, points, text, confidence, text_file (see TextPredictor), and text/NAME.pPAGE.txt
 
 plus predictions.csv (page classification) and predict_summary.json (counts and where the time went). A file
 that cannot be read is reported on one line ("failed: FILE: why") and counted; the others are still predicted.
 Exit code: 0 every file predicted, 1 some failed, 2 bad usage (no --input, no usable model...).
 
-Each task's pages are handled by its entry in PREDICTORS: a class built as predictor(directory, config, cfg) with
-encode(page, ocr) -> item, collate(items) -> model inputs (torch) and rows(logits, items) -> one dict per page (see
-PagePredictor). The student is read by the one loader of saved students (registry.load_student).
+Each task's pages are handled by its entry in PREDICTORS: a class built as predictor(directory, config, cfg, model)
+with encode(page, ocr) -> item, collate(items) -> model inputs (torch; None when no item needs the model) and
+rows(logits, items) -> one dict per page (see PagePredictor). --ocr-engine chooses the OCR of the page and word
+tasks (Tesseract, or PP-OCRv4's detector with PP-OCRv4's recogniser or a distilled one: textrec/pages.py). The
+student is read by the one loader of saved students (registry.load_student).
 """
 import csv
 import glob
@@ -45,7 +48,7 @@ import registry
 import saved
 import utils
 from config import UserError
-from textrec import crnn, data
+from textrec import crnn, pages
 from wordtags import first_subtokens, pad_ids
 
 log = logging.getLogger("docdistill")
@@ -189,16 +192,11 @@ def load_tokenizer(directory):
         raise UserError(f"cannot load the student's tokenizer from {directory} ({utils.first_line(e)})") from e
 
 
-def softmax(logits):
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 class PagePredictor:
     """Page classification (LayoutLMv3 student): OCR words with boxes and the page image -> one label."""
     needs_ocr = True
 
-    def __init__(self, directory, config, cfg):
+    def __init__(self, directory, config, cfg, model=None):
         self.tokenizer = load_tokenizer(directory)
         self.spec = dataset.image_spec(LayoutLMv3ImageProcessorPil.from_pretrained(directory))
         self.labels = [config.id2label[i] for i in range(len(config.id2label))]
@@ -223,7 +221,7 @@ class PagePredictor:
 
     def rows(self, logits, items):
         out = []
-        for probs, item in zip(softmax(logits), items):
+        for probs, item in zip(pages.softmax(logits), items):
             best = np.argsort(-probs)[:self.top_k]
             out.append({"label": self.labels[best[0]], "probability": float(probs[best[0]]),
                         "top_k": [{"label": self.labels[i], "probability": float(probs[i])} for i in best],
@@ -235,7 +233,7 @@ class WordPredictor:
     """Word tagging (text-only student): OCR words -> one BIO tag per word, grouped into entities."""
     needs_ocr = True
 
-    def __init__(self, directory, config, cfg):
+    def __init__(self, directory, config, cfg, model=None):
         self.tokenizer = load_tokenizer(directory)
         self.labels = [config.id2label[i] for i in range(len(config.id2label))]
         self.max_length = cfg.max_length
@@ -253,7 +251,7 @@ class WordPredictor:
     def rows(self, logits, items):
         out = []
         for token_logits, item in zip(logits, items):
-            probs = softmax(token_logits)
+            probs = pages.softmax(token_logits)
             words = []
             for k, (text, box, pos) in enumerate(zip(item["text"], item["boxes"], item["word_pos"])):
                 tag = int(probs[pos].argmax()) if pos >= 0 else None  # beyond the token limit: not tagged
@@ -285,46 +283,51 @@ def group_entities(words):
     return entities
 
 
-class CropPredictor:
-    """Text recognition (CRNN student): each image is one crop -> its text, CTC-greedy decoded.
+class TextPredictor:
+    """Text recognition (CRNN student): a crop -> its text; a page -> its lines (PP-OCRv4's detector finds them, the
+    student reads them: textrec/pages.py) and the page's text in reading order.
 
-    The crop is prepared as the student's eval crops are (textrec): turned upright when printed sideways, resized
-    to the teacher's height 48 (width capped at --max-text-width), grey, resized to the saved height and half that
-    width, normalised and padded on the right; no synthetic degradation (--degrade-*) is applied. confidence: the
-    mean over the non-blank time steps of the best class's probability (over all steps when the text is empty).
+    Which an image is (--read-as auto): a page when both its sides are at least pages.MIN_PAGE_SIDE (256) pixels
+    (every PDF page at --pdf-dpi is one), else a crop; --read-as crop or page decides for every image. A crop is
+    prepared as the student's eval crops are (pages.crop_item: upright, height 48 then the saved height, half the
+    width, --max-text-width cap; no --degrade-*) and CTC-greedy decoded; confidence: the mean over the non-blank time
+    steps of the best class's probability (over all steps when the text is empty). A page's lines are read the same
+    way, sorted by width, pages.BATCH at a time, inside encode().
     """
     needs_ocr = False
 
-    def __init__(self, directory, config, cfg):
-        self.chars, self.height, self.max_width = config.chars, config.height, cfg.max_text_width
+    def __init__(self, directory, config, cfg, model=None):
+        self.chars, self.height, self.max_width, self.read_as = config.chars, config.height, cfg.max_text_width, \
+            cfg.read_as
+        self.model, self.page_reader = model, None
+
+    def is_page(self, image):
+        return self.read_as == "page" or (self.read_as == "auto" and min(image.size) >= pages.MIN_PAGE_SIDE)
 
     def encode(self, page, ocr):
-        crop = page.transpose(Image.Transpose.ROTATE_90) if page.height > 1.5 * page.width else page
-        crop = data.resize_for_teacher(crop, self.max_width)
-        grey = crop.convert("L").resize((-(-crop.width // 2), self.height), Image.BILINEAR)
-        return {"pixels": data.normalise(grey), "steps": data.padded_width(crop.width) // data.STEP}
+        if not self.is_page(page):
+            return pages.crop_item(page, self.height, self.max_width)
+        if self.page_reader is None:
+            reader = pages.StudentReader(lambda pixels: self.model(pixel_values=pixels).logits, self.chars,
+                                         self.height)  # a line at its own width, as PP-OCR reads it
+            self.page_reader = pages.PageReader(reader)
+        return {"lines": self.page_reader(page)}
 
     def collate(self, items):
-        padded = max(i["steps"] for i in items) * data.STEP // 2
-        pixels = np.zeros((len(items), 1, self.height, padded), np.float32)
-        for k, item in enumerate(items):
-            pixels[k, 0, :, :item["pixels"].shape[1]] = item["pixels"]
-        return {"pixel_values": torch.from_numpy(pixels)}
+        crops = [i for i in items if "lines" not in i]
+        return {"pixel_values": pages.crop_batch(crops, self.height)} if crops else None
 
     def rows(self, logits, items):
-        out = []
-        for step_logits, item in zip(logits, items):
-            probs = softmax(step_logits[:item["steps"]])
-            best = probs.argmax(-1)
-            ids = data.ctc_greedy(best.tolist())
-            chosen = probs.max(-1)[best != data.BLANK] if ids else probs.max(-1)
-            out.append({"text": "".join(self.chars[i - 1] for i in ids if 0 < i <= len(self.chars)),
-                        "confidence": float(chosen.mean()) if len(chosen) else 0.0})
-        return out
+        readings = iter(pages.crop_readings(logits, [i for i in items if "lines" not in i], self.chars)
+                        if logits is not None else [])
+        return [next(readings) if "lines" not in item else
+                {"lines": item["lines"], "page_text": pages.page_text([line["box"] for line in item["lines"]],
+                                                                      [line["text"] for line in item["lines"]])}
+                for item in items]
 
 
 PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": WordPredictor,
-              "text-recognition": CropPredictor}
+              "text-recognition": TextPredictor}
 
 
 
@@ -332,9 +335,14 @@ PREDICTORS = {"sequence-classification": PagePredictor, "token-classification": 
 # ----------------------------------------------------------------------------- the run
 
 class Writer:
-    """predictions.jsonl (and .csv for page classification) written as pages come, renamed into place at the end."""
+    """predictions.jsonl (and .csv for page classification) written as pages come, renamed into place at the end.
+
+    A text-recognition page (a row with "lines") is one JSONL row per line (file, page, line, box, points, text,
+    confidence, text_file) and a plain-text file of the page in reading order, OUTPUT_DIR/text/NAME.pPAGE.txt (NAME:
+    the file's name; a second file of that name gets a number in front), moved into place at the end too."""
 
     def __init__(self, out_dir, with_csv):
+        self.out_dir = out_dir
         self.paths = [os.path.join(out_dir, "predictions.jsonl")] + ([os.path.join(out_dir, "predictions.csv")]
                                                                      if with_csv else [])
         os.makedirs(out_dir, exist_ok=True)  # main.py creates no --output-dir up front (bad input leaves none)
@@ -343,8 +351,26 @@ class Writer:
         if self.csv_file:
             self.csv = csv.writer(self.csv_file)
             self.csv.writerow(["file", "page", "label", "probability", "top_k"])
+        self.texts, self.names = {}, {}  # page text files: name -> text; file -> its name
 
-    def write(self, row):
+    def text_file(self, where):
+        """text/NAME.pPAGE.txt for a page (NAME unique in this run)."""
+        if where["file"] not in self.names:
+            name = os.path.basename(where["file"])
+            taken = set(self.names.values())
+            self.names[where["file"]] = name if name not in taken else next(
+                f"{k}-{name}" for k in range(2, len(taken) + 3) if f"{k}-{name}" not in taken)
+        return os.path.join("text", f"{self.names[where['file']]}.p{where['page']}.txt")
+
+    def write(self, where, row):
+        if "lines" in row:  # a page read by a text-recognition student: a row per line and the page's text
+            name = self.text_file(where)
+            self.texts[name] = row["page_text"] + "\n"
+            for k, line in enumerate(row["lines"]):
+                self.jsonl.write(json.dumps({**where, "line": k + 1, **line, "text_file": name}, ensure_ascii=False)
+                                 + "\n")
+            return
+        row = {**where, **row}
         self.jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self.csv_file:
             self.csv.writerow([row["file"], row["page"], row["label"], f"{row['probability']:.4f}",
@@ -360,6 +386,10 @@ class Writer:
                 os.replace(path + ".tmp", path)
             else:
                 os.remove(path + ".tmp")
+        if keep and self.texts:
+            texts = self.texts
+            utils.atomic_files(os.path.join(self.out_dir, "text"), lambda tmp: [
+                open(os.path.join(tmp, os.path.basename(name)), "w").write(text) for name, text in texts.items()])
 
 
 def run(cfg):
@@ -377,26 +407,28 @@ def run(cfg):
     path = cfg.model or os.path.join(cfg.output_dir, "student")
     model, directory, config = load_model(path)
     task_name = registry.task_name_of(config.to_dict(), path)
-    predictor = PREDICTORS[task_name](directory, config, cfg)
+    predictor = PREDICTORS[task_name](directory, config, cfg, model)
+    engine = pages.ocr_engine(cfg.ocr_engine) if predictor.needs_ocr else None
     device = torch.device("cuda" if torch.cuda.is_available() and isinstance(model, torch.nn.Module) else "cpu")
     if isinstance(model, torch.nn.Module):
         model.to(device)
     writer = Writer(cfg.output_dir, with_csv=task_name == "sequence-classification")
     failures = [(pattern, "no such file, folder or matching glob") for pattern in missing]
-    seconds = {"read": 0.0, "ocr": 0.0, "model": 0.0}
-    pending, pages = [], 0
+    seconds = {"read": 0.0, "ocr": 0.0, "prepare": 0.0, "model": 0.0}
+    pending, count = [], 0
 
     def flush():
         nonlocal pending
         if not pending:
             return
         start = time.perf_counter()
-        with torch.no_grad():
-            inputs = {k: v.to(device) for k, v in predictor.collate([item for _, item in pending]).items()}
-            logits = model(**inputs).logits.float().cpu().numpy()
+        inputs, logits = predictor.collate([item for _, item in pending]), None
+        if inputs is not None:  # None: nothing left for the model (text recognition pages read in encode)
+            with torch.no_grad():
+                logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
         seconds["model"] += time.perf_counter() - start
         for (where, _), row in zip(pending, predictor.rows(logits, [item for _, item in pending])):
-            writer.write({**where, **row})
+            writer.write(where, row)
         pending = []
 
     cache = os.path.join(cfg.cache_dir, "ocr")
@@ -409,10 +441,12 @@ def run(cfg):
                     page_number += 1
                     seconds["read"] += time.perf_counter() - start
                     start = time.perf_counter()
-                    words = ocr.cached_page_ocr(page, cache) if predictor.needs_ocr else None
+                    words = ocr.cached_page_ocr(page, cache, engine) if predictor.needs_ocr else None
                     seconds["ocr"] += time.perf_counter() - start
+                    start = time.perf_counter()
                     pending.append(({"file": path, "page": page_number}, predictor.encode(page, words)))
-                    pages += 1
+                    seconds["prepare"] += time.perf_counter() - start
+                    count += 1
                     if len(pending) >= cfg.batch_size:
                         flush()
                     start = time.perf_counter()
@@ -431,11 +465,11 @@ def run(cfg):
         print(f"failed: {where}: {why}", file=sys.stderr)
     total = sum(seconds.values())
     summary = {"model": cfg.model or os.path.join(cfg.output_dir, "student"), "task": task_name,
-               "files": len(files), "pages": pages, "failed": len(failures),
+               "files": len(files), "pages": count, "failed": len(failures),
                "failures": [{"input": w, "error": e} for w, e in failures], "seconds": seconds,
-               "pages_per_second": pages / total if total else None}
+               "pages_per_second": count / total if total else None}
     utils.atomic_json(summary, os.path.join(cfg.output_dir, "predict_summary.json"))
-    log.info("predicted %d pages of %d files in %.1f s (read %.1f s, OCR %.1f s, model %.1f s); %d failed; "
-             "written to %s", pages, len(files), total, seconds["read"], seconds["ocr"], seconds["model"],
-             len(failures), writer.paths[0])
+    log.info("predicted %d pages of %d files in %.1f s (read %.1f s, OCR %.1f s, prepare %.1f s, model %.1f s); %d "
+             "failed; written to %s", count, len(files), total, seconds["read"], seconds["ocr"], seconds["prepare"],
+             seconds["model"], len(failures), writer.paths[0])
     return 1 if failures else 0

@@ -16,14 +16,15 @@ SAMPLES = {
     "max_samples": 4, "output_dir": "runs/x", "cache_dir": "runs/cache", "epochs": 2, "batch_size": 4,
     "grad_accum": 2, "lr": 1e-3, "weight_decay": 0.1, "scheduler": "cosine", "warmup_ratio": 0.2,
     "early_stopping_patience": 2, "early_stopping_min_delta": 0.01, "alpha": 0.5, "temperature": 2.0,
-    "max_length": 128, "kd_terms": None, "feature_weight": 0.5, "blank_weight": 0.2, "max_new_tokens": 8,
-    "student_height": 48, "max_text_width": 320, "degrade_height": 16, "degrade_blur": 0.5, "degrade_noise": 2.0,
-    "degrade_jpeg": 50, "lora_r": None, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_target_modules": "query",
+    "max_length": 128, "kd_terms": None, "feature_weight": 0.5, "blank_weight": 0.2, "label_conventions": False,
+    "mute_teacher_disagreements": True, "augment": True, "max_new_tokens": 8, "student_height": 48, "max_text_width": 320, "degrade_height": 16,
+    "degrade_blur": 0.5, "degrade_noise": 2.0, "degrade_jpeg": 50, "lora_r": None, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_target_modules": "query",
     "report_to": "tensorboard", "seed": 1, "amp": "bf16", "checkpoint": None, "overwrite": True, "model": None,
-    "input": ["a.png"], "top_k": 5, "pdf_dpi": 100, "sweep": None, "sweep_sampler": "tpe", "sweep_trials": 3,
+    "input": ["a.png"], "top_k": 5, "read_as": "page", "ocr_engine": "ppocrv4", "pdf_dpi": 100, "sweep": None,
+    "sweep_sampler": "tpe", "sweep_trials": 3,
     "sweep_storage": "sqlite:///x.db", "seeds": 2, "baseline_epochs": 3, "group_by_length": False,
-    "teacher_cache": False, "teacher_precision": "float32", "save_every": 5, "on_bad_sample": "skip",
-    "num_workers": 1, "num_proc": 2, "log_every": 5, "debug": True,
+    "teacher_cache": False, "teacher_precision": "float32", "teacher_top_k": 8, "save_every": 5,
+    "on_bad_sample": "skip", "num_workers": 1, "num_proc": 2, "log_every": 5, "debug": True,
 }  # None: flags whose refusals other tests cover (they need files, or pair with other flags)
 
 
@@ -47,7 +48,7 @@ def test_every_flag_is_taken_or_refused_in_one_line(mode, task, tmp_path, monkey
         if value is None:
             continue
         argv = ["--mode", mode, "--task", task, *extra, *argv_of(name, value)]
-        if name == "input" or (name in ("top_k", "pdf_dpi") and mode in ("predict", "export")):
+        if name == "input" or (name in ("top_k", "pdf_dpi", "read_as") and mode in ("predict", "export")):
             argv += [] if name == "input" else ["--input", "a.png"]
         try:
             parse_config(argv)

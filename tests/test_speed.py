@@ -236,7 +236,7 @@ def collators():
     from tasks import RelabelledCollator
     from textrec.task import Collator
     crop_cfg = type("C", (), dict(student_height=32, seed=0, degrade_height=0, degrade_blur=0.0, degrade_noise=0.0,
-                                  degrade_jpeg=0))()
+                                  degrade_jpeg=0, augment=False))()
     classify = collate.ClassificationCollator(1, SPEC, SPEC)
     return [("classification", classify, classification_docs()),
             ("classification relabelled", RelabelledCollator(classify, [1, 0]), classification_docs()),

@@ -215,15 +215,13 @@ def test_train_eval_predict_export_without_teacher(word_crops, tmp_path, monkeyp
 
 def in_memory_texts(model, crops):
     """The in-memory student's transcripts of the crops (one batch), prepared as --mode predict prepares them."""
-    import types
     import config
-    from modes import predict
-    predictor = predict.CropPredictor(None, model.config,
-                                      types.SimpleNamespace(max_text_width=config.defaults()["max_text_width"]))
+    from textrec import pages
     items = []
     for name in sorted(os.listdir(crops)):
         with Image.open(crops / name) as image:
-            items.append(predictor.encode(image.convert("RGB"), None))
+            items.append(pages.crop_item(image.convert("RGB"), model.config.height,
+                                         config.defaults()["max_text_width"]))
     with torch.no_grad():
-        logits = model(predictor.collate(items)["pixel_values"]).numpy()
-    return [row["text"] for row in predictor.rows(logits, items)]
+        logits = model(pages.crop_batch(items, model.config.height)).numpy()
+    return [row["text"] for row in pages.crop_readings(logits, items, model.config.chars)]

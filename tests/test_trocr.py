@@ -133,8 +133,9 @@ def test_main_distils_from_trocr_teacher_and_scores_it(teacher_dir, crops, tmp_p
     assert "teacher logits computed once" in done.stderr
     # the cached paths spell the live teacher's transcripts of the training crops
     from safetensors.torch import load_file
+    import compact_logits
     [path] = (cache / "teacher").glob("*.safetensors")
-    table = load_file(path)["logits"]
+    table = compact_logits.with_compact(load_file(path))["logits"]  # 8-bit log-probabilities (--teacher-top-k 0)
     teacher = trocr.TrOCRTeacher(teacher_dir, max_new_tokens=8)
     train_rows = [json.loads(line) for line in open(f"{crops}/train.jsonl")]
     for k, row in enumerate(train_rows):

@@ -20,15 +20,18 @@ FULL = dict(channels=[64, 128, 256, 256], hidden=192, layers=2)  # --student-siz
 class CRNNConfig:
     model_type = "crnn-ctc"
 
-    def __init__(self, chars, height=32, channels=(32, 64, 128, 160), hidden=128, layers=2, simkd_head=None, **_):
+    def __init__(self, chars, height=32, channels=(32, 64, 128, 160), hidden=128, layers=2, simkd_head=None,
+                 label_conventions=None, **_):
         self.chars, self.height, self.channels, self.hidden, self.layers = chars, height, list(channels), hidden, layers
         self.simkd_head = simkd_head  # --kd-terms simkd: the head is simkd.CTCSimKDHead(simkd_head)
+        self.label_conventions = label_conventions  # what --label-conventions found and taught (a record, no effect)
         self.id2label = dict(enumerate(["<blank>"] + list(chars)))
 
     def to_dict(self):
         return {"model_type": self.model_type, "chars": self.chars, "height": self.height, "channels": self.channels,
                 "hidden": self.hidden, "layers": self.layers,
-                **({"simkd_head": self.simkd_head} if self.simkd_head else {})}
+                **({"simkd_head": self.simkd_head} if self.simkd_head else {}),
+                **({"label_conventions": self.label_conventions} if self.label_conventions else {})}
 
     def to_json_string(self):
         return json.dumps(self.to_dict(), indent=2)
@@ -94,6 +97,14 @@ class CRNN(nn.Module):
             model = cls(CRNNConfig.from_dict(json.load(f)))
         model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
         return model
+
+
+def from_saved(config, weights, path):
+    """A saved CRNN student: its student/ directory (weights None: safetensors + JSON config read from `path`) or
+    the config and state dict of a student_model.pth (saved.read_student reads both, checksums verified)."""
+    if weights is None:
+        return CRNN.from_pretrained(path)
+    return models.load_student_weights(CRNN(CRNNConfig.from_dict(config)), weights, path)
 
 
 def build(chars, height, size):

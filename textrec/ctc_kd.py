@@ -9,7 +9,9 @@ ctc   CTC on the labels, crops with a transcript only (mean over crops of the lo
 kl    per time step, T^2 * KL(teacher_T || student_T) on the CTC distributions, teacher folded onto the student's
       charset (teachers.fold_matrix) and pooled to the student's step count if it differs; steps where the
       teacher's best class is blank weigh --blank-weight (most steps are blank: unweighted, they drown the few
-      that carry characters); a weighted mean over the real steps of all crops.
+      that carry characters); a weighted mean over the real steps of all crops. With label_gaps (--label-conventions
+      found that the labels keep spaces or trailing punctuation the teacher drops; --mute-teacher-disagreements: every
+      character) the steps around such a character of a labelled crop are left out (conventions.label_gaps).
 seq   sequence-level KD: CTC on the teacher's greedy transcript (its folded distribution's best path), any crop.
 feature_backbone, feature_encoder   feature distillation (FitNets-style): the student's backbone features [B, T, c4]
       and BiLSTM outputs [B, T, 2 hidden] through a learned linear projection to the teacher's width (identity
@@ -36,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import DistillationLoss, logits_of
-from textrec import data
+from textrec import conventions, data
 
 KD_TERMS = ("kl", "seq", "feature_backbone", "feature_encoder", "feature_logits", "simkd")
 WEIGHTED = ("feature_backbone", "feature_encoder", "feature_logits", "simkd")  # weighed by --feature-weight
@@ -123,10 +125,10 @@ class CTCDistillationLoss(DistillationLoss):
     WEIGHTED = WEIGHTED
 
     def __init__(self, alpha, temperature, terms, blank_weight, with_teacher, feature_weight=1.0,
-                 feature_dims=None):
+                 feature_dims=None, label_gaps=()):
         super().__init__(temperature, alpha if with_teacher else 0.0,
                          terms=terms if with_teacher and alpha > 0 else (), feature_weight=feature_weight)
-        self.blank_weight = blank_weight
+        self.blank_weight, self.label_gaps = blank_weight, tuple(label_gaps)
         self.projections = nn.ModuleDict()
         for term in self.terms:
             if term in FEATURES:
@@ -152,8 +154,11 @@ class CTCDistillationLoss(DistillationLoss):
         device, steps = student_logits.device, student_logits.shape[1]
         out = {}
         if "kl" in self.terms:
-            out["kl"] = step_kl(student_logits, align_steps(teacher_logp.float(), steps), mask, self.temperature,
-                                self.blank_weight)
+            aligned, kl_mask = align_steps(teacher_logp.float(), steps), mask
+            if self.label_gaps:  # not "nothing here" where a label has a character the teacher does not read
+                kl_mask = mask & ~conventions.label_gaps(aligned, batch["labels"], batch["has_label"], mask,
+                                                         self.label_gaps)
+            out["kl"] = step_kl(student_logits, aligned, kl_mask, self.temperature, self.blank_weight)
         if "seq" in self.terms:
             targets, target_lengths, _ = greedy_targets(align_steps(teacher_logp.float(), steps), lengths)
             out["seq"] = ctc(F.log_softmax(student_logits, dim=-1), lengths, targets, target_lengths)

@@ -7,7 +7,8 @@ of crops). Its transcript may be missing: such a crop is unlabelled and only the
 Layout in time (shared by teacher and student, so their CTC time steps coincide):
     teacher: the clean crop resized to height 48, width W = ceil(48 w / h) (at most --max-text-width), padded on
              the right to P = max(320, W rounded up to 8): P / 8 time steps (PP-OCR's recogniser input);
-    student: the same crop, degraded, resized to height --student-height and width ceil(W / 2), padded to P / 2;
+    student: the same crop, degraded, grey, at height --student-height and width ceil(W / 2) (student_pixels:
+             the same arithmetic as the exported PP-OCR-contract graph, textrec/dropin.py), padded to P / 2;
              its backbone halves the width twice: P / 8 time steps as well.
 """
 import csv
@@ -38,6 +39,7 @@ STEP = 8                 # teacher pixels per CTC time step
 STUDENT_CHARS = "".join(chr(c) for c in range(32, 127))  # printable ASCII, space included
 BLANK = 0                # class 0 is the CTC blank; character i of STUDENT_CHARS is class i + 1
 IGNORE_INDEX = -100
+HALF_WIDTH_KERNEL = (1 / 8, 3 / 8, 3 / 8, 1 / 8)  # PIL's bilinear filter at scale 2, per output pixel
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Beyond Unicode NFKC (which already maps full-width forms such as `，：（` onto `,:(`): typographic look-alikes.
 FOLD = {"\u2018": "'", "\u2019": "'", "\u201a": ",", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2013": "-",
@@ -361,9 +363,71 @@ def degrade(image, seed, key, height=0, blur=0.0, noise=0.0, jpeg=0):
     return image
 
 
+def augment(image, seed, epoch, key):
+    """--augment: the student's grey training crop (L) with photometric changes, a pure function of (seed, epoch, crop
+    key): each with probability 0.5, contrast x U(0.5, 1.2) and brightness + U(-40, 40), Gaussian blur of radius
+    U(0.3, 1.2), noise of std U(2, 12), down to U(12, 24) px high and back up, JPEG at quality U(25, 80), a vertical
+    shift of up to 3 px (edge rows repeated). Nothing moves sideways: the time steps stay the teacher's."""
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode()), 1])
+    draw = rng.random(6) < 0.5
+    pixels = np.asarray(image, np.float32)
+    if draw[0]:
+        pixels = (pixels - 128.0) * rng.uniform(0.5, 1.2) + 128.0 + rng.uniform(-40, 40)
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if draw[1]:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if draw[2]:
+        pixels = np.asarray(image, np.float32) + rng.normal(0.0, rng.uniform(2, 12), (image.height, image.width))
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if draw[3]:
+        height = int(rng.integers(12, 25))
+        image = image.resize((image.width, height), Image.BILINEAR).resize(image.size, Image.BILINEAR)
+    if draw[4]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(25, 81)))
+        image = Image.open(buffer).convert("L")
+    if draw[5]:
+        shift = int(rng.integers(-3, 4))
+        rows = np.clip(np.arange(image.height) - shift, 0, image.height - 1)
+        image = Image.fromarray(np.asarray(image)[rows])
+    return image
+
+
 def normalise(pixels):
     """uint8 -> PP-OCR's (x / 255 - 0.5) / 0.5, in [-1, 1]."""
     return (np.asarray(pixels, np.float32) / 255.0 - 0.5) / 0.5
+
+
+@functools.lru_cache(maxsize=8)
+def height_matrix(source, target):
+    """[target, source]: PIL's bilinear resize of a column from `source` to `target` rows as a matrix (column k is
+    PIL's float resize of a unit impulse at row k)."""
+    matrix = np.zeros((target, source), np.float32)
+    for k in range(source):
+        impulse = np.zeros((source, 1), np.float32)
+        impulse[k, 0] = 1.0
+        matrix[:, k] = np.asarray(Image.fromarray(impulse, mode="F").resize((1, target), Image.BILINEAR))[:, 0]
+    return matrix
+
+
+def half_width(rows):
+    """[..., W] -> [..., ceil(W / 2)]: PIL's bilinear filter at scale 2, (x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]) / 8,
+    renormalised where it reaches past either edge."""
+    width = rows.shape[-1]
+    steps = 2 * ((width + 1) // 2)  # output i reads inputs 2i - 1 ... 2i + 2: one pad on the left, two on the right
+    padded = np.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(1, 2)])
+    ones = np.pad(np.ones(width, np.float32), (1, 2))
+    out = sum(k * padded[..., j:j + steps:2] for j, k in enumerate(HALF_WIDTH_KERNEL))
+    norm = sum(k * ones[j:j + steps:2] for j, k in enumerate(HALF_WIDTH_KERNEL))
+    return (out / norm).astype(np.float32)
+
+
+def student_pixels(grey, height):
+    """The student's input [height, ceil(W / 2)] of a grey crop at the teacher's height 48 (uint8 [48, W]):
+    normalised, resized to `height` rows (height_matrix) and to half the width (half_width). The exported
+    PP-OCR-contract graph (textrec/dropin.py) computes the same from PP-OCR's input."""
+    pixels = normalise(grey)
+    return half_width(height_matrix(pixels.shape[0], height) @ pixels)
 
 
 def teacher_array(image):

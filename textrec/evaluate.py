@@ -80,6 +80,8 @@ def evaluate(task, cfg, student, path):
     else:  # transcripts from another engine: nothing runs
         teacher_ms = (float("nan"), float("nan"))
     result = {"model": path, "split": cfg.eval_split, "crops": len(split), "teacher": task.cfg.teacher,
+              "reference": "the teacher's readings (the split has no transcripts)" if task.teacher_referenced
+              else "transcripts",
               "degradation": {k: getattr(cfg, k) for k in ("degrade_height", "degrade_blur", "degrade_noise",
                                                            "degrade_jpeg")},
               "student": data.text_metrics(truths, preds),

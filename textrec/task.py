@@ -11,6 +11,7 @@ tasks.Task; what it fills in differently from the classification tasks:
     predictions(logits, batch)    ->  greedy-decoded ids and labels, [B, L] each, padded with IGNORE_INDEX
     evaluate(cfg, student, path)  ->  --mode eval: CER/WER, ms/crop, worst errors (textrec/evaluate.py)
 """
+import copy
 import hashlib
 import io
 import logging
@@ -25,7 +26,7 @@ import dataset
 import models
 import tasks
 from config import UserError
-from textrec import crnn, ctc_kd, data, evaluate, simkd, teachers, trocr
+from textrec import conventions, crnn, ctc_kd, data, evaluate, simkd, teachers, trocr
 
 log = logging.getLogger("docdistill")
 FEATURES = datasets.Features({
@@ -85,11 +86,24 @@ class Collator:
         self.student_image, self.tokenize, self.teacher_pixels = student_image, tokenize, teacher_pixels
         self.degrade = dict(height=cfg.degrade_height, blur=cfg.degrade_blur, noise=cfg.degrade_noise,
                             jpeg=cfg.degrade_jpeg)
+        self.augment, self.epochs = cfg.augment, None  # epochs: the training sampler, once bound (follow_epochs)
+
+    def follow_epochs(self, sampler):
+        """A copy for the training loader whose crops are augmented (--augment) by the sampler's epoch
+        (recipe.EpochShuffle.epoch, set by the loop before each epoch); other loaders never augment."""
+        bound = copy.copy(self)
+        bound.epochs = sampler if self.augment else None
+        return bound
+
+    def student_view(self, image, key):
+        """The student's grey crop: degraded (--degrade-*), and augmented in training (--augment)."""
+        image = data.degrade(image, self.seed, key, **self.degrade)
+        return data.augment(image, self.seed, self.epochs.epoch, key) if self.epochs is not None else image
 
     def student_array(self, image, key):
-        image = data.degrade(image, self.seed, key, **self.degrade)
-        width = -(-image.width // 2)  # the student steps every 4 px at half the teacher's width: same steps
-        return data.normalise(image.resize((width, self.height), Image.BILINEAR))
+        """The student's crop at its height and half the teacher's width (the student steps every 4 px at half the
+        width: the teacher's steps), as the exported graph computes it (data.student_pixels)."""
+        return data.student_pixels(np.asarray(self.student_view(image, key)), self.height)
 
     def decoder_labels(self, items):
         """A sequence-to-sequence student's target token ids [B, L] (IGNORE_INDEX-padded; unlabelled: all)."""
@@ -112,7 +126,7 @@ class Collator:
         images = [Image.open(io.BytesIO(item["image"])) for item in items]
         padded = max(data.padded_width(int(item["width"])) for item in items)
         if self.student_image is not None:  # a student reading crops of one fixed size (TrOCR-style)
-            student = np.stack([self.student_image(data.degrade(image, self.seed, item["key"], **self.degrade))
+            student = np.stack([self.student_image(self.student_view(image, item["key"]))
                                 for image, item in zip(images, items)])
         else:
             student = np.zeros((len(items), 1, self.height, padded // 2), np.float32)
@@ -175,7 +189,7 @@ class TextRecognition(tasks.Task):
         for split in (cfg.train_split, cfg.eval_split):
             if split not in records:
                 raise UserError(f"--dataset {cfg.dataset} has no {split!r} split (it has {', '.join(records)})")
-        self.documents, self.splits, self.unlabeled = {}, {}, None
+        self.documents, self.splits, self.unlabeled, rows_of = {}, {}, None, {}
         wanted = {"train": (cfg.train_split, cfg.eval_split), "eval": (cfg.eval_split,)}.get(cfg.mode, tuple(records))
         for name, rows in records.items():
             if name not in wanted:  # cutting crops is done once, but only for the splits this mode reads
@@ -191,8 +205,8 @@ class TextRecognition(tasks.Task):
                 if cfg.unlabeled:  # after the labelled crops, so that their rows (and cache rows) come last
                     unlabeled = subset(data.unlabeled_records(cfg.unlabeled, cfg.on_bad_sample), cfg.max_samples,
                                        cfg.seed)
-            self.documents[name], self.splits[name] = prepare(
-                rows + unlabeled, cfg.max_text_width, cfg.cache_dir, name)
+            rows_of[name] = rows + unlabeled
+            self.documents[name], self.splits[name] = prepare(rows_of[name], cfg.max_text_width, cfg.cache_dir, name)
             if unlabeled:
                 split = self.splits[name]
                 self.documents["unlabeled"] = unlabeled
@@ -206,6 +220,7 @@ class TextRecognition(tasks.Task):
         self.feature_terms = [t for t in cfg.kd_terms.split(",") if t.startswith("feature_") or t == "simkd"] \
             if cfg.uses_teacher else []
         self.teacher_cache_extra = ["outputs: logits, backbone, encoder"] if self.feature_terms else []
+        self.teacher_top_k = cfg.teacher_top_k  # the cached per-step distributions: 8-bit, or top-k + the rest
         terms = [t for t in cfg.kd_terms.split(",") if t and t != "seq"]
         if cfg.uses_teacher and terms and isinstance(self.teacher, trocr.TrOCRTeacher):
             raise UserError(f"--kd-terms {','.join(terms)} needs per-time-step CTC distributions or features over the "
@@ -215,8 +230,66 @@ class TextRecognition(tasks.Task):
         if self.feature_terms and not isinstance(self.teacher, teachers.OnnxRecognizer):
             raise UserError(f"--kd-terms {','.join(self.feature_terms)} needs the teacher's features: an ONNX "
                             f"recogniser (--teacher ppocrv4 or a .onnx), not transcripts ({cfg.teacher})")
+        labelled = self.splits[cfg.train_split].with_format(None)["has_label"] if cfg.mode == "train" else [True]
+        if not cfg.uses_teacher and not any(labelled):
+            raise UserError(f"--dataset {cfg.dataset}: its {cfg.train_split!r} crops have no transcripts, and with "
+                            f"--alpha 0 nothing teaches the student: give --alpha > 0 (the teacher alone teaches)")
+        self.teacher_referenced = self.refer_to_teacher(cfg, rows_of) if cfg.mode in ("train", "eval") else None
+        self.conventions = self.label_conventions(cfg)
         if "simkd" in self.feature_terms:  # the student's head becomes a projector + the teacher's frozen head
             simkd.attach(self.student, self.teacher)
+
+    def refer_to_teacher(self, cfg, rows_of):
+        """Scoring needs transcripts: when --eval-split has none at all (a folder of crops without .txt files), the
+        teacher's readings of its crops are the reference instead (evaluate.teacher_transcripts, cached), said in
+        the log, in every validation row (val_teacher_reference 1) and in eval.json ("reference"). Returns the
+        split's name then, else None."""
+        name = cfg.eval_split
+        split = self.splits[name]
+        if not len(split) or any(split.with_format(None)["has_label"]):
+            return None
+        read = evaluate.teacher_transcripts(self, cfg, split, torch.utils.data.DataLoader(
+            split, batch_size=cfg.batch_size, collate_fn=self.collator))["texts"]
+        log.warning("%s: none of its %d crops has a transcript: the teacher's readings of them are the reference "
+                    "of every score on it (marked teacher_reference)", name, len(split))
+        rows = [{**row, "text": text or None, "has_text": bool(text)} for row, text in zip(rows_of[name], read)]
+        self.documents[name], self.splits[name] = prepare(rows, cfg.max_text_width, cfg.cache_dir, name)
+        return name
+
+    def label_conventions(self, cfg):
+        """--label-conventions (distilling with labelled crops): how the labels write what the teacher reads
+        (textrec/conventions.py), measured on a sample of the labelled training crops, logged, saved with the
+        student (its config's label_conventions) and taught: the teacher's letters folded to the labels' case (its
+        fold, or a transcript teacher's texts; part of the teacher cache's key), kl silent where a label keeps a
+        space or trailing punctuation the teacher drops (the loss's label_gaps). None when not measured."""
+        if not (cfg.mode == "train" and cfg.uses_teacher and cfg.label_conventions):
+            return None
+        split = self.splits[cfg.train_split]
+        chosen = conventions.sample(split, cfg.seed)
+        if not chosen:
+            log.info("label conventions: no labelled training crops, nothing to measure")
+            return None
+        rows = split.with_format(None).select(chosen)
+        if isinstance(self.teacher, teachers.TranscriptTeacher):
+            readings = [self.teacher.texts.get(key, "") for key in rows["key"]]
+        else:
+            readings = []
+            for start in range(0, len(chosen), cfg.batch_size):
+                batch = self.collator([split[i] for i in chosen[start:start + cfg.batch_size]])
+                readings += self.teacher.read(batch["teacher_pixel_values"], batch["teacher_width"])
+        found = conventions.measure(rows["text"], readings)
+        log.info("label conventions: %s", conventions.describe(found))
+        case = found["case"] if found["case"] in ("upper", "lower") else None
+        if case and isinstance(self.teacher, teachers.OnnxRecognizer):
+            self.teacher.fold = self.teacher.fold @ torch.from_numpy(conventions.case_fold(case))
+        elif case and isinstance(self.teacher, teachers.TranscriptTeacher):
+            self.teacher.texts = {k: v.upper() if case == "upper" else v.lower() for k, v in self.teacher.texts.items()}
+        elif case:
+            log.warning("label conventions: letter case is not folded for a %s teacher", type(self.teacher).__name__)
+        if case:
+            self.teacher_cache_extra = [*self.teacher_cache_extra, f"label conventions: case {case}"]
+        self.student.config.label_conventions = found
+        return found
 
     def build_student(self, cfg):
         return crnn.build(data.STUDENT_CHARS, cfg.student_height, cfg.student_size)
@@ -254,7 +327,9 @@ class TextRecognition(tasks.Task):
             student, teacher = self.student.feature_dims(), self.teacher.feature_dims()
             dims = {k: (student[k], teacher[k]) for k in student}
         return ctc_kd.CTCDistillationLoss(cfg.alpha, cfg.temperature, cfg.kd_terms.split(","), cfg.blank_weight,
-                                          cfg.uses_teacher, cfg.feature_weight, dims)
+                                          cfg.uses_teacher, cfg.feature_weight, dims,
+                                          label_gaps=("all",) if cfg.mute_teacher_disagreements and cfg.uses_teacher
+                                          else conventions.gap_kinds(self.conventions))
 
     def predictions(self, logits, batch):
         lengths = batch["step_mask"].sum(1).tolist()
@@ -264,7 +339,8 @@ class TextRecognition(tasks.Task):
     def metrics(self, preds, labels):
         texts = lambda rows: [data.decode([int(c) for c in row if c >= 0]) for row in rows]  # noqa: E731
         scores = data.text_metrics(texts(labels), texts(preds))
-        return {**scores, "char_accuracy": data.char_accuracy(scores["cer"])}
+        marked = {"teacher_reference": 1.0} if self.teacher_referenced == self.cfg.eval_split else {}
+        return {**scores, "char_accuracy": data.char_accuracy(scores["cer"]), **marked}
 
     # ------------------------------------------------------------------------------ describe, show, save
     def describe(self, name):
@@ -295,9 +371,7 @@ class TextRecognition(tasks.Task):
     @classmethod
     def student_from_saved(cls, config, weights, path):
         """A CRNN student: its student/ directory (safetensors + JSON config) or student_model.pth."""
-        if weights is None:
-            return crnn.CRNN.from_pretrained(path)
-        return models.load_student_weights(crnn.CRNN(crnn.CRNNConfig.from_dict(config)), weights, path)
+        return crnn.from_saved(config, weights, path)
 
     def check_saved(self, config, path):
         if not self.owns_saved(config):
