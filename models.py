@@ -6,6 +6,7 @@ import os
 import pickle
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClassification,
                           AutoModelForSequenceClassification, BeitConfig, DistilBertConfig, LayoutLMv3Config,
@@ -239,11 +240,13 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
     'full'.
 
     size 'full' with a source that has weights (a hub id, or a directory holding them) starts from those
-    pretrained weights, with a fresh head; anything else starts from random weights.
+    pretrained weights; its head keeps what it learnt when the source names the same labels (its rows put in
+    `labels`' order, matched by name) and is fresh otherwise. Anything else starts from random weights.
     Embedding tables (positions, 2-D positions, token types) keep the base config's sizes so inputs that
     are valid for the base model stay valid for the student.
     """
     config = load_pretrained_config(config_source)
+    source_labels = [config.id2label[i] for i in sorted(config.id2label)]
     pretrained = not why_random_student(config_source, size)
     if size in STUDENT_SIZES:
         shapes = STUDENT_SIZES[size]
@@ -260,10 +263,35 @@ def build_student(auto_class, config_source, labels, size="tiny", vocab_size=Non
                         f"{config.vocab_size}: use the tokenizer it was trained with (--tokenizer)")
     log.info("student starts from the pretrained weights in %s", config_source)
     try:
-        return from_pretrained(auto_class, config_source, config=config)
+        model = from_pretrained(auto_class, config_source, config=config)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load the pretrained student {config_source!r} ({str(e).splitlines()[0]}): "
                         f"use --student-size tiny for a random student") from e
+    match_head(model, source_labels, labels)
+    return model
+
+
+def match_head(model, source_labels, labels):
+    """A pretrained model's classification head made to answer `labels`: its rows reordered by name when the source
+    was trained on the same labels in another order (rows by position would name every class wrongly), fresh rows
+    when it knew other labels."""
+    head = [m for name, m in model.named_modules() if name.startswith("classifier") and isinstance(m, nn.Linear)
+            and m.out_features == len(labels)]
+    if not head:
+        return
+    try:
+        order = match_labels(source_labels, labels, who="pretrained student")
+    except UserError:
+        log.info("the pretrained student's head knew other labels: it starts fresh")
+        with torch.no_grad():  # as transformers initialises a Linear layer
+            head[-1].weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+            if head[-1].bias is not None:
+                head[-1].bias.zero_()
+        return
+    with torch.no_grad():
+        head[-1].weight.copy_(head[-1].weight[order].clone())
+        if head[-1].bias is not None:
+            head[-1].bias.copy_(head[-1].bias[order].clone())
 
 
 # Models that number positions after the padding index (RoBERTa's scheme): pad_token_id + 1 positions are unused.

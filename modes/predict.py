@@ -36,7 +36,7 @@ import types
 import numpy as np
 import pypdfium2 as pdfium
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.models.layoutlmv3.image_processing_pil_layoutlmv3 import LayoutLMv3ImageProcessorPil
@@ -83,7 +83,9 @@ def expand_inputs(patterns):
 
 
 def read_pages(path, dpi):
-    """Yield the pages of a file as RGB images: every frame of an image file, every page of a PDF (rendered at
+    """Yield the pages of a file: every frame of an image file as training's `datasets` decodes it (its own mode,
+    EXIF orientation applied: Tesseract reads a grey page and its RGB copy differently, and the OCR cache is keyed
+    by the decoded pixels, so a page OCR'd in training is not OCR'd again), every page of a PDF in RGB (rendered at
     `dpi`, or at the resolution that keeps it within MAX_PAGE_PIXELS)."""
     with open(path, "rb") as f:
         head = f.read(len(PDF_MAGIC))
@@ -110,7 +112,7 @@ def read_pages(path, dpi):
     with image:
         for frame in ImageSequence.Iterator(image):
             frame.load()  # decode all of it now: a truncated file fails here
-            yield frame.convert("RGB")
+            yield ImageOps.exif_transpose(frame)  # a copy, upright where the EXIF says so
 
 
 def pdf_scale(points, dpi, path, index):

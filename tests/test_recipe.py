@@ -496,3 +496,23 @@ def test_unpinned_tracker_not_installed_is_one_line(tracker, tmp_path):
     with pytest.raises(UserError, match=f"--report-to {tracker}: the {tracker} package is not installed"):
         parse_config(["--report-to", tracker, "--output-dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_pretrained_students_head_rows_follow_the_labels_by_name(pretrained_student, tmp_path):
+    """--student-config DIR --student-size full with a student saved on the same classes in another order: each
+    class keeps its own head row (matched by name); with other classes the head starts fresh."""
+    from transformers import AutoModelForSequenceClassification
+
+    def build(source, labels):
+        return models.build_student(AutoModelForSequenceClassification, str(source), labels, size="full",
+                                    vocab_size=DEMO_VOCAB, input_size=32, pad_token_id=1)
+    saved = build(pretrained_student, ["invoice", "letter", "memo"])
+    saved.save_pretrained(tmp_path / "saved")
+    rows = saved.classifier.out_proj.weight.detach()
+    again = build(tmp_path / "saved", ["Memo", "invoice", "letter"])
+    assert torch.equal(again.classifier.out_proj.weight, rows[[2, 0, 1]])
+    assert torch.equal(again.classifier.out_proj.bias, saved.classifier.out_proj.bias[[2, 0, 1]])
+    assert [again.config.id2label[i] for i in range(3)] == ["Memo", "invoice", "letter"]
+    other = build(tmp_path / "saved", ["email", "form", "memo"])
+    assert not torch.equal(other.classifier.out_proj.weight, rows)
+    assert torch.equal(other.classifier.dense.weight, saved.classifier.dense.weight)  # the rest is kept

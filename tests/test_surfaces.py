@@ -190,6 +190,23 @@ def test_a_pdf_page_of_200_inches_renders_within_the_pixel_limit(tmp_path, monke
     assert predict.MAX_PAGE_PIXELS == 250_000 and Image.MAX_IMAGE_PIXELS > 80_000_000
 
 
+def test_predict_reads_an_image_as_training_does(tmp_path):
+    # a grey scan with an EXIF orientation: predict's page is the page training's datasets decodes (mode, pixels),
+    # so both OCR the same pixels and predict finds training's OCR cache entry (Tesseract reads a grey page and its
+    # RGB copy differently: 60 of 64 real RVL-CDIP pages got other words when predict OCR'd an RGB copy)
+    import datasets
+    scan = tmp_path / "scan.jpg"
+    page = Image.new("L", (120, 80), 255)
+    ImageDraw.Draw(page).rectangle((10, 10, 50, 30), fill=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 on display
+    page.save(scan, exif=exif)
+    (read,) = predict.read_pages(str(scan), 200)
+    decoded = datasets.Image().decode_example({"path": str(scan), "bytes": None})
+    assert (read.mode, read.size) == (decoded.mode, decoded.size) == ("L", (80, 120))
+    assert read.tobytes() == decoded.tobytes()
+
+
 def test_a_pdf_without_pages_says_so(tmp_path):
     empty = tmp_path / "empty.pdf"
     empty.write_bytes(pdf_bytes())
