@@ -57,10 +57,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and outputs")
     g.add_argument("--shared", default=os.path.join(REPO, "..", "shared"),
                    help="the shared folder; its data/rvlcdip-sample/<class>/*.jpg are the pages (default: %(default)s)")
-    g.add_argument("--out", default="/work/real-pages/run",
+    g.add_argument("--out", default=os.path.join(REPO, "..", "docdistill-real-pages"),
                    help="where the split, the runs, the logs and the results go; never inside the repository "
                         "(default: %(default)s)")
-    g.add_argument("--ocr-cache", default="/work/ocr-prewarm/cache/ocr",
+    g.add_argument("--ocr-cache", default="",
                    help="a docdistill OCR cache (CACHE_DIR/ocr) holding these pages, copied into OUT/cache/ocr so "
                         "no page is OCR'd again; '' = OCR what is missing (default: %(default)s)")
     g.add_argument("--split-seed", type=int, default=42,
@@ -129,6 +129,9 @@ def parse_args(argv=None):
             p.error(f"unknown step {s!r}: choose from {', '.join(STEPS)}")
     if args.smoke:
         args.split, args.teacher_epochs, args.student_steps, args.seeds = [4, 2, 2, 2, 2], 1, [8], args.seeds[:1]
+    if args.transfer and not os.path.isdir(os.path.join(args.demo_run, "teacher", "teacher")):
+        print(f"no demo run in {args.demo_run} (`make demo` makes one): the transfer rows are left out", flush=True)
+        args.transfer = False
     args.out = os.path.abspath(args.out)
     if os.path.abspath(args.out).startswith(REPO + os.sep):
         p.error("--out must be outside the repository (the pages may not be copied into it)")
