@@ -129,6 +129,15 @@ def student_job(cfg, name):
             "unlabeled_pages": task.describe("unlabeled")["documents"] if cfg.unlabeled else 0}
 
 
+def worker_pool(processes, initializer):
+    """A pool whose worker processes fork from a server that has imported docdistill once (and has run nothing):
+    they share its imported modules' memory (about 400 MB a process: torch, transformers, datasets) instead of
+    importing them each, as spawned processes do, and inherit no thread pool or state of this one."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["main"])
+    return context.Pool(processes, initializer=initializer, maxtasksperchild=1)
+
+
 def run(cfg):
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
@@ -149,10 +158,10 @@ def run(cfg):
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     # In a process of its own, as the students are: its memory (fine-tuning is the demo's peak) goes back to the
     # system when it ends instead of staying with this process while the two students train beside it.
-    with multiprocessing.get_context("spawn").Pool(1, initializer=utils.setup_logging, maxtasksperchild=1) as pool:
+    with worker_pool(1, utils.setup_logging) as pool:
         results["teacher"] = pool.apply(teacher_job, (teacher_cfg, student_config(cfg, *first_unlabeled)))
     timings["teacher: training, logits cached, test"] = time.perf_counter() - start
-    with multiprocessing.get_context("spawn").Pool(2, initializer=_worker_init, maxtasksperchild=1) as pool:
+    with worker_pool(2, _worker_init) as pool:
         start = time.perf_counter()
         pending = [pool.apply_async(student_job, (student_config(cfg, *j), j[0])) for j in steps(cfg)]
         for job in pending:

@@ -5,6 +5,7 @@ import pytest
 
 import demo_corpus as demo
 from config import parse_config
+from modes import demo as demo_run
 
 SIZES = dict(train_per_class=2, val_per_class=1, test_per_class=1)
 
@@ -144,7 +145,6 @@ def test_paired_bootstrap():
 
 
 def test_demo_table_reports_every_row_and_the_spread():
-    from modes import demo as demo_run
     run = dict(accuracy=0.5, macro_f1=0.4, parameters=1_000_000, labelled_pages=160, unlabeled_pages=0,
                pages_per_second=90.0)
     spread = dict(difference=0.05, low=0.02, high=0.08, resamples=2000, seeds=[42, 43])
@@ -180,7 +180,6 @@ def test_demo_student_runs_are_configured_from_the_study_and_their_step(tmp_path
     """Every student run of --mode demo: the demo's student (STUDENT: T 1, alpha 0.9, the study's best), then its
     step's overrides (alone: alpha 0 with an untrained teacher of the same kind; the others read the fine-tuned
     teacher), each in a folder of its own."""
-    from modes import demo as demo_run
     cfg = parse_config(["--preset", "demo", "--output-dir", str(tmp_path / "demo")])
     runs = [demo_run.student_config(cfg, *step) for step in demo_run.steps(cfg)]
     assert len({r.output_dir for r in runs}) == len(runs) == 5
@@ -190,3 +189,11 @@ def test_demo_student_runs_are_configured_from_the_study_and_their_step(tmp_path
         assert run.teacher == (demo_run.TEACHER["teacher"] if name == "alone" else
                                os.path.join(str(tmp_path / "demo"), "teacher", "teacher"))
         assert run.epochs == overrides["epochs"] and (run.unlabeled == "demo-unlabeled") == (name == "distilled_unlabeled")
+
+
+def test_demo_workers_fork_from_a_server_that_imported_docdistill():
+    """The demo's teacher and student processes start with docdistill's modules already imported (shared with the
+    fork server, not imported again in each: about 400 MB a process), in a process of their own."""
+    with demo_run.worker_pool(1, None) as pool:
+        pid, preloaded = pool.apply(eval, ("__import__('os').getpid(), 'torch' in __import__('sys').modules",))
+    assert pid != os.getpid() and preloaded
