@@ -199,7 +199,8 @@ def demo_table(results):
         acc = f"{np.mean(accs):.3f}" + (f" ({', '.join(f'{a:.3f}' for a in accs)})" if len(accs) > 1 else "")
         return found[0], acc, np.mean([r["macro_f1"] for r in found])
 
-    lines = [f"test split: {results['test_pages']} pages (the same for every model)", "",
+    lines = [f"test split: {results['test_pages']} pages, GENERATED (the demo's corpus, not real scans; the same for "
+             f"every model). On real RVL-CDIP scans: docs/results/real-pages.md", "",
              "| model | labelled pages | unlabelled pages | test accuracy | macro F1 | parameters | pages/s |",
              "|---|---|---|---|---|---|---|",
              f"| teacher (LayoutLMv3 {teacher['shape']}, MiniLM-L6 text weights; {teacher['reads']}) | "
