@@ -20,6 +20,7 @@ as a subprocess (its log in OUT/logs/):
              (--alpha, --temperature) on labelled + unlabelled pages (--unlabeled OUT/data/unlabeled), each with
              every --seeds, the same number of optimizer steps on both sides (--student-steps); with --transfer
              the same two from the demo's distilled student (--student-config DIR --student-size full); with
+             --pretrained-student-layers N the same two from the teacher's first N layers (teacher_layers); with
              --more-unlabeled also distilled with the teacher's training pages added to the unlabelled pool.
 6. eval      --mode eval --eval-split test of every student (eval.json: accuracy, the teacher beside it, pages/s).
 7. score     per-page correctness on the test pages of every model (the saved student read by
@@ -96,6 +97,11 @@ def parse_args(argv=None):
     g.add_argument("--more-unlabeled", action=argparse.BooleanOptionalAction, default=True,
                    help="also distil with the teacher's training pages added to the unlabelled pool (more "
                         "unlabelled pages; their labels are not read) (default: %(default)s)")
+    g.add_argument("--pretrained-student-layers", type=int, default=2,
+                   help="also train students (alone and distilled, same budget) that start from the first N layers "
+                        "of the students' teacher; 0 = not (default: %(default)s)")
+    g.add_argument("--pretrained-student-lr", type=float, default=1e-4,
+                   help="their peak learning rate (they start from fine-tuned weights) (default: %(default)s)")
     g = p.add_argument_group("running")
     g.add_argument("--python", default=os.path.join(REPO, ".venv", "bin", "python") if
                    os.path.exists(os.path.join(REPO, ".venv", "bin", "python")) else sys.executable,
@@ -401,31 +407,21 @@ def epochs_for(args, pages, steps):
     return max(1, round(steps / per_epoch))
 
 
-def aligned_demo_student(args, classes):
-    """A copy of the demo's distilled student whose head rows are put in this data's class order, matched by name
-    (OUT/transfer-init/demo-student): `--student-config DIR --student-size full` keeps a saved student's head rows
-    in their own order while naming them with the data's classes (see the results page), so the copy is what a
-    user must give to start from a student trained on other data with the same classes."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-    source = os.path.join(args.demo_run, "distilled_unlabeled-seed42", "student")
-    target = os.path.join(args.out, "transfer-init", "demo-student")
+def teacher_layers(args, teacher):
+    """A student that starts from the first --pretrained-student-layers layers of the students' teacher (as
+    DistilBERT starts from BERT's; its head too, the same labels) and reads the page as the other students do (a
+    fresh patch embedding at --student-image-size): OUT/transfer-init/teacher-N-layers, a copy of the teacher's
+    directory whose config.json keeps N layers, given to `--student-config DIR --student-size full`."""
+    target = os.path.join(args.out, "transfer-init", f"teacher-{args.pretrained_student_layers}-layers")
     if os.path.exists(os.path.join(target, "model.safetensors")):
         return target
     os.makedirs(target, exist_ok=True)
-    for name in os.listdir(source):
-        if name not in ("model.safetensors", "config.json", "checksums.json", "README.md"):
-            shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-    config = read_json(os.path.join(source, "config.json"))
-    theirs = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    norm = lambda n: " ".join(n.lower().replace("_", " ").split())  # noqa: E731 (as models.normalize_label)
-    order = [[norm(t) for t in theirs].index(norm(c)) for c in classes]
-    weights = load_file(os.path.join(source, "model.safetensors"))
-    for key in ("classifier.out_proj.weight", "classifier.out_proj.bias"):
-        weights[key] = np.ascontiguousarray(weights[key][order])
-    save_file(weights, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
-    config["id2label"] = {str(i): c for i, c in enumerate(classes)}
-    config["label2id"] = {c: i for i, c in enumerate(classes)}
+    for name in os.listdir(teacher):
+        if name not in ("config.json", "checksums.json", "README.md"):
+            shutil.copyfile(os.path.join(teacher, name), os.path.join(target, name))
+    config = read_json(os.path.join(teacher, "config.json"))
+    config.update(num_hidden_layers=args.pretrained_student_layers, visual_embed=True,
+                  input_size=args.student_image_size)
     write_json(config, os.path.join(target, "config.json"))
     return target
 
@@ -449,13 +445,15 @@ def student_runs(args, state):
             for row, (extra, pages, alpha) in rows.items():
                 runs.append((f"{row}{tag}-seed{seed}", row + tag, seed, extra, pages, alpha, [], True, steps))
                 if args.transfer and row in ("alone", "distilled") and steps == first:
-                    init = ["--student-config", aligned_demo_student(args, classes), "--student-size", "full"]
+                    demo_student = os.path.join(args.demo_run, "distilled_unlabeled-seed42", "student")
+                    init = ["--student-config", demo_student, "--student-size", "full"]  # head rows matched by name
                     runs.append((f"transfer-{row}-seed{seed}", f"transfer-{row}", seed, extra, pages, alpha, init,
                                  True, steps))
-    if args.transfer:  # the demo's student given as it is: its head rows keep the demo's class order (one seed)
-        demo_student = os.path.join(args.demo_run, "distilled_unlabeled-seed42", "student")
-        runs.append((f"transfer-unaligned-alone-seed{args.seeds[0]}", "transfer-unaligned-alone", args.seeds[0], [],
-                     labelled, 0, ["--student-config", demo_student, "--student-size", "full"], False, first))
+                if args.pretrained_student_layers and row in ("alone", "distilled") and steps == first:
+                    init = ["--student-config", teacher_layers(args, teacher), "--student-size", "full",
+                            "--lr", args.pretrained_student_lr]  # the last --lr given is the one used
+                    runs.append((f"pretrained-{row}-seed{seed}", f"pretrained-{row}", seed, extra, pages, alpha,
+                                 init, True, steps))
     out = []
     for name, row, seed, extra, pages, alpha, init, evaluated, steps in runs:
         flags = ["--mode", "train", "--dataset", data_path(args, "student"), "--teacher", teacher, *extra,
@@ -867,7 +865,8 @@ def step_report(args, state, runner):
 
     comparisons = {}
     pairs = [("transfer-alone", "alone"), ("transfer-distilled", "distilled"), ("transfer-distilled", "alone"),
-             ("transfer-distilled", "transfer-alone"), ("transfer-unaligned-alone", "transfer-alone")]
+             ("transfer-distilled", "transfer-alone"), ("pretrained-distilled", "pretrained-alone"),
+             ("pretrained-distilled", "distilled"), ("pretrained-distilled", "transfer-distilled")]
     for steps in args.student_steps:
         tag = "" if steps == args.student_steps[0] else f"-{steps}steps"
         pairs += [(f"distilled{tag}", f"alone{tag}"), (f"distilled-more-unlabeled{tag}", f"alone{tag}"),
@@ -912,7 +911,8 @@ TITLES = {"alone": "student alone (alpha 0), random weights",
           "distilled-more-unlabeled": "student distilled, + teacher's pages as unlabelled, random weights",
           "transfer-alone": "student alone, from the demo's student (head matched by name)",
           "transfer-distilled": "student distilled, from the demo's student (head matched by name)",
-          "transfer-unaligned-alone": "student alone, from the demo's student as given (head rows unmatched)"}
+          "pretrained-alone": "student alone, from the teacher's first layers",
+          "pretrained-distilled": "student distilled, from the teacher's first layers"}
 
 
 def report_table(args, state, results):
