@@ -159,6 +159,30 @@ def test_the_check_decides_early_when_the_kl_is_far_from_the_tolerance():
     assert teacher_cache.check_verdict([tiny, torch.tensor([math.inf])]) == "refuse"  # fp16 overflowed
 
 
+def test_auto_changes_the_soft_targets_only_for_a_clear_gain():
+    """A precision is kept over a more exact one only when it is RACE_MARGIN faster (a few batches' timings are
+    noisy: on a busy machine the demo's race once gave float32 0.0849, bf16 0.086, int8 0.0835 s a page)."""
+    kls = {"float32": 0.0, "bf16": 6e-6, "int8": 9.85e-4}
+    busy = {"float32": 0.0849, "bf16": 0.086, "int8": 0.0835}
+    assert teacher_cache.race_winner(busy, kls, ["bf16", "int8"]) == "float32"
+    quiet = {"float32": 0.071, "bf16": 0.0399, "int8": 0.172}
+    assert teacher_cache.race_winner(quiet, kls, ["bf16", "int8"]) == "bf16"
+    assert teacher_cache.race_winner({**quiet, "int8": 0.03}, kls, ["bf16", "int8"]) == "int8"  # 1.33x faster
+    assert teacher_cache.race_winner({**quiet, "int8": 0.03}, kls, ["bf16"]) == "bf16"  # int8 did not pass
+
+
+def test_a_precision_the_sample_cannot_show_within_the_tolerance_is_refused(task, tmp_path, caplog, monkeypatch):
+    """At the tolerance, 3 standard errors are never cleared: at the sample's end it is refused, not passed on its
+    mean."""
+    monkeypatch.setattr(teacher_cache, "check_verdict", lambda kls: "")
+    with caplog.at_level("INFO", logger="docdistill"):
+        cache = build(task, tmp_path, "bf16")
+    assert "teacher precision bf16 refused" in caplog.text and "not below by 3 standard errors" in caplog.text
+    assert os.listdir(tmp_path / "teacher") == [
+        teacher_cache.cache_key(task.teacher, task.splits["train"], precision="float32") + ".safetensors"]
+    assert torch.isfinite(cache.logits).all()
+
+
 def test_the_float32_reference_runs_on_as_few_pages_as_the_decision_needs(task, tmp_path):
     """Speed III: the check's float32 pages are CHECK_PAGES (bf16's KL is far below the tolerance), not the whole
     sample; the reduced precision's sample outputs are the cache's rows."""
