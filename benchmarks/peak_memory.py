@@ -6,7 +6,8 @@ each), the machine's real footprint.
 
     python benchmarks/peak_memory.py --out runs/demo-memory.json -- python main.py --preset demo --mode demo
 
-Prints one line and writes the peaks (MiB), the command's exit code and its wall seconds to --out (JSON).
+Prints one line and writes the peaks (MiB), the command's exit code, its wall seconds and the processes alive at the
+PSS peak (each one's RSS, PSS and command line, and when) to --out (JSON).
 Polling misses peaks shorter than the interval: each process's own high-water mark (VmHWM, which docdistill logs
 per phase) is the exact single-process figure; the sum is only known from polling.
 """
@@ -22,12 +23,12 @@ INTERVAL_S = 0.2
 
 
 def tree_memory(process):
-    """{pid: (RSS, PSS) in MiB} of the process and its descendants alive now."""
+    """{pid: (RSS, PSS) in MiB, and the start of its command line} of the process and its descendants alive now."""
     found = {}
     for p in [process, *process.children(recursive=True)]:
         try:
             info = p.memory_full_info()
-            found[p.pid] = (info.rss / 2**20, info.pss / 2**20)
+            found[p.pid] = (info.rss / 2**20, info.pss / 2**20, " ".join(p.cmdline())[:100])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
@@ -44,7 +45,7 @@ def main(argv=None):
     start = time.perf_counter()
     child = subprocess.Popen(command)
     process = psutil.Process(child.pid)
-    peak_one, peak_sum, peak_pss, processes = 0.0, 0.0, 0.0, set()
+    peak_one, peak_sum, peak_pss, processes, at_peak = 0.0, 0.0, 0.0, set(), {}
     while child.poll() is None:
         try:
             memory = tree_memory(process)
@@ -52,14 +53,18 @@ def main(argv=None):
             break
         processes |= set(memory)
         if memory:
-            peak_one = max(peak_one, max(rss for rss, _ in memory.values()))
-            peak_sum = max(peak_sum, sum(rss for rss, _ in memory.values()))
-            peak_pss = max(peak_pss, sum(pss for _, pss in memory.values()))
+            peak_one = max(peak_one, max(rss for rss, _, _ in memory.values()))
+            peak_sum = max(peak_sum, sum(rss for rss, _, _ in memory.values()))
+            if sum(pss for _, pss, _ in memory.values()) > peak_pss:  # who held what at the PSS peak, and when
+                peak_pss = sum(pss for _, pss, _ in memory.values())
+                at_peak = {"seconds": time.perf_counter() - start,
+                           "processes": [{"pid": pid, "rss_mib": round(rss), "pss_mib": round(pss), "command": cmd}
+                                         for pid, (rss, pss, cmd) in sorted(memory.items())]}
         time.sleep(INTERVAL_S)
     code = child.wait()
     result = {"command": command, "exit_code": code, "wall_seconds": time.perf_counter() - start,
               "peak_single_process_mib": peak_one, "peak_sum_mib": peak_sum, "peak_pss_sum_mib": peak_pss,
-              "processes_seen": len(processes)}
+              "processes_seen": len(processes), "at_pss_peak": at_peak}
     print(f"peak RSS: largest process {peak_one:.0f} MiB, sum over the processes alive at once {peak_sum:.0f} MiB; "
           f"PSS sum {peak_pss:.0f} MiB ({len(processes)} processes seen, {result['wall_seconds']:.0f} s, exit code "
           f"{code})", flush=True)
