@@ -79,6 +79,18 @@ def has_float_weights(teacher):
     return isinstance(teacher, torch.nn.Module) and any(p.is_floating_point() for p in teacher.parameters())
 
 
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16) and PyTorch dispatches AVX512
     kernels on it. Conservative: elsewhere bf16 is emulated and slower than float32, so False."""
@@ -87,20 +99,19 @@ def cpu_has_native_bf16():
             return False
     except (AttributeError, RuntimeError):
         return False
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     try:
         flags |= {"avx512_bf16"} if torch.cpu._is_avx512_bf16_supported() else set()
     except AttributeError:
         pass
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_amx_bf16():
+    """Whether the CPU multiplies bf16 matrices in AMX tiles: there bf16 beat dynamic int8 on every teacher
+    measured (DiT-large 0.125 against 0.18 s a page, the demo's 0.040 against 0.17: docs/results/speed.md), so
+    auto does not spend a race on int8 (quantising the teacher and running it on the sample)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def cuda_has_bf16(device):
@@ -113,7 +124,7 @@ def cuda_has_bf16(device):
 def candidate_precisions(requested, teacher, device):
     """The precisions the cache may be filled in, to try in this order before float32 (the reference): none for a
     teacher without floating torch weights; `auto` by device (bf16 where native, int8 on a CPU with a quantised
-    engine); otherwise the one requested."""
+    engine and no AMX-BF16); otherwise the one requested."""
     if not has_float_weights(teacher) or requested == "float32":
         return []
     if requested != "auto":
@@ -121,7 +132,7 @@ def candidate_precisions(requested, teacher, device):
     if device.type == "cuda":
         return ["bf16" if cuda_has_bf16(device) else "fp16"]
     native = ["bf16"] if device.type == "cpu" and cpu_has_native_bf16() else []
-    return native + (["int8"] if device.type == "cpu" and cpu_has_int8() else [])
+    return native + (["int8"] if device.type == "cpu" and cpu_has_int8() and not cpu_has_amx_bf16() else [])
 
 
 def resolve_precision(requested, teacher, device):

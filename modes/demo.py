@@ -129,21 +129,36 @@ def student_job(cfg, name):
             "unlabeled_pages": task.describe("unlabeled")["documents"] if cfg.unlabeled else 0}
 
 
-def worker_pool(processes, initializer):
-    """A pool whose worker processes fork from a server that has imported docdistill once (and has run nothing):
-    they share its imported modules' memory (about 400 MB a process: torch, transformers, datasets) instead of
-    importing them each, as spawned processes do, and inherit no thread pool or state of this one."""
+def worker_context():
+    """Processes that fork from a server that has imported docdistill once (and has run nothing): they share its
+    imported modules' memory (about 400 MB a process: torch, transformers, datasets) instead of importing them
+    each, as spawned processes do, and inherit no thread pool or state of this one."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["main"])
-    return context.Pool(processes, initializer=initializer, maxtasksperchild=1)
+    return context
+
+
+def worker_pool(processes, initializer):
+    return worker_context().Pool(processes, initializer=initializer, maxtasksperchild=1)
+
+
+def generate_corpora(cache_dir):
+    """Every corpus of demo_corpus.CORPORA in cache_dir (generated once; later runs reuse them)."""
+    for name in demo_corpus.CORPORA:
+        demo_corpus.load_corpus(name, cache_dir)
 
 
 def run(cfg):
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
     start = time.perf_counter()
-    for name in demo_corpus.CORPORA:  # generated once, in parallel; later runs reuse them
-        demo_corpus.load_corpus(name, cfg.cache_dir)
+    # In a process of its own (not a pool's: it starts processes of its own to draw the pages in parallel): the
+    # memory that generating takes (about 550 MB) goes back to the system with it, not kept by this process.
+    generator = worker_context().Process(target=generate_corpora, args=(cfg.cache_dir,))
+    generator.start()
+    generator.join()
+    if generator.exitcode:
+        raise RuntimeError(f"generating the demo corpora failed (exit code {generator.exitcode}): see above")
     timings["generate pages (cached between runs)"] = time.perf_counter() - start
     teacher_cfg = dataclasses.replace(cfg, mode="teacher", output_dir=os.path.join(root, "teacher"),
                                       **{**STUDENT, **TEACHER})

@@ -159,6 +159,18 @@ def test_the_check_decides_early_when_the_kl_is_far_from_the_tolerance():
     assert teacher_cache.check_verdict([tiny, torch.tensor([math.inf])]) == "refuse"  # fp16 overflowed
 
 
+def test_auto_races_int8_only_where_bf16_has_no_amx(monkeypatch):
+    cpu = torch.device("cpu")
+    teacher = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(teacher_cache, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(teacher_cache, "cpu_has_int8", lambda: True)
+    monkeypatch.setattr(teacher_cache, "cpu_has_amx_bf16", lambda: True)
+    assert teacher_cache.candidate_precisions("auto", teacher, cpu) == ["bf16"]
+    assert teacher_cache.candidate_precisions("int8", teacher, cpu) == ["int8"]  # asked for: checked, used
+    monkeypatch.setattr(teacher_cache, "cpu_has_amx_bf16", lambda: False)
+    assert teacher_cache.candidate_precisions("auto", teacher, cpu) == ["bf16", "int8"]
+
+
 def test_auto_changes_the_soft_targets_only_for_a_clear_gain():
     """A precision is kept over a more exact one only when it is RACE_MARGIN faster (a few batches' timings are
     noisy: on a busy machine the demo's race once gave float32 0.0849, bf16 0.086, int8 0.0835 s a page)."""
@@ -215,6 +227,7 @@ def test_auto_keeps_the_fastest_precision_that_passes(task, tmp_path, caplog, mo
     import time as clock
     monkeypatch.setattr(teacher_cache, "KL_TOLERANCE", 1e9)
     monkeypatch.setattr(teacher_cache, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(teacher_cache, "cpu_has_amx_bf16", lambda: False)  # AVX512-BF16 only: int8 is raced too
 
     def forward(teacher, batch):
         if not any("quantized" in type(m).__module__ for m in teacher.modules()):  # int8: no sleep
