@@ -152,6 +152,11 @@ def run(cfg):
     root = cfg.output_dir
     timings, started = {}, time.perf_counter()
     start = time.perf_counter()
+    # glibc serves a large block from the heap once a block of its size was freed (its mmap threshold rises to
+    # 32 MB), so the attention tensors of batches of changing length fragment the heap and the fine-tuning's RSS
+    # keeps what it once held; a fixed 4 MB threshold maps them and gives them back. Read by the processes this
+    # one starts, the fork server first, so it is set before that starts (the numbers they compute are the same).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     # In a process of its own (not a pool's: it starts processes of its own to draw the pages in parallel): the
     # memory that generating takes (about 550 MB) goes back to the system with it, not kept by this process.
     generator = worker_context().Process(target=generate_corpora, args=(cfg.cache_dir,))
@@ -166,11 +171,6 @@ def run(cfg):
     results = {"runs": {}, "timings_s": timings}
     start = time.perf_counter()  # the teacher first, on every core; then the students, one thread each
     first_unlabeled = next(j for j in steps(cfg) if j[0] == "distilled_unlabeled")
-    # glibc serves a large block from the heap once a block of its size was freed (its mmap threshold rises to
-    # 32 MB), so the attention tensors of batches of changing length fragment the heap and the fine-tuning's RSS
-    # keeps what it once held; a fixed 4 MB threshold maps them and gives them back. Read by the processes this
-    # one starts (the numbers they compute are the same).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     # In a process of its own, as the students are: its memory (fine-tuning is the demo's peak) goes back to the
     # system when it ends instead of staying with this process while the two students train beside it.
     with worker_pool(1, utils.setup_logging) as pool:
