@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import compact_logits
 import models
+import utils
 
 log = logging.getLogger("docdistill")
 CACHE_VERSION = "1"
@@ -79,18 +80,6 @@ def has_float_weights(teacher):
     return isinstance(teacher, torch.nn.Module) and any(p.is_floating_point() for p in teacher.parameters())
 
 
-def cpu_flags():
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16) and PyTorch dispatches AVX512
     kernels on it. Conservative: elsewhere bf16 is emulated and slower than float32, so False."""
@@ -99,7 +88,7 @@ def cpu_has_native_bf16():
             return False
     except (AttributeError, RuntimeError):
         return False
-    flags = cpu_flags()
+    flags = set(utils.cpu_model()[1])
     try:
         flags |= {"avx512_bf16"} if torch.cpu._is_avx512_bf16_supported() else set()
     except AttributeError:
@@ -111,7 +100,7 @@ def cpu_has_amx_bf16():
     """Whether the CPU multiplies bf16 matrices in AMX tiles: there bf16 beat dynamic int8 on every teacher
     measured (DiT-large 0.125 against 0.18 s a page, the demo's 0.040 against 0.17: docs/results/speed.md), so
     auto does not spend a race on int8 (quantising the teacher and running it on the sample)."""
-    return "amx_bf16" in cpu_flags()
+    return "amx_bf16" in utils.cpu_model()[1]
 
 
 def cuda_has_bf16(device):
