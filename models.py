@@ -275,23 +275,24 @@ def match_head(model, source_labels, labels):
     """A pretrained model's classification head made to answer `labels`: its rows reordered by name when the source
     was trained on the same labels in another order (rows by position would name every class wrongly), fresh rows
     when it knew other labels."""
-    head = [m for name, m in model.named_modules() if name.startswith("classifier") and isinstance(m, nn.Linear)
-            and m.out_features == len(labels)]
-    if not head:
+    layers = [m for name, m in model.named_modules() if name.startswith("classifier") and isinstance(m, nn.Linear)
+              and m.out_features == len(labels)]
+    if not layers:
         return
+    rows = [p for p in (layers[-1].weight, layers[-1].bias) if p is not None]
     try:
         order = match_labels(source_labels, labels, who="pretrained student")
     except UserError:
         log.info("the pretrained student's head knew other labels: it starts fresh")
-        with torch.no_grad():  # as transformers initialises a Linear layer
-            head[-1].weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
-            if head[-1].bias is not None:
-                head[-1].bias.zero_()
-        return
+        order = None
     with torch.no_grad():
-        head[-1].weight.copy_(head[-1].weight[order].clone())
-        if head[-1].bias is not None:
-            head[-1].bias.copy_(head[-1].bias[order].clone())
+        for param in rows:
+            if order is not None:
+                param.copy_(param[order].clone())
+            elif param.dim() > 1:  # as transformers initialises a Linear layer
+                param.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+            else:
+                param.zero_()
 
 
 # Models that number positions after the padding index (RoBERTa's scheme): pad_token_id + 1 positions are unused.
